@@ -1,0 +1,56 @@
+"""Turn (prompt, response) text into token ids and a loss mask, and pad examples into batches."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+
+@dataclass(frozen=True)
+class Encoded:
+    input_ids: list[int]
+    loss_start: int  # first position whose token is scored (predicted from the tokens before it)
+    truncated: bool
+    n_tokens_before_truncation: int
+
+    @property
+    def n_loss_tokens(self) -> int:
+        # Position 0 is never predicted, so it never carries loss.
+        return len(self.input_ids) - max(self.loss_start, 1)
+
+
+def encode(tokenizer: PreTrainedTokenizerBase, prompt: str, response: str, max_tokens: int) -> Encoded:
+    """Prompt and response are tokenized separately so the boundary is exact; special tokens (a BOS,
+    if the tokenizer adds one) go on the first non-empty part. A plain document is an empty prompt
+    with the document as the response, so a document and the same text sent as a query encode alike.
+
+    Over `max_tokens`, the response keeps its head and the prompt its tail (the context nearest the
+    response), with at least half the budget for the response."""
+    if max_tokens < 2:
+        raise ValueError("max_tokens must be at least 2")
+    p_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"] if prompt else []
+    r_ids = tokenizer(response, add_special_tokens=not p_ids)["input_ids"]
+    total = len(p_ids) + len(r_ids)
+    truncated = total > max_tokens
+    if truncated:
+        r_keep = min(len(r_ids), max_tokens - min(len(p_ids), max_tokens // 2))
+        p_keep = max_tokens - r_keep
+        r_ids = r_ids[:r_keep]
+        p_ids = p_ids[len(p_ids) - p_keep :] if p_keep else []
+    return Encoded(p_ids + r_ids, len(p_ids), truncated, total)
+
+
+def collate(examples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch. labels are -100 on prompt and padding positions (unshifted: the
+    loss shifts them)."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        labels[i, e.loss_start : n] = ids[i, e.loss_start : n]
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}

@@ -1,0 +1,160 @@
+"""LoGra: per-example projected gradients of every tracked layer, from forward/backward hooks.
+
+For a linear layer y = W x with output gradient g_t at token t, the weight gradient of one example
+is G = sum_t g_t x_t^T. LoGra keeps P_out G P_in^T = sum_t (P_out g_t)(P_in x_t)^T: the inputs are
+projected on the way forward, the output gradients on the way back, and one batched matmul per
+layer gives every example's r_out x r_in gradient. No parameter ever requires a gradient; the
+backward pass starts at the input embedding's output, so no weight gradient is computed.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import TrackedLayer, find_tracked_layers, input_embedding
+
+
+@dataclass(frozen=True)
+class LoGraConfig:
+    rank: int = 8  # r_in = r_out per layer, clamped to the layer's own dimensions
+    seed: int = 0
+    include: str | None = None  # regex over layer names
+    exclude: str | None = None
+    max_tokens: int = 512
+
+
+def projection_matrix(seed: int, layer: str, role: str, rank: int, dim: int) -> torch.Tensor:
+    """A (rank x dim) Gaussian matrix with N(0, 1/rank) entries, seeded by (seed, layer, role) so
+    that every process, and every later query, rebuilds exactly the same projection."""
+    digest = hashlib.sha256(f"{seed}/{layer}/{role}".encode()).digest()
+    gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+    return torch.randn(rank, dim, generator=gen) / rank**0.5
+
+
+@dataclass
+class ProjectedGradients:
+    grads: dict[str, torch.Tensor]  # layer -> (batch, r_out, r_in), float32
+    losses: torch.Tensor  # (batch,) summed token loss of each example
+    n_loss_tokens: torch.Tensor  # (batch,)
+    # layer -> (sum x x^T over tokens, sum g g^T over tokens, token count); for K-FAC factors
+    token_stats: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = field(default_factory=dict)
+
+
+class LoGra:
+    """Projected per-example gradients for one model. Hooks are attached only inside `gradients`."""
+
+    def __init__(self, model: nn.Module, config: LoGraConfig = LoGraConfig(), layers: list[TrackedLayer] | None = None):
+        self.model = model
+        self.config = config
+        self.layers = layers if layers is not None else find_tracked_layers(model, config.include, config.exclude)
+        device = next(model.parameters()).device
+        self.projections: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.shapes: dict[str, tuple[int, int]] = {}
+        for layer in self.layers:
+            r_in, r_out = min(config.rank, layer.in_features), min(config.rank, layer.out_features)
+            p_in = projection_matrix(config.seed, layer.name, "in", r_in, layer.in_features).to(device)
+            p_out = projection_matrix(config.seed, layer.name, "out", r_out, layer.out_features).to(device)
+            self.projections[layer.name] = (p_in, p_out)
+            self.shapes[layer.name] = (r_out, r_in)
+        self.dim = sum(o * i for o, i in self.shapes.values())
+
+    def layer_spec(self) -> list[dict]:
+        return [
+            {"name": l.name, "in_features": l.in_features, "out_features": l.out_features,
+             "r_in": self.shapes[l.name][1], "r_out": self.shapes[l.name][0]}
+            for l in self.layers
+        ]
+
+    def flatten(self, grads: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(batch, dim): layers in tracked order, each (r_out, r_in) row-major."""
+        return torch.cat([grads[l.name].reshape(grads[l.name].shape[0], -1) for l in self.layers], dim=1)
+
+    @contextlib.contextmanager
+    def _hooks(self, mask: torch.Tensor, grads: dict, token_stats: dict | None):
+        handles = []
+
+        def start_backward(_module, _inputs, output):
+            # Activation gradients only: the embedding output becomes the root of the backward graph.
+            return output.requires_grad_(True)
+
+        def capture(name: str):
+            p_in, p_out = self.projections[name]
+
+            def forward_hook(_module, inputs, output):
+                x = inputs[0]
+                if x.shape[:2] != mask.shape:
+                    raise RuntimeError(f"layer {name} sees input of shape {tuple(x.shape)}, not (batch, tokens, features); "
+                                       "exclude it with a layer filter")
+                xp = (x.float() @ p_in.T) * mask[..., None]  # padding contributes nothing
+                if token_stats is not None:
+                    _add(token_stats, name, 0, torch.einsum("bti,btj->ij", xp, xp))
+                if output.requires_grad:
+                    output.register_hook(lambda g: _on_grad(g, xp))
+
+            def _on_grad(g, xp):
+                gp = g.float() @ p_out.T
+                # A module called twice in one forward contributes both calls' terms, as autograd would.
+                _add(grads, name, None, torch.einsum("bto,bti->boi", gp, xp))
+                if token_stats is not None:
+                    _add(token_stats, name, 1, torch.einsum("bto,btp->op", gp, gp))
+
+            return forward_hook
+
+        try:
+            handles.append(input_embedding(self.model).register_forward_hook(start_backward))
+            for layer in self.layers:
+                handles.append(layer.module.register_forward_hook(capture(layer.name)))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def gradients(self, batch: dict[str, torch.Tensor], token_stats: bool = False) -> ProjectedGradients:
+        """Projected gradients of each example's summed loss over its labelled tokens.
+        `batch` comes from `engine.encoding.collate` (labels -100 on prompt and padding)."""
+        device = self.projections[self.layers[0].name][0].device
+        ids = batch["input_ids"].to(device)
+        mask = batch["attention_mask"].to(device)
+        labels = batch["labels"].to(device)
+        grads: dict[str, torch.Tensor] = {}
+        stats: dict | None = {} if token_stats else None
+        with torch.enable_grad(), self._hooks(mask.float(), grads, stats):
+            logits = self.model(input_ids=ids, attention_mask=mask).logits.float()
+            losses = per_example_loss(logits, labels)
+            if losses.requires_grad:
+                losses.sum().backward()
+        n_tok = (labels[:, 1:] != -100).sum(dim=1)
+        for layer in self.layers:  # a batch with no loss token at all gets zero gradients
+            if layer.name not in grads:
+                grads[layer.name] = torch.zeros(ids.shape[0], *self.shapes[layer.name], device=device)
+        out_stats = {}
+        if stats is not None:
+            n = int(mask.sum())
+            for layer in self.layers:
+                r_out, r_in = self.shapes[layer.name]
+                xx = stats.get(layer.name, {}).get(0, torch.zeros(r_in, r_in, device=device))
+                gg = stats.get(layer.name, {}).get(1, torch.zeros(r_out, r_out, device=device))
+                out_stats[layer.name] = (xx, gg, n)
+        return ProjectedGradients(grads, losses.detach(), n_loss_tokens=n_tok, token_stats=out_stats)
+
+
+def _add(store: dict, name: str, slot, value: torch.Tensor) -> None:
+    if slot is None:
+        store[name] = store[name] + value if name in store else value
+    else:
+        entry = store.setdefault(name, {})
+        entry[slot] = entry[slot] + value if slot in entry else value
+
+
+def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy of each example over its labelled tokens."""
+    shift_logits = logits[:, :-1]
+    shift_labels = labels[:, 1:]
+    tok = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+                          ignore_index=-100, reduction="none")
+    return tok.view(shift_labels.shape).sum(dim=1)

@@ -1,0 +1,170 @@
+"""Per-layer (block-diagonal) preconditioners H^{-1/2} fitted on the training set's projected gradients.
+
+kinds:
+- `none`: identity (plain projected-gradient dot products).
+- `raw`: H = E[vec(G) vec(G)^T], the (r_out r_in)^2 covariance of the projected gradients.
+- `kfac`: H = S (x) A with A = E_tokens[x x^T] (projected inputs) and S = E_docs[sum_t g g^T]
+  (projected output gradients); inverted through the two factors' eigenbases.
+- `ekfac`: K-FAC's eigenbasis with the eigenvalues replaced by the gradients' own second moments
+  in that basis (George et al. 2018); needs a second pass over the gradients.
+Damping: lambda = damping_ratio x mean eigenvalue of H, per layer. All fitting in float64.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+
+KINDS = ("none", "raw", "kfac", "ekfac")
+
+
+class Preconditioner:
+    """Accumulate statistics batch by batch (`update`, and `update_second` for ekfac), then
+    `finalize`, then `apply` maps {layer: (B, r_out, r_in)} gradients to (B, dim) whitened vectors."""
+
+    def __init__(self, kind: str, shapes: dict[str, tuple[int, int]], damping_ratio: float = 0.1):
+        if kind not in KINDS:
+            raise ValueError(f"preconditioner must be one of {KINDS}, got {kind!r}")
+        self.kind = kind
+        self.shapes = dict(shapes)  # layer -> (r_out, r_in), in vector order
+        self.damping_ratio = damping_ratio
+        self.n_docs = 0
+        self.n_tokens = 0
+        self.sums: dict[str, dict[str, torch.Tensor]] = {name: {} for name in self.shapes}
+        self.state: dict[str, dict[str, torch.Tensor]] = {}
+        self.finalized = kind == "none"
+
+    @property
+    def needs_token_stats(self) -> bool:
+        return self.kind in ("kfac", "ekfac")
+
+    @property
+    def needs_second_pass(self) -> bool:
+        return self.kind == "ekfac"
+
+    def split(self, grads) -> dict[str, torch.Tensor]:
+        """Accept {layer: (B, r_out, r_in)} or a flat (B, dim) tensor in vector order."""
+        if isinstance(grads, dict):
+            return grads
+        out, start = {}, 0
+        for name, (r_out, r_in) in self.shapes.items():
+            out[name] = grads[:, start : start + r_out * r_in].reshape(-1, r_out, r_in)
+            start += r_out * r_in
+        if start != grads.shape[1]:
+            raise ValueError(f"gradient width {grads.shape[1]} does not match the layers' total {start}")
+        return out
+
+    def _acc(self, name: str, key: str, value: torch.Tensor) -> None:
+        value = value.detach().to("cpu", torch.float64)
+        s = self.sums[name]
+        s[key] = s[key] + value if key in s else value
+
+    def update(self, grads, token_stats: dict | None = None) -> None:
+        grads = self.split(grads)
+        n = next(iter(grads.values())).shape[0]
+        self.n_docs += n
+        if self.kind == "raw":
+            for name, g in grads.items():
+                flat = g.reshape(n, -1).double()
+                self._acc(name, "gg", flat.T @ flat)
+        elif self.needs_token_stats:
+            if not token_stats:
+                raise ValueError(f"{self.kind} needs token statistics: call LoGra.gradients(batch, token_stats=True)")
+            for name, (xx, gg, ntok) in token_stats.items():
+                self._acc(name, "A", xx)
+                self._acc(name, "S", gg)
+            self.n_tokens += next(iter(token_stats.values()))[2]
+
+    def _eigenbases(self) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        out = {}
+        for name in self.shapes:
+            A = self.sums[name]["A"] / max(self.n_tokens, 1)
+            S = self.sums[name]["S"] / max(self.n_docs, 1)
+            la, qa = torch.linalg.eigh(A)
+            ls, qs = torch.linalg.eigh(S)
+            out[name] = (qs, ls.clamp_min(0), qa, la.clamp_min(0))
+        return out
+
+    def update_second(self, grads) -> None:
+        """ekfac only: second moments of the gradients rotated into the K-FAC eigenbasis."""
+        grads = self.split(grads)
+        if not self.state:
+            self.state = {n: {"qs": qs, "qa": qa} for n, (qs, _, qa, _) in self._eigenbases().items()}
+            self._second_docs = 0
+        n = next(iter(grads.values())).shape[0]
+        self._second_docs += n
+        for name, g in grads.items():
+            st = self.state[name]
+            rot = st["qs"].T @ g.detach().to("cpu", torch.float64) @ st["qa"]
+            self._acc(name, "E", (rot**2).sum(dim=0))
+
+    def finalize(self) -> "Preconditioner":
+        if self.kind == "none":
+            self.finalized = True
+            return self
+        if self.n_docs == 0:
+            raise ValueError("cannot fit a preconditioner on zero documents")
+        if self.kind == "raw":
+            for name in self.shapes:
+                H = self.sums[name]["gg"] / self.n_docs
+                evals, evecs = torch.linalg.eigh(H)
+                evals = evals.clamp_min(0)
+                damp = self.damping_ratio * evals.mean()
+                inv_sqrt = evecs @ torch.diag((evals + damp).clamp_min(1e-30).rsqrt()) @ evecs.T
+                self.state[name] = {"inv_sqrt": inv_sqrt, "damping": damp.reshape(1)}
+        else:
+            bases = self._eigenbases()
+            for name, (qs, ls, qa, la) in bases.items():
+                if self.kind == "ekfac":
+                    if "E" not in self.sums[name]:
+                        raise ValueError("ekfac needs a second pass: call update_second over the gradients first")
+                    eig = self.sums[name]["E"] / self._second_docs
+                else:
+                    eig = torch.outer(ls, la)  # eigenvalues of S (x) A
+                damp = self.damping_ratio * eig.mean()
+                self.state[name] = {"qs": qs, "qa": qa, "scale": (eig + damp).clamp_min(1e-30).rsqrt(),
+                                    "damping": damp.reshape(1)}
+        self.finalized = True
+        return self
+
+    def fit(self, batches: Callable[[], Iterable[tuple[dict, dict | None]]]) -> "Preconditioner":
+        """Convenience: `batches()` yields (grads, token_stats); called twice for ekfac."""
+        for grads, stats in batches():
+            self.update(grads, stats)
+        if self.needs_second_pass:
+            for grads, _ in batches():
+                self.update_second(grads)
+        return self.finalize()
+
+    def apply(self, grads) -> torch.Tensor:
+        """Whitened vectors v = H^{-1/2} g, concatenated over layers: (batch, dim), float32."""
+        grads = self.split(grads)
+        if not self.finalized:
+            raise RuntimeError("preconditioner is not fitted: call finalize() first")
+        parts = []
+        for name in self.shapes:
+            g = grads[name].detach().to("cpu", torch.float64)
+            n = g.shape[0]
+            if self.kind == "none":
+                v = g.reshape(n, -1)
+            elif self.kind == "raw":
+                v = g.reshape(n, -1) @ self.state[name]["inv_sqrt"]
+            else:
+                st = self.state[name]
+                rot = st["qs"].T @ g @ st["qa"]
+                v = (st["qs"] @ (rot * st["scale"]) @ st["qa"].T).reshape(n, -1)
+            parts.append(v)
+        return torch.cat(parts, dim=1).float()
+
+    def state_dict(self) -> dict:
+        return {"kind": self.kind, "damping_ratio": self.damping_ratio, "n_docs": self.n_docs,
+                "shapes": {k: list(v) for k, v in self.shapes.items()},
+                "state": {n: {k: t.clone() for k, t in st.items()} for n, st in self.state.items()}}
+
+    @classmethod
+    def from_state_dict(cls, sd: dict) -> "Preconditioner":
+        pre = cls(sd["kind"], {k: tuple(v) for k, v in sd["shapes"].items()}, sd["damping_ratio"])
+        pre.n_docs = sd["n_docs"]
+        pre.state = sd["state"]
+        pre.finalized = True
+        return pre
