@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layers import TrackedLayer, find_tracked_layers, input_embedding
+from .model import effective_max_tokens
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,7 @@ class LoGraConfig:
     seed: int = 0
     include: str | None = None  # regex over layer names
     exclude: str | None = None
-    max_tokens: int = 512
+    max_tokens: int = 512  # clamped to the model's context length
 
 
 def projection_matrix(seed: int, layer: str, role: str, rank: int, dim: int) -> torch.Tensor:
@@ -51,6 +52,7 @@ class LoGra:
     def __init__(self, model: nn.Module, config: LoGraConfig = LoGraConfig(), layers: list[TrackedLayer] | None = None):
         self.model = model
         self.config = config
+        self.max_tokens = effective_max_tokens(model, config.max_tokens)  # never past the model's context
         self.layers = layers if layers is not None else find_tracked_layers(model, config.include, config.exclude)
         device = next(model.parameters()).device
         self.projections: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}

@@ -60,3 +60,18 @@ def model_fingerprint(model: torch.nn.Module, samples_per_tensor: int = 4096) ->
         h.update(str(tuple(tensor.shape)).encode())
         h.update(sample.numpy().tobytes())
     return h.hexdigest()[:32]
+
+
+def context_length(model: torch.nn.Module) -> int | None:
+    """The longest sequence the model's position embeddings allow, when its config says."""
+    cfg = getattr(model, "config", None)
+    for attr in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+        value = getattr(cfg, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def effective_max_tokens(model: torch.nn.Module, requested: int) -> int:
+    ctx = context_length(model)
+    return min(requested, ctx) if ctx else requested

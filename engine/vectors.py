@@ -23,8 +23,8 @@ def projected_gradients(logra: LoGra, tokenizer: PreTrainedTokenizerBase, encode
 
 
 def query_vectors(logra: LoGra, preconditioner: Preconditioner, tokenizer: PreTrainedTokenizerBase,
-                  pairs: Sequence[tuple[str, str]], max_tokens: int) -> tuple[torch.Tensor, list[Encoded]]:
+                  pairs: Sequence[tuple[str, str]]) -> tuple[torch.Tensor, list[Encoded]]:
     """(batch, dim) preconditioned vectors for (prompt, response) pairs, and their encodings."""
-    encoded = encode_pairs(tokenizer, pairs, max_tokens)
+    encoded = encode_pairs(tokenizer, pairs, logra.max_tokens)
     out = projected_gradients(logra, tokenizer, encoded)
     return preconditioner.apply(out.grads), encoded

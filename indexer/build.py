@@ -1,0 +1,159 @@
+"""Build an index: records -> projected gradients (pass 1, with preconditioner statistics) ->
+preconditioned vectors (pass 2, over the stored shards) -> FAISS + LanceDB + manifest."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from engine import LoGra, LoGraConfig, Preconditioner, encode_pairs, load_model, model_fingerprint, projected_gradients
+from engine.encoding import Encoded
+
+from .records import ReadStats, Record, read_records
+from .store import IndexWriter
+
+
+@dataclass
+class BuildConfig:
+    model: str
+    data: Sequence[str]
+    out: str
+    text_field: str = "text"
+    prompt_field: str | None = None
+    response_field: str | None = None
+    id_field: str = "id"
+    max_tokens: int = 512
+    batch_size: int = 8
+    rank: int = 8
+    seed: int = 0
+    preconditioner: str = "raw"
+    damping: float = 0.1
+    include: str | None = None
+    exclude: str | None = None
+    device: str = "cpu"
+    dtype: str = "float32"
+    skip_bad: bool = False
+    overwrite: bool = False
+    shard_size: int = 1024  # documents per shard: bounds memory and is the unit written to disk
+    progress: bool = True
+    trust_remote_code: bool = False
+    extra: dict = field(default_factory=dict)  # recorded in the manifest (e.g. the demo's provenance)
+
+
+def _chunks(it: Iterator, n: int) -> Iterator[list]:
+    while chunk := list(islice(it, n)):
+        yield chunk
+
+
+def _batches(encoded: list[Encoded], batch_size: int) -> Iterator[list[int]]:
+    """Indices of one shard in batches of similar length, so little compute goes to padding."""
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
+    for s in range(0, len(order), batch_size):
+        yield order[s : s + batch_size]
+
+
+def count_records(paths: Sequence[str]) -> int | None:
+    """Cheap upper bound for the progress bar's ETA (non-blank lines / parquet rows)."""
+    total = 0
+    for p in paths:
+        if str(p).endswith(".parquet"):
+            import pyarrow.parquet as pq
+            total += pq.ParquetFile(p).metadata.num_rows
+        elif str(p).endswith((".jsonl", ".json")):
+            with open(p, "rb") as f:
+                total += sum(1 for line in f if line.strip())
+        else:
+            return None
+    return total
+
+
+def build_index(cfg: BuildConfig) -> dict:
+    """Build the index described by `cfg` and return its manifest."""
+    started = time.time()
+    writer = IndexWriter(cfg.out, overwrite=cfg.overwrite)
+    try:
+        manifest = _build(cfg, writer, started)
+    except BaseException:
+        writer.abort()
+        raise
+    return manifest
+
+
+def _build(cfg: BuildConfig, writer: IndexWriter, started: float) -> dict:
+    model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+    logra = LoGra(model, LoGraConfig(rank=cfg.rank, seed=cfg.seed, include=cfg.include, exclude=cfg.exclude,
+                                     max_tokens=cfg.max_tokens))
+    max_tokens = logra.max_tokens
+    pre = Preconditioner(cfg.preconditioner, logra.shapes, damping_ratio=cfg.damping)
+    stats = ReadStats()
+    records = read_records(cfg.data, text_field=cfg.text_field, prompt_field=cfg.prompt_field,
+                           response_field=cfg.response_field, id_field=cfg.id_field, skip_bad=cfg.skip_bad, stats=stats)
+    counts = {"tokens": 0, "loss_tokens": 0, "truncated": 0, "no_loss_tokens": 0}
+    bar = tqdm(total=count_records(cfg.data), unit="doc", desc="gradients", disable=not cfg.progress, dynamic_ncols=True)
+    t0 = time.time()
+    for shard in _chunks(iter(records), cfg.shard_size):
+        encoded = encode_pairs(tokenizer, [(r.prompt, r.text[len(r.prompt):]) for r in shard], max_tokens)
+        raw = np.zeros((len(shard), logra.dim), dtype=np.float32)
+        for idx in _batches(encoded, cfg.batch_size):
+            out = projected_gradients(logra, tokenizer, [encoded[i] for i in idx], token_stats=pre.needs_token_stats)
+            pre.update(out.grads, out.token_stats)
+            raw[idx] = logra.flatten(out.grads).cpu().numpy()
+            n_tok = sum(len(encoded[i].input_ids) for i in idx)
+            counts["tokens"] += n_tok
+            bar.update(len(idx))
+            bar.set_postfix(tok_s=f"{counts['tokens'] / max(time.time() - t0, 1e-9):,.0f}", refresh=False)
+        for e in encoded:
+            counts["loss_tokens"] += e.n_loss_tokens
+            counts["truncated"] += e.truncated
+            counts["no_loss_tokens"] += e.n_loss_tokens == 0
+        writer.add_shard([_row(r, e) for r, e in zip(shard, encoded)], raw)
+    bar.close()
+    gradient_seconds = time.time() - t0
+    if writer.n_rows == 0:
+        raise ValueError(f"no documents to index in {', '.join(map(str, cfg.data))} (skipped {stats.skipped})")
+
+    if pre.needs_second_pass:
+        for block in writer.raw_shards():
+            pre.update_second(torch.from_numpy(block))
+    pre.finalize()
+    writer.write_vectors((pre.apply(torch.from_numpy(b)).numpy() for b in writer.raw_shards()), logra.dim)
+    faiss_info = writer.write_faiss()
+
+    total_seconds = time.time() - started
+    manifest = {
+        "model": {"name_or_path": cfg.model, "fingerprint": model_fingerprint(model), "class": type(model).__name__,
+                  "dtype": cfg.dtype},
+        "layers": logra.layer_spec(),
+        "rank": cfg.rank,
+        "seed": cfg.seed,
+        "include": cfg.include,
+        "exclude": cfg.exclude,
+        "max_tokens": max_tokens,
+        "dim": logra.dim,
+        "preconditioner": {"kind": cfg.preconditioner, "damping_ratio": cfg.damping},
+        "faiss": faiss_info,
+        "data": {"files": [str(p) for p in cfg.data], "text_field": cfg.text_field, "prompt_field": cfg.prompt_field,
+                 "response_field": cfg.response_field, "id_field": cfg.id_field},
+        "stats": {**counts, "documents": writer.n_rows, "skipped": stats.skipped,
+                  "skipped_examples": stats.skipped_reasons[:5]},
+        "build": {"seconds": round(total_seconds, 2), "gradient_seconds": round(gradient_seconds, 2),
+                  "docs_per_s": round(writer.n_rows / max(gradient_seconds, 1e-9), 2),
+                  "tokens_per_s": round(counts["tokens"] / max(gradient_seconds, 1e-9), 1), "device": cfg.device},
+        **({"extra": cfg.extra} if cfg.extra else {}),
+    }
+    state = {"projections": {name: {"in": p_in.cpu(), "out": p_out.cpu()} for name, (p_in, p_out) in logra.projections.items()},
+             "preconditioner": pre.state_dict()}
+    return writer.commit(manifest, state)
+
+
+def _row(record: Record, enc: Encoded) -> dict:
+    return {"id": record.id, "text": record.text, "prompt": record.prompt,
+            "metadata": json.dumps(record.metadata, ensure_ascii=False, default=str),
+            "source": record.source, "line": record.line, "n_tokens": len(enc.input_ids), "truncated": enc.truncated}

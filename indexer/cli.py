@@ -1,0 +1,76 @@
+"""`python -m indexer`: build, info and demo commands."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from engine import PRECONDITIONERS
+
+from .build import BuildConfig, build_index
+from .records import BadRecordError
+from .store import IndexFormatError, read_manifest
+
+
+def _add_build_args(p: argparse.ArgumentParser) -> None:
+    d = BuildConfig(model="", data=[], out="")
+    p.add_argument("--max-tokens", type=int, default=d.max_tokens, help="truncate each document to this many tokens (recorded per document)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--rank", type=int, default=d.rank, help="projection rank r_in = r_out per layer")
+    p.add_argument("--seed", type=int, default=d.seed, help="projection seed")
+    p.add_argument("--preconditioner", choices=PRECONDITIONERS, default=d.preconditioner)
+    p.add_argument("--damping", type=float, default=d.damping, help="damping as a fraction of the mean eigenvalue")
+    p.add_argument("--layers", dest="include", default=None, help="regex: track only layers whose name matches")
+    p.add_argument("--exclude-layers", dest="exclude", default=None, help="regex: drop layers whose name matches")
+    p.add_argument("--device", default=d.device, help="cpu, cuda, cuda:1 or auto")
+    p.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--shard-size", type=int, default=d.shard_size, help="documents per on-disk shard")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m indexer", description="Build logra-search attribution indexes.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("build", help="index a dataset with a model")
+    b.add_argument("--model", required=True, help="Hugging Face causal LM: hub name or local folder")
+    b.add_argument("--data", required=True, nargs="+", help="one or more .jsonl / .jsonl.gz / .parquet files")
+    b.add_argument("--out", required=True, help="index folder to create")
+    b.add_argument("--text-field", default="text")
+    b.add_argument("--prompt-field", default=None, help="with --response-field: prompt/response records")
+    b.add_argument("--response-field", default=None)
+    b.add_argument("--id-field", default="id", help="generated as <file stem>-<line> when a record has none")
+    b.add_argument("--skip-bad", action="store_true", help="skip and count malformed records instead of stopping")
+    b.add_argument("--overwrite", action="store_true", help="replace an existing index folder")
+    b.add_argument("--trust-remote-code", action="store_true")
+    _add_build_args(b)
+
+    i = sub.add_parser("info", help="print an index's manifest")
+    i.add_argument("index")
+
+    dm = sub.add_parser("demo", help="build the embedded demo: stdlib docstrings, a tiny GPT-2 trained here, its index")
+    dm.add_argument("--out", default="demo", help="folder for the corpus, model and index (index in OUT/index)")
+    dm.add_argument("--max-docs", type=int, default=3000)
+    dm.add_argument("--epochs", type=int, default=2)
+    dm.add_argument("--overwrite", action="store_true", help="rebuild everything even if present")
+    dm.add_argument("--no-progress", dest="progress", action="store_false")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        if args.command == "build":
+            cfg = BuildConfig(**{k: v for k, v in vars(args).items() if k != "command"})
+            manifest = build_index(cfg)
+            print(f"indexed {manifest['n_documents']} documents into {args.out} "
+                  f"(dim {manifest['dim']}, {manifest['build']['seconds']} s)")
+        elif args.command == "info":
+            print(json.dumps(read_manifest(args.index), indent=2, sort_keys=True))
+        elif args.command == "demo":
+            from .demo import build_demo
+            build_demo(args.out, max_docs=args.max_docs, epochs=args.epochs, overwrite=args.overwrite, progress=args.progress)
+    except (BadRecordError, IndexFormatError, FileExistsError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,219 @@
+"""The index folder format: the one module that knows its files. The indexer writes through
+`IndexWriter`; the API (and anyone else) reads through `Index`.
+
+    DIR/manifest.json          what was indexed, with which model, layers, ranks and preconditioner
+    DIR/state.pt               projection matrices and preconditioner state (torch, weights_only)
+    DIR/vectors.npy            float32 (N, dim) preconditioned LoGra vectors, exact, memory-mapped
+    DIR/norms.npy              float32 (N,) their norms
+    DIR/faiss-influence.index  FAISS inner-product index over the vectors
+    DIR/faiss-cosine.index     FAISS inner-product index over the unit-normalised vectors
+    DIR/documents.lance        LanceDB table `documents`: row, id, text, prompt, metadata (JSON), ...
+
+Row i of the table is row i of vectors.npy and id i of both FAISS indexes. An index is built in a
+sibling temporary folder and renamed into place, so DIR is never half-written.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import faiss
+import lancedb
+import numpy as np
+import pyarrow as pa
+import torch
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+STATE = "state.pt"
+VECTORS = "vectors.npy"
+NORMS = "norms.npy"
+TABLE = "documents"
+MODES = ("influence", "cosine")
+REQUIRED = (MANIFEST, STATE, VECTORS, NORMS, "faiss-influence.index", "faiss-cosine.index", f"{TABLE}.lance")
+FLAT_BELOW = 4096  # exact (flat) FAISS search below this many documents; IVF above
+
+DOCUMENT_SCHEMA = pa.schema([
+    ("row", pa.int64()),
+    ("id", pa.string()),
+    ("text", pa.string()),
+    ("prompt", pa.string()),
+    ("metadata", pa.string()),  # JSON: records carry arbitrary, heterogeneous fields
+    ("source", pa.string()),
+    ("line", pa.int64()),
+    ("n_tokens", pa.int64()),
+    ("truncated", pa.bool_()),
+])
+
+
+class IndexFormatError(ValueError):
+    """The folder is not a complete index this version can read."""
+
+
+def faiss_path(root: Path, mode: str) -> Path:
+    return root / f"faiss-{mode}.index"
+
+
+def read_manifest(root: str | Path) -> dict:
+    path = Path(root) / MANIFEST
+    if not path.is_file():
+        raise IndexFormatError(f"{root} is not an index folder: no {MANIFEST}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise IndexFormatError(f"{path} is corrupt: {e}") from e
+
+
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.where(norms > 0, norms, 1.0)
+
+
+class IndexWriter:
+    """Writes an index into a temporary sibling of `out` and renames it into place on `commit`."""
+
+    def __init__(self, out: str | Path, overwrite: bool = False):
+        self.out = Path(out).resolve()
+        if self.out.exists() and not overwrite:
+            raise FileExistsError(f"{self.out} already exists; pass --overwrite to replace it")
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.building-", dir=self.out.parent))
+        self.shard_dir = self.tmp / "shards"
+        self.shard_dir.mkdir()
+        self._table = None
+        self.n_rows = 0
+
+    # -- pass 1: documents and raw projected gradients, a shard at a time --------------------
+    def add_shard(self, rows: list[dict], raw_gradients: np.ndarray) -> None:
+        """rows: dicts with DOCUMENT_SCHEMA fields except `row` (assigned here); raw gradients in
+        the same order."""
+        if len(rows) != raw_gradients.shape[0]:
+            raise ValueError("one gradient row per document")
+        start = self.n_rows
+        np.save(self.shard_dir / f"raw-{len(list(self.shard_dir.iterdir())):06d}.npy", raw_gradients.astype(np.float32))
+        table = pa.Table.from_pylist([{**r, "row": start + i} for i, r in enumerate(rows)], schema=DOCUMENT_SCHEMA)
+        if self._table is None:
+            self._table = lancedb.connect(self.tmp).create_table(TABLE, data=table, schema=DOCUMENT_SCHEMA)
+        else:
+            self._table.add(table)
+        self.n_rows += len(rows)
+
+    def raw_shards(self) -> Iterable[np.ndarray]:
+        for path in sorted(self.shard_dir.glob("raw-*.npy")):
+            yield np.load(path)
+
+    # -- pass 2: preconditioned vectors and FAISS ----------------------------------------------
+    def write_vectors(self, vectors: Iterable[np.ndarray], dim: int) -> None:
+        out = np.lib.format.open_memmap(self.tmp / VECTORS, mode="w+", dtype=np.float32, shape=(self.n_rows, dim))
+        norms = np.zeros(self.n_rows, dtype=np.float32)
+        start = 0
+        for block in vectors:
+            out[start : start + len(block)] = block
+            norms[start : start + len(block)] = np.linalg.norm(block, axis=1)
+            start += len(block)
+        if start != self.n_rows:
+            raise RuntimeError(f"wrote {start} vectors for {self.n_rows} documents")
+        out.flush()
+        del out
+        np.save(self.tmp / NORMS, norms)
+
+    def write_faiss(self, nlist: int | None = None, block: int = 65536) -> dict:
+        vectors = np.load(self.tmp / VECTORS, mmap_mode="r")
+        n, dim = vectors.shape
+        info = {}
+        for mode in MODES:
+            prep = (lambda x: np.ascontiguousarray(x, dtype=np.float32)) if mode == "influence" else unit_rows
+            if n < FLAT_BELOW:
+                index = faiss.IndexFlatIP(dim)
+                info = {"type": "flat"}
+            else:
+                k = nlist or int(min(4 * np.sqrt(n), n // 39))
+                index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, k, faiss.METRIC_INNER_PRODUCT)
+                sample = np.random.default_rng(0).choice(n, size=min(n, 256 * k), replace=False)
+                index.train(prep(vectors[np.sort(sample)]))
+                index.nprobe = max(1, k // 8)
+                info = {"type": "ivf-flat", "nlist": k, "nprobe": index.nprobe}
+            for s in range(0, n, block):
+                index.add(prep(vectors[s : s + block]))
+            faiss.write_index(index, str(faiss_path(self.tmp, mode)))
+        return info
+
+    def commit(self, manifest: dict, state: dict) -> dict:
+        """Write manifest and state, then rename the folder into place; returns the manifest."""
+        torch.save(state, self.tmp / STATE)
+        manifest = {**manifest, "format_version": FORMAT_VERSION, "n_documents": self.n_rows}
+        (self.tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        shutil.rmtree(self.shard_dir)
+        old = None
+        if self.out.exists():  # --overwrite: move the old index aside only once the new one is complete
+            old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
+            self.out.rename(old)
+        self.tmp.rename(self.out)
+        if old is not None:
+            shutil.rmtree(old)
+        return manifest
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+@dataclass
+class Index:
+    """A read-only, opened index folder."""
+
+    root: Path
+    manifest: dict
+    state: dict
+    vectors: np.ndarray  # memory-mapped (N, dim)
+    norms: np.ndarray
+    faiss: dict[str, faiss.Index]
+    table: object
+    row_of_id: dict[str, int]
+
+    @classmethod
+    def open(cls, root: str | Path) -> "Index":
+        root = Path(root)
+        if not root.is_dir():
+            raise IndexFormatError(f"{root} is not a folder")
+        missing = [name for name in REQUIRED if not (root / name).exists()]
+        if missing:
+            raise IndexFormatError(f"{root} is not a complete index: missing {', '.join(missing)}")
+        manifest = read_manifest(root)
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise IndexFormatError(f"{root} has index format {manifest.get('format_version')}; this version reads {FORMAT_VERSION}")
+        try:
+            state = torch.load(root / STATE, weights_only=True)
+            vectors = np.load(root / VECTORS, mmap_mode="r")
+            norms = np.load(root / NORMS)
+            indexes = {mode: faiss.read_index(str(faiss_path(root, mode))) for mode in MODES}
+            table = lancedb.connect(root).open_table(TABLE)
+            ids = table.search().select(["row", "id"]).limit(None).to_arrow()
+        except Exception as e:  # any unreadable file means a corrupt index, said plainly
+            raise IndexFormatError(f"{root} is corrupt: {type(e).__name__}: {e}") from e
+        n = manifest["n_documents"]
+        sizes = {"vectors": vectors.shape[0], "norms": norms.shape[0], "table": ids.num_rows,
+                 **{f"faiss-{m}": ix.ntotal for m, ix in indexes.items()}}
+        if any(v != n for v in sizes.values()) or vectors.shape[1] != manifest["dim"]:
+            raise IndexFormatError(f"{root} is corrupt: manifest says {n} documents of dim {manifest['dim']}, files hold {sizes}")
+        row_of_id = dict(zip(ids.column("id").to_pylist(), ids.column("row").to_pylist()))
+        return cls(root, manifest, state, vectors, norms, indexes, table, row_of_id)
+
+    def __len__(self) -> int:
+        return self.vectors.shape[0]
+
+    def documents(self, rows: list[int]) -> list[dict]:
+        """Documents by row, in the order asked, metadata decoded."""
+        if not rows:
+            return []
+        by_row = {r["row"]: r for r in self.table.take_offsets(list(rows)).to_list()}
+        out = []
+        for row in rows:
+            doc = dict(by_row[row])
+            doc["metadata"] = json.loads(doc["metadata"])
+            out.append(doc)
+        return out
