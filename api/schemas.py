@@ -1,0 +1,68 @@
+"""Request and response bodies of the HTTP API."""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_K = 1000
+MAX_TEXT_CHARS = 1_000_000  # tokenizing more than this only to truncate it would stall a worker
+
+
+class AttributeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field("", max_length=MAX_TEXT_CHARS, description="context before the response; may be empty")
+    response: str = Field(..., min_length=1, max_length=MAX_TEXT_CHARS, description="the text to attribute")
+    k: int = Field(10, ge=1, le=MAX_K, description="how many documents to return")
+    mode: Literal["influence", "cosine"] = Field("influence", description="inner product of preconditioned "
+                                                 "gradients, or the same divided by both norms")
+
+    @field_validator("response")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("response must contain non-whitespace text")
+        return v
+
+
+class AttributeResult(BaseModel):
+    rank: int
+    id: str
+    score: float
+    text: str
+    metadata: dict[str, Any]
+    source: str | None = None
+    line: int | None = None
+
+
+class QueryInfo(BaseModel):
+    n_tokens: int
+    n_response_tokens: int = Field(description="tokens whose loss is attributed")
+    truncated: bool
+
+
+class AttributeResponse(BaseModel):
+    results: list[AttributeResult]
+    mode: str
+    k: int
+    n_documents: int
+    query: QueryInfo
+    took_ms: float
+
+
+class Document(BaseModel):
+    id: str
+    text: str
+    prompt: str
+    metadata: dict[str, Any]
+    source: str | None = None
+    line: int | None = None
+    n_tokens: int
+    truncated: bool
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    n_documents: int
+    model: str
