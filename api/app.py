@@ -1,13 +1,30 @@
 """The FastAPI application factory."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from .routes import STATIC, router
 from .search import Attributor
+
+
+class _AsciiJSONResponse(JSONResponse):
+    def render(self, content) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
+async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+    # FastAPI's default handler echoes the input back: a 1 MB response would come back in the error,
+    # and a lone surrogate ("\ud800" is valid JSON) fails to encode, a 500. Drop the input and
+    # render escaped ASCII.
+    errors = [{k: v for k, v in e.items() if k != "input"} for e in exc.errors()]
+    return _AsciiJSONResponse(status_code=422, content={"detail": jsonable_encoder(errors)})
 
 
 def create_app(index_dir: str | Path, model: str | None = None, device: str = "cpu") -> FastAPI:
@@ -17,6 +34,7 @@ def create_app(index_dir: str | Path, model: str | None = None, device: str = "c
     app = FastAPI(title="logra-search", version="0.1.0",
                   description="Which training documents made the model produce this response?")
     app.state.attributor = attributor
+    app.add_exception_handler(RequestValidationError, _invalid_request)
     app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app

@@ -14,7 +14,7 @@ class AttributeRequest(BaseModel):
 
     prompt: str = Field("", max_length=MAX_TEXT_CHARS, description="context before the response; may be empty")
     response: str = Field(..., min_length=1, max_length=MAX_TEXT_CHARS, description="the text to attribute")
-    k: int = Field(10, ge=1, le=MAX_K, description="how many documents to return")
+    k: int = Field(10, ge=1, le=MAX_K, strict=True, description="how many documents to return")
     mode: Literal["influence", "cosine"] = Field("influence", description="inner product of preconditioned "
                                                  "gradients, or the same divided by both norms")
 

@@ -46,6 +46,13 @@ class BuildConfig:
     trust_remote_code: bool = False
     extra: dict = field(default_factory=dict)  # recorded in the manifest (e.g. the demo's provenance)
 
+    def __post_init__(self):
+        for name in ("max_tokens", "batch_size", "rank", "shard_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.damping < 0:
+            raise ValueError(f"damping must be >= 0, got {self.damping}")
+
 
 def _chunks(it: Iterator, n: int) -> Iterator[list]:
     while chunk := list(islice(it, n)):
@@ -87,7 +94,11 @@ def build_index(cfg: BuildConfig) -> dict:
 
 
 def _build(cfg: BuildConfig, writer: IndexWriter, started: float) -> dict:
-    model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+    try:
+        model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+    except OSError as e:  # transformers' messages for a bad path talk about repo ids; say which model and why
+        where = "" if Path(cfg.model).exists() else " (no such local folder, and not a model name that can be loaded)"
+        raise OSError(f"cannot load model {cfg.model!r}{where}: {e}") from e
     logra = LoGra(model, LoGraConfig(rank=cfg.rank, seed=cfg.seed, include=cfg.include, exclude=cfg.exclude,
                                      max_tokens=cfg.max_tokens))
     max_tokens = logra.max_tokens

@@ -12,11 +12,18 @@ from .records import BadRecordError
 from .store import IndexFormatError, read_manifest
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _add_build_args(p: argparse.ArgumentParser) -> None:
     d = BuildConfig(model="", data=[], out="")
-    p.add_argument("--max-tokens", type=int, default=d.max_tokens, help="truncate each document to this many tokens (recorded per document)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--rank", type=int, default=d.rank, help="projection rank r_in = r_out per layer")
+    p.add_argument("--max-tokens", type=positive_int, default=d.max_tokens, help="truncate each document to this many tokens (recorded per document)")
+    p.add_argument("--batch-size", type=positive_int, default=d.batch_size)
+    p.add_argument("--rank", type=positive_int, default=d.rank, help="projection rank r_in = r_out per layer")
     p.add_argument("--seed", type=int, default=d.seed, help="projection seed")
     p.add_argument("--preconditioner", choices=PRECONDITIONERS, default=d.preconditioner)
     p.add_argument("--damping", type=float, default=d.damping, help="damping as a fraction of the mean eigenvalue")
@@ -24,7 +31,7 @@ def _add_build_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exclude-layers", dest="exclude", default=None, help="regex: drop layers whose name matches")
     p.add_argument("--device", default=d.device, help="cpu, cuda, cuda:1 or auto")
     p.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--shard-size", type=int, default=d.shard_size, help="documents per on-disk shard")
+    p.add_argument("--shard-size", type=positive_int, default=d.shard_size, help="documents per on-disk shard")
     p.add_argument("--no-progress", dest="progress", action="store_false")
 
 
@@ -50,8 +57,8 @@ def parser() -> argparse.ArgumentParser:
 
     dm = sub.add_parser("demo", help="build the embedded demo: stdlib docstrings, a tiny GPT-2 trained here, its index")
     dm.add_argument("--out", default="demo", help="folder for the corpus, model and index (index in OUT/index)")
-    dm.add_argument("--max-docs", type=int, default=3000)
-    dm.add_argument("--epochs", type=int, default=2)
+    dm.add_argument("--max-docs", type=positive_int, default=3000)
+    dm.add_argument("--epochs", type=positive_int, default=2)
     dm.add_argument("--overwrite", action="store_true", help="rebuild everything even if present")
     dm.add_argument("--no-progress", dest="progress", action="store_false")
     return ap
@@ -59,6 +66,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if not getattr(args, "progress", True):
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()  # its "Loading weights" bar too
     try:
         if args.command == "build":
             cfg = BuildConfig(**{k: v for k, v in vars(args).items() if k != "command"})
@@ -70,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "demo":
             from .demo import build_demo
             build_demo(args.out, max_docs=args.max_docs, epochs=args.epochs, overwrite=args.overwrite, progress=args.progress)
-    except (BadRecordError, IndexFormatError, FileExistsError, FileNotFoundError, ValueError) as e:
+    # OSError: a model that cannot be loaded (transformers raises it), or the disk: one line, no traceback.
+    except (BadRecordError, IndexFormatError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -59,14 +59,28 @@ def faiss_path(root: Path, mode: str) -> Path:
     return root / f"faiss-{mode}.index"
 
 
+# Keys every reader relies on, with their types.
+MANIFEST_KEYS = {"format_version": int, "n_documents": int, "dim": int, "model": dict, "layers": list, "rank": int,
+                 "seed": int, "max_tokens": int, "preconditioner": dict}
+
+
 def read_manifest(root: str | Path) -> dict:
     path = Path(root) / MANIFEST
     if not path.is_file():
         raise IndexFormatError(f"{root} is not an index folder: no {MANIFEST}")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise IndexFormatError(f"{path} is corrupt: {e}") from e
+    if not isinstance(manifest, dict):
+        raise IndexFormatError(f"{path} is corrupt: not a JSON object")
+    bad = [k for k, t in MANIFEST_KEYS.items() if not isinstance(manifest.get(k), t)]
+    if bad:
+        raise IndexFormatError(f"{path} is corrupt: missing or mistyped {', '.join(bad)}")
+    for key in ("name_or_path", "fingerprint"):
+        if not isinstance(manifest["model"].get(key), str):
+            raise IndexFormatError(f"{path} is corrupt: model.{key} missing")
+    return manifest
 
 
 def unit_rows(x: np.ndarray) -> np.ndarray:
@@ -79,8 +93,12 @@ class IndexWriter:
 
     def __init__(self, out: str | Path, overwrite: bool = False):
         self.out = Path(out).resolve()
-        if self.out.exists() and not overwrite:
-            raise FileExistsError(f"{self.out} already exists; pass --overwrite to replace it")
+        if self.out.exists():
+            if not overwrite:
+                raise FileExistsError(f"{self.out} already exists; pass --overwrite to replace it")
+            # Never delete something that is not an index: a typo in --out must not wipe a folder.
+            if not self.out.is_dir() or not ((self.out / MANIFEST).is_file() or not any(self.out.iterdir())):
+                raise FileExistsError(f"{self.out} exists and is not an index folder; --overwrite only replaces indexes")
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.building-", dir=self.out.parent))
         self.shard_dir = self.tmp / "shards"

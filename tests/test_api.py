@@ -1,0 +1,490 @@
+"""The HTTP API against independent references: brute-force numpy scoring over every stored vector,
+self-retrieval, provenance, bad input, concurrency, start-up refusals and a real server process."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from urllib.parse import quote
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from api import create_app
+from api.search import ModelMismatchError
+from engine import LoGra, LoGraConfig, Preconditioner, load_model, query_vectors
+from indexer.build import BuildConfig, build_index
+from indexer.store import VECTORS, Index, IndexFormatError
+
+from .conftest import synthetic_corpus, write_jsonl
+
+REPO = Path(__file__).resolve().parent.parent
+N_DOCS = 80
+# Ids that would be dangerous if anything used them as paths; they must be plain lookup keys.
+ODD_IDS = ["a/b", "../etc/passwd", "100%2Fsure", "..", "q?x#y z"]
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    docs = synthetic_corpus(N_DOCS, seed=7)
+    for doc, odd in zip(docs, ODD_IDS):
+        doc["id"] = odd
+    return docs
+
+
+@pytest.fixture(scope="module")
+def index_dir(tmp_path_factory, gpt2_dir, corpus):
+    root = tmp_path_factory.mktemp("api-index")
+    data = write_jsonl(root / "data.jsonl", corpus)
+    build_index(BuildConfig(model=gpt2_dir, data=[data], out=str(root / "index"), progress=False))
+    return root / "index"
+
+
+@pytest.fixture(scope="module")
+def client(index_dir):
+    with TestClient(create_app(index_dir)) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def reference(index_dir, gpt2_dir):
+    """Query vectors computed outside the API (own model load, LoGra rebuilt from the manifest and
+    the stored projections/preconditioner) and every stored vector, in float64."""
+    idx = Index.open(index_dir)
+    m = idx.manifest
+    model, tok = load_model(gpt2_dir)
+    logra = LoGra(model, LoGraConfig(rank=m["rank"], seed=m["seed"], include=m["include"], exclude=m["exclude"],
+                                     max_tokens=m["max_tokens"]))
+    for name, p in idx.state["projections"].items():
+        logra.projections[name] = (p["in"], p["out"])
+    pre = Preconditioner.from_state_dict(idx.state["preconditioner"])
+
+    def qvec(prompt: str, response: str) -> np.ndarray:
+        v, _ = query_vectors(logra, pre, tok, [(prompt, response)])
+        return v[0].double().numpy()
+
+    vectors = np.load(index_dir / VECTORS).astype(np.float64)  # all rows, not FAISS's candidates
+    ids = [r["id"] for r in idx.documents(list(range(len(idx))))]
+    return {"qvec": qvec, "vectors": vectors, "ids": ids, "tokenizer": tok}
+
+
+def brute_force(ref, prompt, response, mode):
+    q = ref["qvec"](prompt, response)
+    scores = ref["vectors"] @ q
+    if mode == "cosine":
+        scores = scores / (np.linalg.norm(ref["vectors"], axis=1) * np.linalg.norm(q))
+    order = np.argsort(-scores, kind="stable")
+    return [ref["ids"][i] for i in order], scores[order]
+
+
+def attribute(client, **body):
+    r = client.post("/attribute", json=body)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+# -- 1. scores against brute force ---------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["influence", "cosine"])
+@pytest.mark.parametrize("prompt,response", [("", "river stone cloud lamp orbit signal garden copper"),
+                                             ("winter engine", " paper violet harbor needle falcon"),
+                                             ("", "marble thunder velvet")])
+def test_scores_match_brute_force(client, reference, mode, prompt, response):
+    k = 7
+    out = attribute(client, prompt=prompt, response=response, k=k, mode=mode)
+    ids, scores = brute_force(reference, prompt, response, mode)
+    res = out["results"]
+    assert [r["rank"] for r in res] == list(range(1, k + 1))
+    assert [r["id"] for r in res] == ids[:k]
+    np.testing.assert_allclose([r["score"] for r in res], scores[:k], rtol=1e-5, atol=1e-9 * abs(scores).max())
+    got = [r["score"] for r in res]
+    assert got == sorted(got, reverse=True)
+    assert out["mode"] == mode and out["n_documents"] == N_DOCS
+
+
+@pytest.mark.parametrize("mode", ["influence", "cosine"])
+def test_k_above_corpus_returns_every_document(client, reference, mode):
+    out = attribute(client, response="lantern meadow cipher anchor quartz", k=1000, mode=mode)
+    res = out["results"]
+    ids, scores = brute_force(reference, "", "lantern meadow cipher anchor quartz", mode)
+    assert len(res) == N_DOCS and [r["rank"] for r in res] == list(range(1, N_DOCS + 1))
+    assert [r["id"] for r in res] == ids
+    np.testing.assert_allclose([r["score"] for r in res], scores, rtol=1e-5, atol=1e-9 * abs(scores).max())
+
+
+def test_document_as_query_reproduces_its_stored_vector(reference, corpus):
+    # Ties the query path to the indexing path: a document sent alone as a response (empty prompt)
+    # encodes exactly as it was indexed, so its vector must be its stored row (batch invariance).
+    for row in (5, 17, 42):
+        q = reference["qvec"]("", corpus[row]["text"])
+        np.testing.assert_allclose(q, reference["vectors"][row], rtol=1e-3, atol=1e-4 * np.abs(q).max())
+
+
+# -- 2. self-retrieval ---------------------------------------------------------------------------
+
+def test_self_retrieval_cosine(client, corpus):
+    misses = []
+    for doc in corpus[:30]:
+        top = attribute(client, prompt="", response=doc["text"], k=3, mode="cosine")["results"][0]
+        if top["id"] != doc["id"]:
+            misses.append((doc["id"], top["id"], top["score"]))
+        else:
+            assert top["score"] == pytest.approx(1.0, abs=1e-3)
+    assert not misses, misses
+
+
+def test_prompt_response_split_still_answers(client, corpus):
+    words = corpus[10]["text"].split()
+    prompt, response = " ".join(words[: len(words) // 2]), " " + " ".join(words[len(words) // 2 :])
+    out = attribute(client, prompt=prompt, response=response, k=5, mode="cosine")
+    assert len(out["results"]) == 5
+    q = out["query"]
+    assert 0 < q["n_response_tokens"] < q["n_tokens"] and q["truncated"] is False
+
+
+# -- 3. provenance and documents -----------------------------------------------------------------
+
+def test_results_carry_provenance(client, corpus):
+    by_id = {d["id"]: d for d in corpus}
+    for r in attribute(client, response=corpus[3]["text"], k=10, mode="cosine")["results"]:
+        doc = by_id[r["id"]]
+        assert r["text"] == doc["text"]
+        assert r["metadata"] == {"source": doc["source"], "position": doc["position"]}
+
+
+def test_get_document(client, corpus):
+    doc = corpus[12]
+    r = client.get(f"/documents/{doc['id']}")
+    assert r.status_code == 200
+    body = r.json()
+    assert body["id"] == doc["id"] and body["text"] == doc["text"] and body["prompt"] == ""
+    assert body["metadata"] == {"source": doc["source"], "position": doc["position"]}
+    assert body["line"] == 13 and body["source"].endswith("data.jsonl")
+
+
+def test_unknown_document_is_404_naming_it(client):
+    r = client.get("/documents/no-such-doc")
+    assert r.status_code == 404 and "no-such-doc" in r.json()["detail"]
+
+
+_opened: list = []
+_watching = threading.Event()
+
+
+def _audit(event, args):
+    if _watching.is_set() and event in ("open", "os.listdir", "os.scandir", "os.mkdir", "os.remove", "os.rename"):
+        _opened.append((event, args))
+
+
+sys.addaudithook(_audit)  # process-wide and permanent; records only while a test is watching
+
+
+def _doc_path(doc_id: str) -> str:
+    # Dots percent-encoded too: clients remove "." and ".." path segments before sending.
+    return "/documents/" + quote(doc_id, safe="").replace(".", "%2E")
+
+
+def _tc_path(doc_id: str) -> str:
+    # Starlette's TestClient unquotes httpx's already-decoded path (a second decode: "%252F" -> "/"),
+    # so quote twice here; the real-server test below sends singly-quoted paths as HTTP clients do.
+    return "/documents/" + quote(_doc_path(doc_id)[len("/documents/"):], safe="")
+
+
+@pytest.mark.parametrize("doc_id", ODD_IDS)
+def test_odd_ids_are_keys_not_paths(client, corpus, doc_id):
+    doc = next(d for d in corpus if d["id"] == doc_id)
+    _opened.clear()
+    _watching.set()
+    try:
+        r = client.get(_tc_path(doc_id))
+        missing = client.get(_tc_path("../" + doc_id + "/../../manifest.json"))
+    finally:
+        _watching.clear()
+    assert r.status_code == 200, r.text
+    assert r.json()["id"] == doc_id and r.json()["text"] == doc["text"]
+    assert missing.status_code == 404 and "manifest.json" in missing.json()["detail"]
+    # the id never reached the filesystem (Python-level opens/listings during the requests)
+    assert not [e for e in _opened if any(isinstance(a, (str, bytes, os.PathLike)) and
+                                          ("passwd" in str(a) or "manifest.json" in str(a)) for a in e[1])], _opened
+
+
+def test_unescaped_slash_in_id_works(client, corpus):
+    r = client.get("/documents/a/b")
+    assert r.status_code == 200 and r.json()["text"] == corpus[0]["text"]
+
+
+# -- 4. bad requests -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("body,needle", [
+    ({"response": ""}, "response"),
+    ({"response": "   \n\t "}, "non-whitespace"),
+    ({"prompt": "river"}, "response"),
+    ({"response": "river stone", "k": 0}, "greater than or equal to 1"),
+    ({"response": "river stone", "k": 1001}, "less than or equal to 1000"),
+    ({"response": "river stone", "k": "ten"}, "valid integer"),
+    ({"response": "river stone", "k": 2.5}, "valid integer"),
+    ({"response": "river stone", "k": "5"}, "valid integer"),  # strict: no silent coercion
+    ({"response": "river stone", "k": True}, "valid integer"),
+    ({"response": "river stone", "mode": "euclid"}, "'influence' or 'cosine'"),
+    ({"response": 5}, "valid string"),
+    ({"response": ["river"]}, "valid string"),
+    ({"prompt": None, "response": "river stone"}, "prompt"),
+    ({"response": "river stone", "top_k": 3}, "top_k"),
+])
+def test_bad_request_is_4xx_naming_the_problem(client, body, needle):
+    r = client.post("/attribute", json=body)
+    assert 400 <= r.status_code < 500, r.text
+    assert needle in r.text
+
+
+def test_error_does_not_echo_huge_input(client):
+    r = client.post("/attribute", json={"response": "river " * 200_000, "k": 0})
+    assert r.status_code == 422 and len(r.content) < 2000, len(r.content)
+
+
+@pytest.mark.parametrize("content,needle", [
+    (b"this is not json", "JSON"),
+    (b'{"response": "river"', "JSON"),
+    (b'["river stone"]', "valid dictionary"),
+    (b"", "body"),
+])
+def test_malformed_body_is_4xx(client, content, needle):
+    r = client.post("/attribute", content=content, headers={"content-type": "application/json"})
+    assert 400 <= r.status_code < 500, r.text
+    assert needle.lower() in r.text.lower()
+
+
+@pytest.mark.parametrize("content", [b'{"response": "\\ud800 river stone"}',
+                                     b'{"prompt": "\\udfff", "response": "river stone"}'])
+def test_lone_surrogate_is_4xx(client, content):
+    # Valid JSON that decodes to a str UTF-8 cannot encode; the error echoing it back must not fail.
+    r = client.post("/attribute", content=content, headers={"content-type": "application/json"})
+    assert r.status_code == 422 and "unicode" in r.text
+
+
+def test_response_too_short_to_score(client, reference):
+    tok = reference["tokenizer"]
+    one = next(w for w in ["r", "a", "e", "river", "stone"] if len(tok(w)["input_ids"]) == 1)
+    r = client.post("/attribute", json={"prompt": "", "response": one})
+    assert r.status_code == 422 and "no token to score" in r.json()["detail"]
+    # the same token after a prompt is scorable
+    assert attribute(client, prompt="river stone", response=one)["query"]["n_response_tokens"] == 1
+
+
+def test_huge_text_is_truncated_not_refused(client):
+    text = ("garden copper winter engine " * 8000)[:200_000]
+    out = attribute(client, prompt=text, response=text, k=3)
+    assert out["query"]["truncated"] is True and len(out["results"]) == 3
+
+
+# -- 5. health, manifest, page -------------------------------------------------------------------
+
+def test_health_index_and_page(client, index_dir, gpt2_dir, reference):
+    h = client.get("/health").json()
+    assert h == {"status": "ok", "n_documents": N_DOCS, "model": gpt2_dir}
+    m = client.get("/index").json()
+    assert m == json.loads((index_dir / "manifest.json").read_text())
+    assert m["model"]["name_or_path"] == gpt2_dir and m["n_documents"] == N_DOCS
+    assert m["dim"] == reference["vectors"].shape[1] and m["preconditioner"]
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "<html" in page.text.lower()
+
+
+# -- 6. concurrency ------------------------------------------------------------------------------
+
+def test_concurrent_requests_equal_lone_requests(client, corpus):
+    # Hooks live on shared modules; without the lock concurrent backward passes would mix.
+    bodies = [{"prompt": "" if i % 2 else corpus[i + 1]["text"][:20], "response": corpus[i]["text"], "k": 5,
+               "mode": "cosine" if i % 3 else "influence"} for i in range(64)]
+    alone = [attribute(client, **b)["results"] for b in bodies]
+
+    def one_thread(t):
+        return [(i, client.post("/attribute", json=bodies[i])) for i in range(t, 64, 16)]
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = [a for chunk in pool.map(one_thread, range(16)) for a in chunk]
+    assert len(answers) == 64
+    for i, r in answers:
+        assert r.status_code == 200, r.text
+        got = r.json()["results"]
+        assert [x["id"] for x in got] == [x["id"] for x in alone[i]]
+        assert [x["score"] for x in got] == pytest.approx([x["score"] for x in alone[i]], rel=1e-6, abs=1e-12)
+
+
+# -- 7. start-up refusals ------------------------------------------------------------------------
+
+def _copy(index_dir, tmp_path):
+    dst = tmp_path / "copy"
+    shutil.copytree(index_dir, dst)
+    return dst
+
+
+def test_refuses_folder_that_is_not_an_index(tmp_path):
+    with pytest.raises(IndexFormatError, match="manifest|not"):
+        create_app(tmp_path)
+    with pytest.raises(IndexFormatError, match="not a folder"):
+        create_app(tmp_path / "absent")
+
+
+@pytest.mark.parametrize("missing", ["vectors.npy", "state.pt", "faiss-cosine.index"])
+def test_refuses_index_with_file_removed(index_dir, tmp_path, missing):
+    dst = _copy(index_dir, tmp_path)
+    (dst / missing).unlink()
+    with pytest.raises(IndexFormatError, match=f"missing {missing}"):
+        create_app(dst)
+
+
+def test_refuses_corrupt_manifest(index_dir, tmp_path):
+    dst = _copy(index_dir, tmp_path)
+    text = (dst / "manifest.json").read_text()
+    (dst / "manifest.json").write_text(text[: len(text) // 2])
+    with pytest.raises(IndexFormatError, match="corrupt"):
+        create_app(dst)
+
+
+@pytest.mark.parametrize("edit", [lambda m: [], lambda m: {k: v for k, v in m.items() if k != "n_documents"},
+                                  lambda m: {k: v for k, v in m.items() if k != "model"}],
+                         ids=["list", "no-n_documents", "no-model"])
+def test_refuses_manifest_missing_keys(index_dir, tmp_path, edit):
+    dst = _copy(index_dir, tmp_path)
+    manifest = json.loads((dst / "manifest.json").read_text())
+    (dst / "manifest.json").write_text(json.dumps(edit(manifest)))
+    with pytest.raises(IndexFormatError):
+        create_app(dst)
+
+
+def test_refuses_truncated_vectors(index_dir, tmp_path):
+    dst = _copy(index_dir, tmp_path)
+    v = np.load(dst / VECTORS)
+    np.save(dst / VECTORS, v[:-1])
+    with pytest.raises(IndexFormatError, match="corrupt"):
+        create_app(dst)
+
+
+def test_refuses_another_model(index_dir, llama_dir):
+    with pytest.raises(ModelMismatchError, match="not the model"):
+        create_app(index_dir, model=llama_dir)
+
+
+def test_refuses_perturbed_weights(index_dir, gpt2_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained(gpt2_dir)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    out = tmp_path / "gpt2-perturbed"
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(gpt2_dir).save_pretrained(out)
+    with pytest.raises(ModelMismatchError, match="gpt2-perturbed"):
+        create_app(index_dir, model=str(out))
+
+
+# -- 8. a real server ----------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _api_cmd(*args):
+    return [sys.executable, "-m", "api", *args]
+
+
+@pytest.fixture(scope="module")
+def cli_missing_index(tmp_path_factory):
+    # Started early and left running beside the server: each process spends most of its time importing.
+    log = tmp_path_factory.mktemp("cli")
+    out, err = open(log / "out", "w+"), open(log / "err", "w+")
+    proc = subprocess.Popen(_api_cmd("--index", "/nonexistent/index"), cwd=REPO, stdout=out, stderr=err,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    yield proc, out, err
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+    out.close()
+    err.close()
+
+
+@pytest.fixture(scope="module")
+def server(index_dir, cli_missing_index, tmp_path_factory):
+    port = _free_port()
+    log = tmp_path_factory.mktemp("server")
+    out, err = open(log / "out", "w+"), open(log / "err", "w+")
+    proc = subprocess.Popen(_api_cmd("--index", str(index_dir), "--host", "127.0.0.1", "--port", str(port)),
+                            cwd=REPO, stdout=out, stderr=err, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                err.seek(0)
+                pytest.fail(f"server exited with {proc.returncode}: {err.read()[-3000:]}")
+            try:
+                if httpx.get(base + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail("server not ready within 60 s")
+            time.sleep(0.25)
+        yield base, proc, err
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        out.close()
+        err.close()
+
+
+def test_real_server(server, client, corpus):
+    base, proc, err = server
+    body = {"prompt": "", "response": corpus[20]["text"], "k": 5, "mode": "cosine"}
+    r = httpx.post(base + "/attribute", json=body, timeout=30)
+    assert r.status_code == 200
+    res = r.json()["results"]
+    assert res[0]["id"] == corpus[20]["id"] and len(res) == 5
+    alone = attribute(client, **body)["results"]  # same index, same model, another process
+    assert [x["id"] for x in res] == [x["id"] for x in alone]
+    assert [x["score"] for x in res] == pytest.approx([x["score"] for x in alone], rel=1e-6)
+    for doc_id in ODD_IDS:  # percent-decoding through uvicorn, not only the test client
+        d = httpx.get(base + _doc_path(doc_id), timeout=10)
+        assert d.status_code == 200 and d.json()["id"] == doc_id
+    assert httpx.get(base + _doc_path("../etc/shadow"), timeout=10).status_code == 404
+    bad = httpx.post(base + "/attribute", content=b"[1", headers={"content-type": "application/json"}, timeout=10)
+    assert bad.status_code == 422
+    surrogate = httpx.post(base + "/attribute", content=b'{"response": "\\ud800 river"}',
+                           headers={"content-type": "application/json"}, timeout=10)
+    assert surrogate.status_code == 422
+    proc.terminate()
+    # uvicorn shuts down gracefully, then re-raises the captured SIGTERM, hence -SIGTERM
+    assert proc.wait(timeout=15) in (0, -signal.SIGTERM)
+    err.seek(0)
+    log = err.read()
+    assert "Finished server process" in log and "Traceback" not in log, log[-3000:]
+
+
+def test_cli_refuses_missing_index(cli_missing_index):
+    proc, out, err = cli_missing_index
+    assert proc.wait(timeout=60) != 0
+    err.seek(0)
+    stderr = err.read()
+    assert "/nonexistent/index" in stderr and "error" in stderr.lower()
+    assert "Traceback" not in stderr
