@@ -26,14 +26,17 @@ class AttributeRequest(BaseModel):
         return v
 
 
-class AttributeResult(BaseModel):
-    rank: int
+class DocumentFields(BaseModel):
     id: str
-    score: float
     text: str
-    metadata: dict[str, Any]
-    source: str | None = None
-    line: int | None = None
+    metadata: dict[str, Any] = Field(description="every field of the record besides its text and id")
+    source: str | None = Field(None, description="the data file the document came from")
+    line: int | None = Field(None, description="its line (jsonl) or row (parquet) there, from 1")
+
+
+class AttributeResult(DocumentFields):
+    rank: int
+    score: float
 
 
 class QueryInfo(BaseModel):
@@ -51,13 +54,8 @@ class AttributeResponse(BaseModel):
     took_ms: float
 
 
-class Document(BaseModel):
-    id: str
-    text: str
+class Document(DocumentFields):
     prompt: str
-    metadata: dict[str, Any]
-    source: str | None = None
-    line: int | None = None
     n_tokens: int
     truncated: bool
 

@@ -131,10 +131,16 @@ def _build(cfg: BuildConfig, writer: IndexWriter, started: float) -> dict:
         raise ValueError(f"no documents to index in {', '.join(map(str, cfg.data))} (skipped {stats.skipped})")
 
     if pre.needs_second_pass:
-        for block in writer.raw_shards():
+        for block in tqdm(writer.raw_shards(), total=writer.n_shards, unit="shard", desc="ekfac eigenvalues",
+                          disable=not cfg.progress, dynamic_ncols=True):
             pre.update_second(torch.from_numpy(block))
     pre.finalize()
-    writer.write_vectors((pre.apply(torch.from_numpy(b)).numpy() for b in writer.raw_shards()), logra.dim)
+    with tqdm(total=writer.n_rows, unit="doc", desc="preconditioning", disable=not cfg.progress, dynamic_ncols=True) as bar:
+        def whitened():
+            for block in writer.raw_shards():
+                yield pre.apply(torch.from_numpy(block)).numpy()
+                bar.update(len(block))
+        writer.write_vectors(whitened(), logra.dim)
     faiss_info = writer.write_faiss()
 
     total_seconds = time.time() - started

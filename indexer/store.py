@@ -105,6 +105,7 @@ class IndexWriter:
         self.shard_dir.mkdir()
         self._table = None
         self.n_rows = 0
+        self.n_shards = 0
 
     # -- pass 1: documents and raw projected gradients, a shard at a time --------------------
     def add_shard(self, rows: list[dict], raw_gradients: np.ndarray) -> None:
@@ -113,7 +114,8 @@ class IndexWriter:
         if len(rows) != raw_gradients.shape[0]:
             raise ValueError("one gradient row per document")
         start = self.n_rows
-        np.save(self.shard_dir / f"raw-{len(list(self.shard_dir.iterdir())):06d}.npy", raw_gradients.astype(np.float32))
+        np.save(self.shard_dir / f"raw-{self.n_shards:06d}.npy", raw_gradients.astype(np.float32))
+        self.n_shards += 1
         table = pa.Table.from_pylist([{**r, "row": start + i} for i, r in enumerate(rows)], schema=DOCUMENT_SCHEMA)
         if self._table is None:
             self._table = lancedb.connect(self.tmp).create_table(TABLE, data=table, schema=DOCUMENT_SCHEMA)
