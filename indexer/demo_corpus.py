@@ -256,8 +256,8 @@ def train_tiny_gpt2(texts: list[str], tokenizer, out_dir: str | Path, *, n_layer
         # Linear warmup, then cosine decay to 10% of the peak learning rate.
         if step < warmup:
             return (step + 1) / warmup
-        progress_ = (step - warmup) / max(1, total_steps - warmup)
-        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress_))
+        frac = (step - warmup) / max(1, total_steps - warmup)
+        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * frac))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     shuffler = random.Random(seed)
