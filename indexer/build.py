@@ -17,7 +17,7 @@ from engine import LoGra, LoGraConfig, Preconditioner, encode_pairs, load_model,
 from engine.encoding import Encoded
 
 from .records import ReadStats, Record, read_records
-from .store import IndexWriter
+from .store import INDEX_TYPES, IndexWriter
 
 
 @dataclass
@@ -41,6 +41,7 @@ class BuildConfig:
     dtype: str = "float32"
     skip_bad: bool = False
     overwrite: bool = False
+    index_type: str = "auto"  # flat (exact), ivf, or auto: flat below store.FLAT_BELOW documents
     shard_size: int = 1024  # documents per shard: bounds memory and is the unit written to disk
     progress: bool = True
     trust_remote_code: bool = False
@@ -50,6 +51,8 @@ class BuildConfig:
         for name in ("max_tokens", "batch_size", "rank", "shard_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.index_type not in INDEX_TYPES:
+            raise ValueError(f"index_type must be one of {INDEX_TYPES}, got {self.index_type!r}")
         if self.damping < 0:
             raise ValueError(f"damping must be >= 0, got {self.damping}")
 
@@ -141,7 +144,7 @@ def _build(cfg: BuildConfig, writer: IndexWriter, started: float) -> dict:
                 yield pre.apply(torch.from_numpy(block)).numpy()
                 bar.update(len(block))
         writer.write_vectors(whitened(), logra.dim)
-    faiss_info = writer.write_faiss()
+    faiss_info = writer.write_faiss(cfg.index_type)
 
     total_seconds = time.time() - started
     manifest = {

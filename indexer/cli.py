@@ -9,7 +9,7 @@ from engine import PRECONDITIONERS
 
 from .build import BuildConfig, build_index
 from .records import BadRecordError
-from .store import IndexFormatError, read_manifest
+from .store import FLAT_BELOW, INDEX_TYPES, IndexFormatError, read_manifest
 
 
 def positive_int(text: str) -> int:
@@ -31,6 +31,8 @@ def _add_build_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exclude-layers", dest="exclude", default=None, help="regex: drop layers whose name matches")
     p.add_argument("--device", default=d.device, help="cpu, cuda, cuda:1 or auto")
     p.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--index-type", choices=INDEX_TYPES, default=d.index_type,
+                   help=f"FAISS index: flat (exact), ivf, or auto (flat below {FLAT_BELOW} documents)")
     p.add_argument("--shard-size", type=positive_int, default=d.shard_size, help="documents per on-disk shard")
     p.add_argument("--no-progress", dest="progress", action="store_false")
 
@@ -73,8 +75,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "build":
             cfg = BuildConfig(**{k: v for k, v in vars(args).items() if k != "command"})
             manifest = build_index(cfg)
+            st = manifest["stats"]
             print(f"indexed {manifest['n_documents']} documents into {args.out} "
-                  f"(dim {manifest['dim']}, {manifest['build']['seconds']} s)")
+                  f"(dim {manifest['dim']}, {manifest['build']['seconds']} s, {manifest['build']['tokens_per_s']:,.0f} tokens/s); "
+                  f"truncated {st['truncated']}, skipped {st['skipped']}")
+            if st["no_loss_tokens"]:
+                print(f"warning: {st['no_loss_tokens']} documents have no token to score (a single token and no BOS): "
+                      "their vectors are zero and they never rank above 0", file=sys.stderr)
         elif args.command == "info":
             print(json.dumps(read_manifest(args.index), indent=2, sort_keys=True))
         elif args.command == "demo":

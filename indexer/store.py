@@ -36,7 +36,8 @@ NORMS = "norms.npy"
 TABLE = "documents"
 MODES = ("influence", "cosine")
 REQUIRED = (MANIFEST, STATE, VECTORS, NORMS, "faiss-influence.index", "faiss-cosine.index", f"{TABLE}.lance")
-FLAT_BELOW = 4096  # exact (flat) FAISS search below this many documents; IVF above
+FLAT_BELOW = 4096  # index_type "auto": exact (flat) FAISS search below this many documents; IVF above
+INDEX_TYPES = ("auto", "flat", "ivf")
 
 DOCUMENT_SCHEMA = pa.schema([
     ("row", pa.int64()),
@@ -142,21 +143,21 @@ class IndexWriter:
         del out
         np.save(self.tmp / NORMS, norms)
 
-    def write_faiss(self, nlist: int | None = None, block: int = 65536) -> dict:
+    def write_faiss(self, index_type: str = "auto", nlist: int | None = None, block: int = 65536) -> dict:
         vectors = np.load(self.tmp / VECTORS, mmap_mode="r")
         n, dim = vectors.shape
         info = {}
         for mode in MODES:
             prep = (lambda x: np.ascontiguousarray(x, dtype=np.float32)) if mode == "influence" else unit_rows
-            if n < FLAT_BELOW:
+            if index_type == "flat" or (index_type == "auto" and n < FLAT_BELOW):
                 index = faiss.IndexFlatIP(dim)
                 info = {"type": "flat"}
             else:
-                k = nlist or int(min(4 * np.sqrt(n), n // 39))
+                k = nlist or max(1, int(min(4 * np.sqrt(n), n // 39)))  # >= 39 training points a list
                 index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, k, faiss.METRIC_INNER_PRODUCT)
                 sample = np.random.default_rng(0).choice(n, size=min(n, 256 * k), replace=False)
                 index.train(prep(vectors[np.sort(sample)]))
-                index.nprobe = max(1, k // 8)
+                index.nprobe = min(k, max(8, k // 8))  # candidates are reranked exactly; recall is what costs
                 info = {"type": "ivf-flat", "nlist": k, "nprobe": index.nprobe}
             for s in range(0, n, block):
                 index.add(prep(vectors[s : s + block]))

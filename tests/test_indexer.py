@@ -453,3 +453,41 @@ def test_sharded_build_keeps_input_order(tmp_path, gpt2_dir, capsys, monkeypatch
     for i in (0, 31, 32, 63, 99):
         q, _ = query_vectors(a.logra, a.preconditioner, a.tokenizer, [("", docs[i]["text"])])
         np.testing.assert_allclose(q[0].numpy(), a.index.vectors[i], rtol=1e-3, atol=1e-4 * np.abs(q[0].numpy()).max())
+
+
+def test_document_with_nothing_to_score_is_kept_and_reported(tmp_path, gpt2_dir, capsys):
+    # One token and no BOS: no position is predicted, so the document has no gradient.
+    docs = [{"id": "tiny", "text": "a"}] + synthetic_corpus(4, seed=3)
+    data = write_jsonl(tmp_path / "d.jsonl", docs)
+    code, out, err = run(build_args(gpt2_dir, data, tmp_path / "idx"), capsys)
+    assert code == 0, err
+    assert "indexed 5 documents" in out and "1 documents have no token to score" in err
+    index = Index.open(tmp_path / "idx")
+    assert index.norms[index.row_of_id["tiny"]] == 0 and (index.norms[1:] > 0).all()
+    hits, _ = Attributor(tmp_path / "idx").attribute("", docs[1]["text"], 5, "cosine")
+    assert {h.row: h.score for h in hits}[index.row_of_id["tiny"]] == 0.0
+
+
+def test_ivf_index_scores_are_exact_and_recall_high(tmp_path, gpt2_dir):
+    """IVF only proposes candidates: every score it returns is the exact score, and it finds
+    nearly all of the exact top 5."""
+    docs = synthetic_corpus(400, seed=11)
+    data = write_jsonl(tmp_path / "d.jsonl", docs)
+    for kind in ("flat", "ivf"):
+        build_index(BuildConfig(model=gpt2_dir, data=[data], out=str(tmp_path / kind), index_type=kind, progress=False))
+    ivf_manifest = Index.open(tmp_path / "ivf").manifest
+    assert ivf_manifest["faiss"]["type"] == "ivf-flat" and ivf_manifest["faiss"]["nlist"] > 1
+    flat, ivf = Attributor(tmp_path / "flat"), Attributor(tmp_path / "ivf")
+    recalled, total, self_found = 0, 0, 0
+    for d in docs[::8]:
+        for mode in ("cosine", "influence"):
+            exact = {h.row: h.score for h in flat.attribute("", d["text"], len(docs), mode)[0]}
+            top5 = sorted(exact, key=lambda r: -exact[r])[:5]
+            hits, _ = ivf.attribute("", d["text"], 5, mode)
+            assert [h.score for h in hits] == pytest.approx([exact[h.row] for h in hits], rel=1e-6)
+            recalled += len({h.row for h in hits} & set(top5))
+            total += 5
+            if mode == "cosine":
+                self_found += flat.index.documents([hits[0].row])[0]["id"] == d["id"]
+    assert recalled / total >= 0.9, recalled / total
+    assert self_found == len(docs[::8])
