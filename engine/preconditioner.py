@@ -75,6 +75,15 @@ class Preconditioner:
                 self._acc(name, "S", gg)
             self.n_tokens += next(iter(token_stats.values()))[2]
 
+    def stats_state(self) -> dict:
+        """The running sums of `update`, to checkpoint a long pass and resume it later."""
+        return {"n_docs": self.n_docs, "n_tokens": self.n_tokens,
+                "sums": {n: {k: t.clone() for k, t in d.items()} for n, d in self.sums.items()}}
+
+    def load_stats_state(self, state: dict) -> None:
+        self.n_docs, self.n_tokens = state["n_docs"], state["n_tokens"]
+        self.sums = {n: dict(d) for n, d in state["sums"].items()}
+
     def _eigenbases(self) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
         out = {}
         for name in self.shapes:

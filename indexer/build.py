@@ -2,9 +2,12 @@
 preconditioned vectors (pass 2, over the stored shards) -> FAISS + LanceDB + manifest."""
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -85,23 +88,46 @@ def count_records(paths: Sequence[str]) -> int | None:
 
 
 def build_index(cfg: BuildConfig) -> dict:
-    """Build the index described by `cfg` and return its manifest."""
+    """Build the index described by `cfg` and return its manifest. A build that is killed or
+    crashes keeps its completed shards; the same call again resumes after them."""
     started = time.time()
-    writer = IndexWriter(cfg.out, overwrite=cfg.overwrite)
+    model, tokenizer = _load(cfg)
+    writer = IndexWriter(cfg.out, overwrite=cfg.overwrite, key=resume_key(cfg, model_fingerprint(model)))
     try:
-        manifest = _build(cfg, writer, started)
+        manifest = _build(cfg, model, tokenizer, writer, started)
+    except (ValueError, FileExistsError):
+        writer.abort()  # bad input or options: a rerun needs different data or flags, nothing to resume
+        raise
     except BaseException:
-        writer.abort()
+        if writer.n_shards:
+            print(f"partial build kept ({writer.n_rows} documents in {writer.n_shards} shards); "
+                  "run the same command again to resume", file=sys.stderr)
+        writer.release()
         raise
     return manifest
 
 
-def _build(cfg: BuildConfig, writer: IndexWriter, started: float) -> dict:
+def resume_key(cfg: BuildConfig, fingerprint: str) -> str:
+    """What a partial build must share with this one to be resumed: every option that changes the
+    output, the model's weights, and the data files' sizes and modification times."""
+    files = [(str(Path(p).resolve()), os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in cfg.data]
+    relevant = {k: v for k, v in asdict(cfg).items() if k not in ("out", "overwrite", "progress", "device", "data")}
+    blob = json.dumps({"cfg": relevant, "files": files, "model": fingerprint}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _load(cfg: BuildConfig):
+    for p in cfg.data:  # before loading a model: a missing file is the cheapest error to report
+        if not Path(p).is_file():
+            raise FileNotFoundError(f"no such file: {p}")
     try:
-        model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+        return load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
     except OSError as e:  # transformers' messages for a bad path talk about repo ids; say which model and why
         where = "" if Path(cfg.model).exists() else " (no such local folder, and not a model name that can be loaded)"
         raise OSError(f"cannot load model {cfg.model!r}{where}: {e}") from e
+
+
+def _build(cfg: BuildConfig, model, tokenizer, writer: IndexWriter, started: float) -> dict:
     logra = LoGra(model, LoGraConfig(rank=cfg.rank, seed=cfg.seed, include=cfg.include, exclude=cfg.exclude,
                                      max_tokens=cfg.max_tokens))
     max_tokens = logra.max_tokens
@@ -110,9 +136,18 @@ def _build(cfg: BuildConfig, writer: IndexWriter, started: float) -> dict:
     records = read_records(cfg.data, text_field=cfg.text_field, prompt_field=cfg.prompt_field,
                            response_field=cfg.response_field, id_field=cfg.id_field, skip_bad=cfg.skip_bad, stats=stats)
     counts = {"tokens": 0, "loss_tokens": 0, "truncated": 0, "no_loss_tokens": 0}
-    bar = tqdm(total=count_records(cfg.data), unit="doc", desc="gradients", disable=not cfg.progress, dynamic_ncols=True)
+    records = iter(records)
+    n_done_before = writer.n_rows
+    if writer.resumed:  # documents before the last checkpoint are done: read past them, no model pass
+        counts = writer.resumed["counts"]
+        pre.load_stats_state(writer.resumed["preconditioner"])
+        for _ in islice(records, writer.n_rows):
+            pass
+    bar = tqdm(total=count_records(cfg.data), initial=writer.n_rows, unit="doc", desc="gradients",
+               disable=not cfg.progress, dynamic_ncols=True)
     t0 = time.time()
-    for shard in _chunks(iter(records), cfg.shard_size):
+    tokens_at_start = counts["tokens"]
+    for shard in _chunks(records, cfg.shard_size):
         encoded = encode_pairs(tokenizer, [(r.prompt, r.text[len(r.prompt):]) for r in shard], max_tokens)
         raw = np.zeros((len(shard), logra.dim), dtype=np.float32)
         for idx in _batches(encoded, cfg.batch_size):
@@ -122,12 +157,13 @@ def _build(cfg: BuildConfig, writer: IndexWriter, started: float) -> dict:
             n_tok = sum(len(encoded[i].input_ids) for i in idx)
             counts["tokens"] += n_tok
             bar.update(len(idx))
-            bar.set_postfix(tok_s=f"{counts['tokens'] / max(time.time() - t0, 1e-9):,.0f}", refresh=False)
+            bar.set_postfix(tok_s=f"{(counts['tokens'] - tokens_at_start) / max(time.time() - t0, 1e-9):,.0f}", refresh=False)
         for e in encoded:
             counts["loss_tokens"] += e.n_loss_tokens
             counts["truncated"] += e.truncated
             counts["no_loss_tokens"] += e.n_loss_tokens == 0
-        writer.add_shard([_row(r, e) for r, e in zip(shard, encoded)], raw)
+        writer.add_shard([_row(r, e) for r, e in zip(shard, encoded)], raw,
+                         state={"counts": dict(counts), "preconditioner": pre.stats_state()})
     bar.close()
     gradient_seconds = time.time() - t0
     if writer.n_rows == 0:
@@ -164,8 +200,9 @@ def _build(cfg: BuildConfig, writer: IndexWriter, started: float) -> dict:
         "stats": {**counts, "documents": writer.n_rows, "skipped": stats.skipped,
                   "skipped_examples": stats.skipped_reasons[:5]},
         "build": {"seconds": round(total_seconds, 2), "gradient_seconds": round(gradient_seconds, 2),
-                  "docs_per_s": round(writer.n_rows / max(gradient_seconds, 1e-9), 2),
-                  "tokens_per_s": round(counts["tokens"] / max(gradient_seconds, 1e-9), 1), "device": cfg.device},
+                  "tokens_per_s": round((counts["tokens"] - tokens_at_start) / max(gradient_seconds, 1e-9), 1),
+                  "docs_per_s": round((writer.n_rows - n_done_before) / max(gradient_seconds, 1e-9), 2),
+                  "resumed_at_document": n_done_before, "device": cfg.device},
         **({"extra": cfg.extra} if cfg.extra else {}),
     }
     state = {"projections": {name: {"in": p_in.cpu(), "out": p_out.cpu()} for name, (p_in, p_out) in logra.projections.items()},

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
+import fcntl
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -26,6 +26,7 @@ import faiss
 import lancedb
 import numpy as np
 import pyarrow as pa
+import pyarrow.feather  # noqa: F401  (pa.feather)
 import torch
 
 FORMAT_VERSION = 1
@@ -90,9 +91,14 @@ def unit_rows(x: np.ndarray) -> np.ndarray:
 
 
 class IndexWriter:
-    """Writes an index into a temporary sibling of `out` and renames it into place on `commit`."""
+    """Writes an index into `.NAME.building` beside `out` and renames it into place on `commit`.
 
-    def __init__(self, out: str | Path, overwrite: bool = False):
+    Pass 1 writes shards: raw gradients (npy) and document rows (Arrow), then atomically replaces
+    `checkpoint.pt`, the commit point of that shard (it also carries the caller's running state,
+    e.g. preconditioner sums). A build killed at any moment and rerun with the same `key` resumes
+    after the last checkpointed shard; files past it are discarded. Another key starts afresh."""
+
+    def __init__(self, out: str | Path, overwrite: bool = False, key: str = ""):
         self.out = Path(out).resolve()
         if self.out.exists():
             if not overwrite:
@@ -101,32 +107,54 @@ class IndexWriter:
             if not self.out.is_dir() or not ((self.out / MANIFEST).is_file() or not any(self.out.iterdir())):
                 raise FileExistsError(f"{self.out} exists and is not an index folder; --overwrite only replaces indexes")
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.building-", dir=self.out.parent))
+        self.tmp = self.out.with_name(f".{self.out.name}.building")
+        self._lock = open(self.out.with_name(f".{self.out.name}.lock"), "w")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FileExistsError(f"another build is writing {self.out}") from None
         self.shard_dir = self.tmp / "shards"
-        self.shard_dir.mkdir()
-        self._table = None
+        self.key = key
+        self.resumed: dict | None = None  # the caller's state at the last checkpoint, when resuming
         self.n_rows = 0
         self.n_shards = 0
+        checkpoint = self.tmp / "checkpoint.pt"
+        if checkpoint.is_file() and (self.tmp / "key").is_file() and (self.tmp / "key").read_text() == key:
+            ck = torch.load(checkpoint, weights_only=True)
+            self.n_rows, self.n_shards, self.resumed = ck["n_rows"], ck["n_shards"], ck["state"]
+            for path in self.shard_dir.iterdir():  # written after the checkpoint: redo them
+                if int(path.name.split("-")[1].split(".")[0]) >= self.n_shards:
+                    path.unlink()
+        else:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.shard_dir.mkdir(parents=True)
+            (self.tmp / "key").write_text(key)
 
     # -- pass 1: documents and raw projected gradients, a shard at a time --------------------
-    def add_shard(self, rows: list[dict], raw_gradients: np.ndarray) -> None:
+    def add_shard(self, rows: list[dict], raw_gradients: np.ndarray, state: dict | None = None) -> None:
         """rows: dicts with DOCUMENT_SCHEMA fields except `row` (assigned here); raw gradients in
-        the same order."""
+        the same order; `state`: what the caller needs to resume after this shard."""
         if len(rows) != raw_gradients.shape[0]:
             raise ValueError("one gradient row per document")
-        start = self.n_rows
-        np.save(self.shard_dir / f"raw-{self.n_shards:06d}.npy", raw_gradients.astype(np.float32))
-        self.n_shards += 1
-        table = pa.Table.from_pylist([{**r, "row": start + i} for i, r in enumerate(rows)], schema=DOCUMENT_SCHEMA)
-        if self._table is None:
-            self._table = lancedb.connect(self.tmp).create_table(TABLE, data=table, schema=DOCUMENT_SCHEMA)
-        else:
-            self._table.add(table)
+        i = self.n_shards
+        np.save(self.shard_dir / f"raw-{i:06d}.npy", raw_gradients.astype(np.float32))
+        table = pa.Table.from_pylist([{**r, "row": self.n_rows + j} for j, r in enumerate(rows)], schema=DOCUMENT_SCHEMA)
+        pa.feather.write_feather(table, self.shard_dir / f"rows-{i:06d}.arrow")
         self.n_rows += len(rows)
+        self.n_shards += 1
+        _atomic_torch_save({"n_rows": self.n_rows, "n_shards": self.n_shards, "state": state or {}},
+                           self.tmp / "checkpoint.pt")
 
     def raw_shards(self) -> Iterable[np.ndarray]:
-        for path in sorted(self.shard_dir.glob("raw-*.npy")):
-            yield np.load(path)
+        for i in range(self.n_shards):
+            yield np.load(self.shard_dir / f"raw-{i:06d}.npy")
+
+    def write_table(self) -> None:
+        def batches():
+            for i in range(self.n_shards):
+                yield from pa.feather.read_table(self.shard_dir / f"rows-{i:06d}.arrow").to_batches()
+        lancedb.connect(self.tmp).create_table(TABLE, data=pa.RecordBatchReader.from_batches(DOCUMENT_SCHEMA, batches()),
+                                               mode="overwrite")
 
     # -- pass 2: preconditioned vectors and FAISS ----------------------------------------------
     def write_vectors(self, vectors: Iterable[np.ndarray], dim: int) -> None:
@@ -165,11 +193,14 @@ class IndexWriter:
         return info
 
     def commit(self, manifest: dict, state: dict) -> dict:
-        """Write manifest and state, then rename the folder into place; returns the manifest."""
+        """Write table, manifest and state, then rename the folder into place; returns the manifest."""
+        self.write_table()
         torch.save(state, self.tmp / STATE)
         manifest = {**manifest, "format_version": FORMAT_VERSION, "n_documents": self.n_rows}
         (self.tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
         shutil.rmtree(self.shard_dir)
+        for name in ("checkpoint.pt", "key"):
+            (self.tmp / name).unlink()
         old = None
         if self.out.exists():  # --overwrite: move the old index aside only once the new one is complete
             old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
@@ -177,10 +208,24 @@ class IndexWriter:
         self.tmp.rename(self.out)
         if old is not None:
             shutil.rmtree(old)
+        self.release()
         return manifest
 
     def abort(self) -> None:
+        """Give up: remove the partial build (for errors a rerun of the same command cannot fix)."""
         shutil.rmtree(self.tmp, ignore_errors=True)
+        self.release()
+
+    def release(self) -> None:
+        """Keep the partial build (resumable) and let go of the lock."""
+        self.out.with_name(f".{self.out.name}.lock").unlink(missing_ok=True)
+        self._lock.close()
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)  # a reader sees the old file or the new one, never half of one
 
 
 @dataclass

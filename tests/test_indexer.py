@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +43,7 @@ def one_torch_thread():
 
 def leftovers(parent: Path) -> list[str]:
     """Temporary folders an interrupted or failed build might leave next to its output."""
-    return [p.name for p in Path(parent).iterdir() if ".building-" in p.name or ".old-" in p.name]
+    return [p.name for p in Path(parent).iterdir() if ".building" in p.name or ".old-" in p.name or p.name.endswith(".lock")]
 
 
 def run(argv: list[str], capsys) -> tuple[int, str, str]:
@@ -385,7 +386,7 @@ def test_failure_mid_build_leaves_nothing(tmp_path, gpt2_dir, monkeypatch):
     written = []
     real_add = store.IndexWriter.add_shard
     monkeypatch.setattr(store.IndexWriter, "add_shard",
-                        lambda self, rows, raw: (written.append(len(rows)), real_add(self, rows, raw))[1])
+                        lambda self, rows, raw, **kw: (written.append(len(rows)), real_add(self, rows, raw, **kw))[1])
     cfg = BuildConfig(model=gpt2_dir, data=[str(data)], out=str(tmp_path / "idx"), shard_size=64, progress=False,
                       max_tokens=16, batch_size=32)
     with pytest.raises(BadRecordError, match=r"big\.jsonl line 500"):
@@ -437,7 +438,7 @@ def test_sharded_build_keeps_input_order(tmp_path, gpt2_dir, capsys, monkeypatch
     written = []
     real_add = store.IndexWriter.add_shard
     monkeypatch.setattr(store.IndexWriter, "add_shard",
-                        lambda self, rows, raw: (written.append(len(rows)), real_add(self, rows, raw))[1])
+                        lambda self, rows, raw, **kw: (written.append(len(rows)), real_add(self, rows, raw, **kw))[1])
     code, _, err = run(build_args(gpt2_dir, data, tmp_path / "idx", "--shard-size", "32", "--batch-size", "8"), capsys)
     assert code == 0, err
     assert written == [32, 32, 32, 4]
@@ -491,3 +492,75 @@ def test_ivf_index_scores_are_exact_and_recall_high(tmp_path, gpt2_dir):
                 self_found += flat.index.documents([hits[0].row])[0]["id"] == d["id"]
     assert recalled / total >= 0.9, recalled / total
     assert self_found == len(docs[::8])
+
+
+# -- resume after SIGKILL ----------------------------------------------------------------------------
+
+def _checkpointed_shards(building: Path) -> int:
+    try:
+        return torch.load(building / "checkpoint.pt", weights_only=True)["n_shards"]
+    except Exception:  # not written yet, or being replaced this instant
+        return -1
+
+
+def test_killed_build_resumes_to_the_identical_index(tmp_path, gpt2_dir):
+    """SIGKILL the indexer at several points (early, mid-pass, after the gradient pass); rerunning
+    the same command continues from the last complete shard and ends with exactly the index an
+    uninterrupted build makes."""
+    data = write_jsonl(tmp_path / "d.jsonl", synthetic_corpus(240, seed=21))
+    args = ["--shard-size", "16", "--batch-size", "4", "--preconditioner", "kfac", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = lambda out: [sys.executable, "-m", "indexer", "build", "--model", gpt2_dir, "--data", data, "--out", str(out), *args]
+    reference = tmp_path / "reference"
+    subprocess.run(cmd(reference), check=True, env=env, capture_output=True)
+
+    out = tmp_path / "resumed"
+    building = tmp_path / ".resumed.building"
+    kills = []
+    for wait_for in (1, 6, 15):  # shards checkpointed before the kill
+        proc = subprocess.Popen(cmd(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            while proc.poll() is None and _checkpointed_shards(building) < wait_for:
+                time.sleep(0.005)
+        finally:
+            proc.kill()
+            proc.wait()
+        assert not out.exists(), "the build finished before it could be killed"
+        kills.append(_checkpointed_shards(building))
+    assert kills == sorted(kills) and kills[0] >= 1  # each run went on from where the last stopped
+    done = subprocess.run(cmd(out), env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert not building.exists() and leftovers(tmp_path) == []
+
+    ref, got = Index.open(reference), Index.open(out)
+    assert got.manifest["build"]["resumed_at_document"] == 16 * kills[-1]
+    assert np.array_equal(np.asarray(ref.vectors), np.asarray(got.vectors))
+    assert table_rows(reference) == table_rows(out)
+    q = np.asarray(ref.vectors[:20])
+    for mode in ("influence", "cosine"):
+        probe = store.unit_rows(q) if mode == "cosine" else q
+        assert np.array_equal(ref.faiss[mode].search(probe, 10)[1], got.faiss[mode].search(probe, 10)[1])
+
+
+def test_changed_data_starts_afresh_instead_of_resuming(tmp_path, gpt2_dir):
+    first = synthetic_corpus(40, seed=1)
+    data = tmp_path / "d.jsonl"
+    write_jsonl(data, first)
+    cfg = BuildConfig(model=gpt2_dir, data=[str(data)], out=str(tmp_path / "idx"), shard_size=8, progress=False)
+    # leave a partial build behind, as a kill would
+    writer = store.IndexWriter(cfg.out, key="some other build")
+    writer.add_shard([{"id": "stale", "text": "x", "prompt": "", "metadata": "{}", "source": "", "line": 1,
+                       "n_tokens": 1, "truncated": False}], np.zeros((1, 3), np.float32), state={})
+    writer.release()
+    manifest = build_index(cfg)
+    assert manifest["build"]["resumed_at_document"] == 0
+    assert [r["id"] for r in table_rows(tmp_path / "idx")] == [d["id"] for d in first]
+
+
+def test_two_builds_into_one_folder_refused(tmp_path, gpt2_dir):
+    writer = store.IndexWriter(tmp_path / "idx")
+    try:
+        with pytest.raises(FileExistsError, match="another build"):
+            store.IndexWriter(tmp_path / "idx")
+    finally:
+        writer.abort()
