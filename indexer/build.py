@@ -20,7 +20,7 @@ from engine import LoGra, LoGraConfig, Preconditioner, encode_pairs, load_model,
 from engine.encoding import Encoded
 
 from .records import ReadStats, Record, read_records
-from .store import INDEX_TYPES, IndexWriter
+from .store import INDEX_TYPES, Index, IndexWriter
 
 
 @dataclass
@@ -93,8 +93,12 @@ def build_index(cfg: BuildConfig) -> dict:
     started = time.time()
     model, tokenizer = _load(cfg)
     writer = IndexWriter(cfg.out, overwrite=cfg.overwrite, key=resume_key(cfg, model_fingerprint(model)))
+    return _run(writer, lambda: _build(cfg, model, tokenizer, writer, started))
+
+
+def _run(writer: IndexWriter, work):
     try:
-        manifest = _build(cfg, model, tokenizer, writer, started)
+        return work()
     except (ValueError, FileExistsError):
         writer.abort()  # bad input or options: a rerun needs different data or flags, nothing to resume
         raise
@@ -104,7 +108,57 @@ def build_index(cfg: BuildConfig) -> dict:
                   "run the same command again to resume", file=sys.stderr)
         writer.release()
         raise
-    return manifest
+
+
+def append_documents(index_dir: str | Path, data: Sequence[str], *, model: str | None = None,
+                     text_field: str | None = None, prompt_field: str | None = None, response_field: str | None = None,
+                     id_field: str | None = None, batch_size: int = 8, shard_size: int = 1024, device: str = "cpu",
+                     skip_bad: bool = False, progress: bool = True) -> dict:
+    """Add documents to an index with the index's own projections and preconditioner (not refitted,
+    so existing scores do not move). Ids already in the index are refused. The new index is built
+    beside the old one, which stays valid until the new one is renamed into place."""
+    started = time.time()
+    base = Index.open(index_dir)
+    m, d = base.manifest, base.manifest["data"]
+    pick = lambda given, key: given if given is not None else d.get(key)
+    cfg = BuildConfig(model=model or m["model"]["name_or_path"], data=list(data), out=str(index_dir),
+                      text_field=pick(text_field, "text_field") or "text", prompt_field=pick(prompt_field, "prompt_field"),
+                      response_field=pick(response_field, "response_field"), id_field=pick(id_field, "id_field") or "id",
+                      max_tokens=m["max_tokens"], batch_size=batch_size, rank=m["rank"], seed=m["seed"],
+                      preconditioner=m["preconditioner"]["kind"], damping=m["preconditioner"]["damping_ratio"],
+                      include=m.get("include"), exclude=m.get("exclude"), device=device, dtype=m["model"]["dtype"],
+                      skip_bad=skip_bad, overwrite=True, index_type=m.get("index_type", "auto"),
+                      shard_size=shard_size, progress=progress)
+    lm, tokenizer = _load(cfg)
+    fingerprint = model_fingerprint(lm)
+    if fingerprint != m["model"]["fingerprint"]:
+        raise ValueError(f"model {cfg.model!r} (fingerprint {fingerprint}) is not the model that built {index_dir} "
+                         f"(fingerprint {m['model']['fingerprint']})")
+    logra, pre = base.engine(lm)
+    writer = IndexWriter(index_dir, overwrite=True, key=f"append/{len(base)}/{resume_key(cfg, fingerprint)}", base=base)
+
+    def work():
+        stats = ReadStats()
+        records = read_records(cfg.data, text_field=cfg.text_field, prompt_field=cfg.prompt_field,
+                               response_field=cfg.response_field, id_field=cfg.id_field, skip_bad=skip_bad,
+                               stats=stats, seen_ids=set(base.row_of_id))
+        counts, seconds, _, _ = _gradient_pass(cfg, records, logra, tokenizer, pre, writer, fit=False)
+        if writer.n_rows == 0:
+            raise ValueError(f"no new documents in {', '.join(map(str, cfg.data))} (skipped {stats.skipped})")
+        faiss_info = _write_vectors(cfg, pre, writer, logra.dim)
+        old_stats = m.get("stats", {})
+        manifest = {**m, "faiss": faiss_info,
+                    "data": {**d, "files": list(d.get("files", [])) + [str(p) for p in cfg.data]},
+                    "stats": {**{k: old_stats.get(k, 0) + v for k, v in counts.items()},
+                              "documents": len(base) + writer.n_rows,
+                              "skipped": old_stats.get("skipped", 0) + stats.skipped,
+                              "skipped_examples": (old_stats.get("skipped_examples", []) + stats.skipped_reasons)[:5]},
+                    "appends": m.get("appends", []) + [{"files": [str(p) for p in cfg.data], "documents": writer.n_rows,
+                                                        "seconds": round(time.time() - started, 2),
+                                                        "gradient_seconds": round(seconds, 2)}]}
+        return writer.commit(manifest, base.state)
+
+    return _run(writer, work)
 
 
 def resume_key(cfg: BuildConfig, fingerprint: str) -> str:
@@ -135,37 +189,7 @@ def _build(cfg: BuildConfig, model, tokenizer, writer: IndexWriter, started: flo
     stats = ReadStats()
     records = read_records(cfg.data, text_field=cfg.text_field, prompt_field=cfg.prompt_field,
                            response_field=cfg.response_field, id_field=cfg.id_field, skip_bad=cfg.skip_bad, stats=stats)
-    counts = {"tokens": 0, "loss_tokens": 0, "truncated": 0, "no_loss_tokens": 0}
-    records = iter(records)
-    n_done_before = writer.n_rows
-    if writer.resumed:  # documents before the last checkpoint are done: read past them, no model pass
-        counts = writer.resumed["counts"]
-        pre.load_stats_state(writer.resumed["preconditioner"])
-        for _ in islice(records, writer.n_rows):
-            pass
-    bar = tqdm(total=count_records(cfg.data), initial=writer.n_rows, unit="doc", desc="gradients",
-               disable=not cfg.progress, dynamic_ncols=True)
-    t0 = time.time()
-    tokens_at_start = counts["tokens"]
-    for shard in _chunks(records, cfg.shard_size):
-        encoded = encode_pairs(tokenizer, [(r.prompt, r.text[len(r.prompt):]) for r in shard], max_tokens)
-        raw = np.zeros((len(shard), logra.dim), dtype=np.float32)
-        for idx in _batches(encoded, cfg.batch_size):
-            out = projected_gradients(logra, tokenizer, [encoded[i] for i in idx], token_stats=pre.needs_token_stats)
-            pre.update(out.grads, out.token_stats)
-            raw[idx] = logra.flatten(out.grads).cpu().numpy()
-            n_tok = sum(len(encoded[i].input_ids) for i in idx)
-            counts["tokens"] += n_tok
-            bar.update(len(idx))
-            bar.set_postfix(tok_s=f"{(counts['tokens'] - tokens_at_start) / max(time.time() - t0, 1e-9):,.0f}", refresh=False)
-        for e in encoded:
-            counts["loss_tokens"] += e.n_loss_tokens
-            counts["truncated"] += e.truncated
-            counts["no_loss_tokens"] += e.n_loss_tokens == 0
-        writer.add_shard([_row(r, e) for r, e in zip(shard, encoded)], raw,
-                         state={"counts": dict(counts), "preconditioner": pre.stats_state()})
-    bar.close()
-    gradient_seconds = time.time() - t0
+    counts, gradient_seconds, n_done_before, tokens_at_start = _gradient_pass(cfg, records, logra, tokenizer, pre, writer)
     if writer.n_rows == 0:
         raise ValueError(f"no documents to index in {', '.join(map(str, cfg.data))} (skipped {stats.skipped})")
 
@@ -174,13 +198,7 @@ def _build(cfg: BuildConfig, model, tokenizer, writer: IndexWriter, started: flo
                           disable=not cfg.progress, dynamic_ncols=True):
             pre.update_second(torch.from_numpy(block))
     pre.finalize()
-    with tqdm(total=writer.n_rows, unit="doc", desc="preconditioning", disable=not cfg.progress, dynamic_ncols=True) as bar:
-        def whitened():
-            for block in writer.raw_shards():
-                yield pre.apply(torch.from_numpy(block)).numpy()
-                bar.update(len(block))
-        writer.write_vectors(whitened(), logra.dim)
-    faiss_info = writer.write_faiss(cfg.index_type)
+    faiss_info = _write_vectors(cfg, pre, writer, logra.dim)
 
     total_seconds = time.time() - started
     manifest = {
@@ -195,6 +213,7 @@ def _build(cfg: BuildConfig, model, tokenizer, writer: IndexWriter, started: flo
         "dim": logra.dim,
         "preconditioner": {"kind": cfg.preconditioner, "damping_ratio": cfg.damping},
         "faiss": faiss_info,
+        "index_type": cfg.index_type,
         "data": {"files": [str(p) for p in cfg.data], "text_field": cfg.text_field, "prompt_field": cfg.prompt_field,
                  "response_field": cfg.response_field, "id_field": cfg.id_field},
         "stats": {**counts, "documents": writer.n_rows, "skipped": stats.skipped,
@@ -208,6 +227,55 @@ def _build(cfg: BuildConfig, model, tokenizer, writer: IndexWriter, started: flo
     state = {"projections": {name: {"in": p_in.cpu(), "out": p_out.cpu()} for name, (p_in, p_out) in logra.projections.items()},
              "preconditioner": pre.state_dict()}
     return writer.commit(manifest, state)
+
+
+def _gradient_pass(cfg: BuildConfig, records, logra: LoGra, tokenizer, pre: Preconditioner, writer: IndexWriter,
+                   fit: bool = True):
+    """Pass 1: raw projected gradients of every record, shard by shard, checkpointed; with `fit`,
+    the preconditioner's statistics too. Resumes after the writer's last checkpoint."""
+    counts = {"tokens": 0, "loss_tokens": 0, "truncated": 0, "no_loss_tokens": 0}
+    records = iter(records)
+    n_done_before = writer.n_rows
+    if writer.resumed:  # documents before the last checkpoint are done: read past them, no model pass
+        counts = writer.resumed["counts"]
+        if fit:
+            pre.load_stats_state(writer.resumed["preconditioner"])
+        for _ in islice(records, writer.n_rows):
+            pass
+    bar = tqdm(total=count_records(cfg.data), initial=writer.n_rows, unit="doc", desc="gradients",
+               disable=not cfg.progress, dynamic_ncols=True)
+    t0 = time.time()
+    tokens_at_start = counts["tokens"]
+    for shard in _chunks(records, cfg.shard_size):
+        encoded = encode_pairs(tokenizer, [(r.prompt, r.text[len(r.prompt):]) for r in shard], logra.max_tokens)
+        raw = np.zeros((len(shard), logra.dim), dtype=np.float32)
+        for idx in _batches(encoded, cfg.batch_size):
+            out = projected_gradients(logra, tokenizer, [encoded[i] for i in idx], token_stats=fit and pre.needs_token_stats)
+            if fit:
+                pre.update(out.grads, out.token_stats)
+            raw[idx] = logra.flatten(out.grads).cpu().numpy()
+            counts["tokens"] += sum(len(encoded[i].input_ids) for i in idx)
+            bar.update(len(idx))
+            bar.set_postfix(tok_s=f"{(counts['tokens'] - tokens_at_start) / max(time.time() - t0, 1e-9):,.0f}", refresh=False)
+        for e in encoded:
+            counts["loss_tokens"] += e.n_loss_tokens
+            counts["truncated"] += e.truncated
+            counts["no_loss_tokens"] += e.n_loss_tokens == 0
+        writer.add_shard([_row(r, e) for r, e in zip(shard, encoded)], raw,
+                         state={"counts": dict(counts), **({"preconditioner": pre.stats_state()} if fit else {})})
+    bar.close()
+    return counts, time.time() - t0, n_done_before, tokens_at_start
+
+
+def _write_vectors(cfg, pre: Preconditioner, writer: IndexWriter, dim: int) -> dict:
+    """Pass 2: preconditioned vectors from the raw shards, then the FAISS indexes."""
+    with tqdm(total=writer.n_rows, unit="doc", desc="preconditioning", disable=not cfg.progress, dynamic_ncols=True) as bar:
+        def whitened():
+            for block in writer.raw_shards():
+                yield pre.apply(torch.from_numpy(block)).numpy()
+                bar.update(len(block))
+        writer.write_vectors(whitened(), dim)
+    return writer.write_faiss(cfg.index_type)
 
 
 def _row(record: Record, enc: Encoded) -> dict:

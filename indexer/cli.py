@@ -1,4 +1,4 @@
-"""`python -m indexer`: build, info and demo commands."""
+"""`python -m indexer`: build, append, info and demo commands."""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +7,7 @@ import sys
 
 from engine import PRECONDITIONERS
 
-from .build import BuildConfig, build_index
+from .build import BuildConfig, append_documents, build_index
 from .records import BadRecordError
 from .store import FLAT_BELOW, INDEX_TYPES, IndexFormatError, read_manifest
 
@@ -54,6 +54,18 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--trust-remote-code", action="store_true")
     _add_build_args(b)
 
+    a = sub.add_parser("append", help="add documents to an index, with its own projection and preconditioner")
+    a.add_argument("--index", required=True, help="index folder to extend")
+    a.add_argument("--data", required=True, nargs="+", help="one or more .jsonl / .jsonl.gz / .parquet files")
+    a.add_argument("--model", default=None, help="the index's model from another place (must have the same weights)")
+    for flag in ("--text-field", "--prompt-field", "--response-field", "--id-field"):
+        a.add_argument(flag, default=None, help="default: as recorded in the index")
+    a.add_argument("--batch-size", type=positive_int, default=8)
+    a.add_argument("--shard-size", type=positive_int, default=1024)
+    a.add_argument("--device", default="cpu")
+    a.add_argument("--skip-bad", action="store_true")
+    a.add_argument("--no-progress", dest="progress", action="store_false")
+
     i = sub.add_parser("info", help="print an index's manifest")
     i.add_argument("index")
 
@@ -82,6 +94,11 @@ def main(argv: list[str] | None = None) -> int:
             if st["no_loss_tokens"]:
                 print(f"warning: {st['no_loss_tokens']} documents have no token to score (a single token and no BOS): "
                       "their vectors are zero and they never rank above 0", file=sys.stderr)
+        elif args.command == "append":
+            opts = {k: v for k, v in vars(args).items() if k not in ("command", "index", "data")}
+            manifest = append_documents(args.index, args.data, **opts)
+            added = manifest["appends"][-1]["documents"]
+            print(f"appended {added} documents to {args.index} ({manifest['n_documents']} in all)")
         elif args.command == "info":
             print(json.dumps(read_manifest(args.index), indent=2, sort_keys=True))
         elif args.command == "demo":

@@ -98,7 +98,10 @@ class IndexWriter:
     e.g. preconditioner sums). A build killed at any moment and rerun with the same `key` resumes
     after the last checkpointed shard; files past it are discarded. Another key starts afresh."""
 
-    def __init__(self, out: str | Path, overwrite: bool = False, key: str = ""):
+    def __init__(self, out: str | Path, overwrite: bool = False, key: str = "", base: "Index | None" = None):
+        """`base`: an opened index whose documents and vectors come first (append); new rows follow."""
+        self.base = base
+        self.row_offset = len(base) if base is not None else 0
         self.out = Path(out).resolve()
         if self.out.exists():
             if not overwrite:
@@ -138,7 +141,8 @@ class IndexWriter:
             raise ValueError("one gradient row per document")
         i = self.n_shards
         np.save(self.shard_dir / f"raw-{i:06d}.npy", raw_gradients.astype(np.float32))
-        table = pa.Table.from_pylist([{**r, "row": self.n_rows + j} for j, r in enumerate(rows)], schema=DOCUMENT_SCHEMA)
+        first = self.row_offset + self.n_rows
+        table = pa.Table.from_pylist([{**r, "row": first + j} for j, r in enumerate(rows)], schema=DOCUMENT_SCHEMA)
         pa.feather.write_feather(table, self.shard_dir / f"rows-{i:06d}.arrow")
         self.n_rows += len(rows)
         self.n_shards += 1
@@ -151,22 +155,33 @@ class IndexWriter:
 
     def write_table(self) -> None:
         def batches():
+            for s in range(0, self.row_offset, 8192):  # the base table, streamed in row order
+                rows = self.base.table.take_offsets(list(range(s, min(s + 8192, self.row_offset)))).to_arrow()
+                yield from rows.select(DOCUMENT_SCHEMA.names).sort_by("row").cast(DOCUMENT_SCHEMA).to_batches()
             for i in range(self.n_shards):
                 yield from pa.feather.read_table(self.shard_dir / f"rows-{i:06d}.arrow").to_batches()
         lancedb.connect(self.tmp).create_table(TABLE, data=pa.RecordBatchReader.from_batches(DOCUMENT_SCHEMA, batches()),
                                                mode="overwrite")
 
     # -- pass 2: preconditioned vectors and FAISS ----------------------------------------------
-    def write_vectors(self, vectors: Iterable[np.ndarray], dim: int) -> None:
-        out = np.lib.format.open_memmap(self.tmp / VECTORS, mode="w+", dtype=np.float32, shape=(self.n_rows, dim))
-        norms = np.zeros(self.n_rows, dtype=np.float32)
+    def write_vectors(self, vectors: Iterable[np.ndarray], dim: int, block_rows: int = 65536) -> None:
+        """Preconditioned vectors of the new documents, after the base index's own (if any)."""
+        total = self.row_offset + self.n_rows
+        out = np.lib.format.open_memmap(self.tmp / VECTORS, mode="w+", dtype=np.float32, shape=(total, dim))
+        norms = np.zeros(total, dtype=np.float32)
         start = 0
+        if self.base is not None:
+            for s in range(0, self.row_offset, block_rows):
+                block = self.base.vectors[s : s + block_rows]
+                out[s : s + len(block)] = block
+            norms[: self.row_offset] = self.base.norms
+            start = self.row_offset
         for block in vectors:
             out[start : start + len(block)] = block
             norms[start : start + len(block)] = np.linalg.norm(block, axis=1)
             start += len(block)
-        if start != self.n_rows:
-            raise RuntimeError(f"wrote {start} vectors for {self.n_rows} documents")
+        if start != total:
+            raise RuntimeError(f"wrote {start} vectors for {total} documents")
         out.flush()
         del out
         np.save(self.tmp / NORMS, norms)
@@ -196,7 +211,7 @@ class IndexWriter:
         """Write table, manifest and state, then rename the folder into place; returns the manifest."""
         self.write_table()
         torch.save(state, self.tmp / STATE)
-        manifest = {**manifest, "format_version": FORMAT_VERSION, "n_documents": self.n_rows}
+        manifest = {**manifest, "format_version": FORMAT_VERSION, "n_documents": self.row_offset + self.n_rows}
         (self.tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
         shutil.rmtree(self.shard_dir)
         for name in ("checkpoint.pt", "key"):
@@ -271,6 +286,20 @@ class Index:
 
     def __len__(self) -> int:
         return self.vectors.shape[0]
+
+    def engine(self, model) -> tuple["LoGra", "Preconditioner"]:
+        """The LoGra projector and fitted preconditioner this index was built with, for `model`.
+        The stored projections are used, whatever this torch's random generator would make."""
+        from engine import LoGra, LoGraConfig, Preconditioner
+        m = self.manifest
+        logra = LoGra(model, LoGraConfig(rank=m["rank"], seed=m["seed"], include=m.get("include"),
+                                         exclude=m.get("exclude"), max_tokens=m["max_tokens"]))
+        if [l["name"] for l in logra.layer_spec()] != [l["name"] for l in m["layers"]]:
+            raise IndexFormatError(f"the model does not have the layers recorded in {self.root}")
+        for name, p in self.state["projections"].items():
+            device = logra.projections[name][0].device
+            logra.projections[name] = (p["in"].to(device), p["out"].to(device))
+        return logra, Preconditioner.from_state_dict(self.state["preconditioner"])
 
     def documents(self, rows: list[int]) -> list[dict]:
         """Documents by row, in the order asked, metadata decoded."""

@@ -564,3 +564,52 @@ def test_two_builds_into_one_folder_refused(tmp_path, gpt2_dir):
             store.IndexWriter(tmp_path / "idx")
     finally:
         writer.abort()
+
+
+# -- append ------------------------------------------------------------------------------------------
+
+def test_append_adds_documents_with_the_index_own_preconditioner(tmp_path, gpt2_dir, capsys):
+    old_docs, new_docs = synthetic_corpus(60, seed=31), synthetic_corpus(90, seed=32)[60:]
+    new_docs = [{**d, "id": f"new-{i}"} for i, d in enumerate(new_docs)]
+    old = write_jsonl(tmp_path / "old.jsonl", old_docs)
+    new = write_jsonl(tmp_path / "new.jsonl", new_docs)
+    idx = tmp_path / "idx"
+    assert run(build_args(gpt2_dir, old, idx, "--preconditioner", "kfac"), capsys)[0] == 0
+    before = Index.open(idx)
+    old_vectors, old_state = np.array(before.vectors), before.state
+
+    code, out, err = run(["append", "--index", idx, "--data", new, "--no-progress", "--shard-size", "7"], capsys)
+    assert code == 0, err
+    assert "appended 30 documents" in out and leftovers(tmp_path) == []
+    after = Index.open(idx)
+    assert len(after) == 90 and after.manifest["n_documents"] == 90
+    # old rows untouched; preconditioner not refitted, so old scores do not move
+    assert np.array_equal(np.asarray(after.vectors[:60]), old_vectors)
+    assert torch.equal(after.state["preconditioner"]["state"][after.manifest["layers"][0]["name"]]["qs"],
+                       old_state["preconditioner"]["state"][after.manifest["layers"][0]["name"]]["qs"])
+    assert [r["id"] for r in table_rows(idx)] == [d["id"] for d in old_docs + new_docs]
+    # a new document's stored vector is its query vector under the index's own engine
+    att = Attributor(idx)
+    hits, _ = att.attribute("", new_docs[3]["text"], 1, "cosine")
+    assert hits[0].row == 63 and hits[0].score == pytest.approx(1.0, abs=1e-5)
+    assert all(att.attribute("", d["text"], 1, "cosine")[0][0].row == i for i, d in enumerate(old_docs + new_docs))
+
+
+def test_append_refuses_duplicate_ids_and_keeps_the_index(tmp_path, gpt2_dir, capsys):
+    docs = synthetic_corpus(20, seed=41)
+    idx = tmp_path / "idx"
+    assert run(build_args(gpt2_dir, write_jsonl(tmp_path / "a.jsonl", docs), idx), capsys)[0] == 0
+    before = snapshot(idx)
+    dup = write_jsonl(tmp_path / "dup.jsonl", [{"id": "fresh", "text": "river stone"}, docs[5]])
+    code, _, err = run(["append", "--index", idx, "--data", dup, "--no-progress"], capsys)
+    assert code != 0 and "duplicate id 'doc-5'" in err
+    assert snapshot(idx) == before and leftovers(tmp_path) == []
+
+
+def test_append_refuses_another_model(tmp_path, gpt2_dir, llama_dir, capsys):
+    docs = synthetic_corpus(10, seed=42)
+    idx = tmp_path / "idx"
+    assert run(build_args(gpt2_dir, write_jsonl(tmp_path / "a.jsonl", docs), idx), capsys)[0] == 0
+    new = write_jsonl(tmp_path / "b.jsonl", [{"id": "x1", "text": "river stone cloud"}])
+    code, _, err = run(["append", "--index", idx, "--data", new, "--model", llama_dir, "--no-progress"], capsys)
+    assert code != 0 and "is not the model that built" in err
