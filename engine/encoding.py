@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -41,9 +42,36 @@ def encode(tokenizer: PreTrainedTokenizerBase, prompt: str, response: str, max_t
     return Encoded(p_ids + r_ids, len(p_ids), truncated, total)
 
 
-def collate(examples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+def token_texts(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int]) -> list[str]:
+    """The text each token adds, so that the pieces concatenate to the decoded text. Decoded
+    incrementally: a token that ends inside a multi-byte character gets "" and the token that
+    completes the character carries it. Special tokens decode to ""."""
+    texts, prev = [], ""
+    for j in range(len(ids)):
+        cur = tokenizer.decode(list(ids[: j + 1]), skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        if cur.endswith("\ufffd") and j < len(ids) - 1:
+            texts.append("")
+            continue
+        k = 0
+        while k < min(len(prev), len(cur)) and prev[k] == cur[k]:
+            k += 1
+        texts.append(cur[k:])
+        prev = cur
+    return texts
+
+
+def scored_positions(e: Encoded) -> range:
+    """Positions whose token carries loss: the response's, except position 0 (nothing predicts it)."""
+    return range(max(e.loss_start, 1), len(e.input_ids))
+
+
+def collate(examples: list[Encoded], pad_id: int,
+            label_positions: Sequence[Sequence[int] | None] | None = None) -> dict[str, torch.Tensor]:
     """Right-pad a batch. labels are -100 on prompt and padding positions (unshifted: the
-    loss shifts them)."""
+    loss shifts them). `label_positions`, one entry per example, labels only the given positions of
+    that example instead (None: its whole response), e.g. one token at a time for per-token scores."""
+    if label_positions is not None and len(label_positions) != len(examples):
+        raise ValueError(f"label_positions has {len(label_positions)} entries for {len(examples)} examples")
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), -100, dtype=torch.long)
@@ -51,6 +79,13 @@ def collate(examples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     for i, e in enumerate(examples):
         n = len(e.input_ids)
         ids[i, :n] = torch.tensor(e.input_ids)
-        labels[i, e.loss_start : n] = ids[i, e.loss_start : n]
+        positions = None if label_positions is None else label_positions[i]
+        if positions is None:
+            labels[i, e.loss_start : n] = ids[i, e.loss_start : n]
+        else:
+            pos = torch.as_tensor(list(positions), dtype=torch.long)
+            if len(pos) and (pos.min() < 0 or pos.max() >= n):
+                raise ValueError(f"label position out of range for an example of {n} tokens")
+            labels[i, pos] = ids[i, pos]
         mask[i, :n] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}

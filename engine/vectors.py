@@ -3,12 +3,13 @@ The indexer and the API both go through these functions, so a query and a docume
 encoded by exactly the same code."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from .encoding import Encoded, collate, encode
+from .encoding import Encoded, collate, encode, scored_positions
 from .logra import LoGra, ProjectedGradients
 from .preconditioner import Preconditioner
 
@@ -28,3 +29,39 @@ def query_vectors(logra: LoGra, preconditioner: Preconditioner, tokenizer: PreTr
     encoded = encode_pairs(tokenizer, pairs, logra.max_tokens)
     out = projected_gradients(logra, tokenizer, encoded)
     return preconditioner.apply(out.grads), encoded
+
+
+MAX_TOKENS_SCORED = 256
+
+
+@dataclass
+class TokenVectors:
+    """Per-token query vectors of one (prompt, response): `tokens[i]` is the preconditioned vector of
+    the loss of the token at `positions[i]` alone. The gradient is linear in the loss, so the rows sum
+    to `query` (the whole response's vector) unless `truncated`."""
+    query: torch.Tensor  # (dim,)
+    tokens: torch.Tensor  # (len(positions), dim)
+    positions: list[int]  # positions in encoded.input_ids, ascending
+    encoded: Encoded
+    truncated: bool  # scored tokens past max_tokens_scored were left out of `tokens`
+
+
+def token_vectors(logra: LoGra, preconditioner: Preconditioner, tokenizer: PreTrainedTokenizerBase, prompt: str,
+                  response: str, max_tokens_scored: int = MAX_TOKENS_SCORED, batch_size: int = 32) -> TokenVectors:
+    """The sequence is replicated once per scored token with a label mask selecting just that token,
+    plus one copy labelled as a normal query; the copies go through `LoGra.gradients` in batches of
+    `batch_size` (eager attention: a copy's gradient does not depend on its batch)."""
+    if max_tokens_scored < 1 or batch_size < 1:
+        raise ValueError("max_tokens_scored and batch_size must be at least 1")
+    enc = encode(tokenizer, prompt, response, logra.max_tokens)
+    positions = list(scored_positions(enc))
+    truncated = len(positions) > max_tokens_scored
+    positions = positions[:max_tokens_scored]
+    masks: list[list[int] | None] = [None] + [[j] for j in positions]
+    rows = []
+    for i in range(0, len(masks), batch_size):
+        chunk = masks[i : i + batch_size]
+        batch = collate([enc] * len(chunk), tokenizer.pad_token_id, label_positions=chunk)
+        rows.append(preconditioner.apply(logra.gradients(batch).grads))
+    vectors = torch.cat(rows)
+    return TokenVectors(query=vectors[0], tokens=vectors[1:], positions=positions, encoded=enc, truncated=truncated)

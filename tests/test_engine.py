@@ -7,7 +7,8 @@ import torch
 from transformers.pytorch_utils import Conv1D
 
 from engine import (LoGra, LoGraConfig, Preconditioner, collate, encode, find_tracked_layers, load_model,
-                    model_fingerprint, per_example_loss, projected_gradients, query_vectors)
+                    model_fingerprint, per_example_loss, projected_gradients, query_vectors, scored_positions,
+                    token_texts, token_vectors)
 from engine.encoding import Encoded
 
 PAIRS = [("", "river stone cloud lamp orbit signal"),
@@ -176,3 +177,71 @@ def test_truncation_keeps_response_head_and_prompt_tail(loaded):
     r_ids = tok(response, add_special_tokens=False)["input_ids"]
     assert enc.input_ids[enc.loss_start:] == r_ids[: 32 - enc.loss_start]
     assert enc.loss_start == 16
+
+
+@pytest.mark.parametrize("prompt,response", [("", "river stone cloud lamp orbit signal garden"),
+                                             ("garden copper winter", " engine paper violet harbor needle")])
+def test_token_vectors_sum_to_query_and_match_single_token_losses(loaded, prompt, response):
+    model, tok = loaded
+    logra = LoGra(model, LoGraConfig(rank=3))
+    docs = [("", d) for d in ("quartz ember willow canyon socket", "falcon marble thunder velvet lantern meadow",
+                              "cobalt raven saddle nickel ledger beacon", "tundra prism socket canyon willow")] * 3
+    pre, outs = _fit("raw", logra, tok, docs)
+    v_d = pre.apply(outs[0].grads).double()  # a few document vectors
+    tv = token_vectors(logra, pre, tok, prompt, response, batch_size=3)  # several batches
+    enc = encode(tok, prompt, response, logra.max_tokens)
+    assert tv.encoded == enc and not tv.truncated
+    assert tv.positions == list(scored_positions(enc)) and len(tv.positions) == enc.n_loss_tokens >= 4
+    v_q, _ = query_vectors(logra, pre, tok, [(prompt, response)])
+    torch.testing.assert_close(tv.query, v_q[0], rtol=1e-4, atol=1e-5 * v_q.abs().max().item())
+    # influence: per-token contributions sum to the document's score
+    contrib = tv.tokens.double() @ v_d.T  # (tokens, docs)
+    score = v_q[0].double() @ v_d.T
+    torch.testing.assert_close(contrib.sum(0), score, rtol=1e-4, atol=1e-5 * score.abs().max().item())
+    assert len({round(c, 6) for c in contrib[:, 0].tolist()}) > 1  # tokens differ
+    # each equals a direct computation: plain autograd through a one-token label mask
+    weights = [layer.module.weight for layer in logra.layers]
+    n = len(tv.positions)
+    for i in sorted({0, 1, n // 2, n - 1}):
+        j = tv.positions[i]
+        batch = collate([enc], tok.pad_token_id)
+        labels = torch.full_like(batch["labels"], -100)
+        labels[0, j] = batch["input_ids"][0, j]
+        for w in weights:
+            w.requires_grad_(True)
+        try:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            gws = torch.autograd.grad(per_example_loss(logits, labels).sum(), weights)
+        finally:
+            for w in weights:
+                w.requires_grad_(False)
+        g = {}
+        for layer, gw in zip(logra.layers, gws):
+            p_in, p_out = logra.projections[layer.name]
+            gw = gw.T if isinstance(layer.module, Conv1D) else gw
+            g[layer.name] = (p_out @ gw @ p_in.T)[None]
+        direct = pre.apply(g)[0]
+        torch.testing.assert_close(tv.tokens[i], direct, rtol=1e-3, atol=1e-4 * direct.abs().max().item())
+
+
+def test_token_vectors_cap_and_collate_label_positions(loaded):
+    model, tok = loaded
+    logra = LoGra(model, LoGraConfig(rank=3))
+    pre = Preconditioner("none", logra.shapes).finalize()
+    response = "lantern meadow cipher anchor quartz ember willow canyon"
+    full = token_vectors(logra, pre, tok, "", response)
+    capped = token_vectors(logra, pre, tok, "", response, max_tokens_scored=3)
+    assert capped.truncated and capped.positions == full.positions[:3] and capped.tokens.shape[0] == 3
+    torch.testing.assert_close(capped.tokens, full.tokens[:3], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(capped.query, full.query, rtol=1e-4, atol=1e-6)  # still the whole response
+    enc = encode(tok, "", response, 64)
+    b = collate([enc, enc, enc], tok.pad_token_id, label_positions=[None, [2], []])
+    assert torch.equal(b["labels"][0], collate([enc], tok.pad_token_id)["labels"][0])
+    assert (b["labels"][1] != -100).nonzero().flatten().tolist() == [2] and (b["labels"][2] == -100).all()
+    with pytest.raises(ValueError):
+        collate([enc], tok.pad_token_id, label_positions=[[len(enc.input_ids)]])
+    # the pieces concatenate to the text
+    ids = tok(response, add_special_tokens=False)["input_ids"]
+    assert "".join(token_texts(tok, ids)) == tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    snow = tok("caf\u00e9 \u2603 na\u00efve", add_special_tokens=False)["input_ids"]  # multi-byte characters
+    assert "".join(token_texts(tok, snow)) == "caf\u00e9 \u2603 na\u00efve"
