@@ -7,7 +7,10 @@ from pathlib import Path
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import FileResponse
 
-from .schemas import AttributeRequest, AttributeResponse, AttributeResult, Document, Health, QueryInfo
+from engine import MAX_TOKENS_SCORED
+
+from .schemas import (AttributeRequest, AttributeResponse, AttributeResult, Document, Health, QueryInfo, TokenRequest,
+                      TokenResponse, TokenScore)
 from .search import Attributor, QueryError
 
 router = APIRouter()
@@ -32,6 +35,27 @@ def attribute(body: AttributeRequest, att: Attributor = Depends(get_attributor))
                              query=QueryInfo(**info), took_ms=round((time.perf_counter() - started) * 1000, 2))
 
 
+@router.post("/attribute/tokens", response_model=TokenResponse)
+def attribute_tokens(body: TokenRequest, att: Attributor = Depends(get_attributor)) -> TokenResponse:
+    """Split one document's score over the response's tokens."""
+    row = att.index.row_of_id.get(body.id)
+    if row is None:
+        raise HTTPException(status_code=404, detail=f"no document with id {body.id!r}")
+    try:
+        ts = att.token_scores(body.prompt, body.response, row, body.mode)
+    except QueryError as e:
+        raise HTTPException(status_code=422, detail=str(e)) from e
+    return TokenResponse(id=body.id, mode=body.mode, tokens=[TokenScore(text=t, score=s) for t, s in zip(ts.texts, ts.scores)],
+                         total=ts.total, document_score=ts.document_score, truncated=ts.truncated,
+                         n_scored_tokens=ts.n_scored, max_tokens_scored=MAX_TOKENS_SCORED)
+
+
+@router.get("/documents", response_model=Document)
+def document_by_query(id: str, att: Attributor = Depends(get_attributor)) -> Document:  # noqa: A002
+    """The same as /documents/{id}, for ids a URL path cannot carry ("." and "..": clients remove them)."""
+    return document(id, att)
+
+
 @router.get("/documents/{doc_id:path}", response_model=Document)
 def document(doc_id: str, att: Attributor = Depends(get_attributor)) -> Document:
     doc = att.document(doc_id)
@@ -50,6 +74,14 @@ def index_manifest(att: Attributor = Depends(get_attributor)) -> dict:
     return att.index.manifest
 
 
+# The page loads only its own files; document text is rendered as text, and this is a second line.
+PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; "
+                "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
+                "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
+
+
 @router.get("/", include_in_schema=False)
+@router.get("/ui/document", include_in_schema=False)
 def page() -> FileResponse:
-    return FileResponse(STATIC / "index.html", media_type="text/html")
+    """The browsing page; /ui/document?id=... is its document view (the same file, routed in the page)."""
+    return FileResponse(STATIC / "index.html", media_type="text/html", headers=PAGE_HEADERS)

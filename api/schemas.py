@@ -9,12 +9,11 @@ MAX_K = 1000
 MAX_TEXT_CHARS = 1_000_000  # tokenizing more than this only to truncate it would stall a worker
 
 
-class AttributeRequest(BaseModel):
+class _Query(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     prompt: str = Field("", max_length=MAX_TEXT_CHARS, description="context before the response; may be empty")
     response: str = Field(..., min_length=1, max_length=MAX_TEXT_CHARS, description="the text to attribute")
-    k: int = Field(10, ge=1, le=MAX_K, strict=True, description="how many documents to return")
     mode: Literal["influence", "cosine"] = Field("influence", description="inner product of preconditioned "
                                                  "gradients, or the same divided by both norms")
 
@@ -24,6 +23,31 @@ class AttributeRequest(BaseModel):
         if not v.strip():
             raise ValueError("response must contain non-whitespace text")
         return v
+
+
+class AttributeRequest(_Query):
+    k: int = Field(10, ge=1, le=MAX_K, strict=True, description="how many documents to return")
+
+
+class TokenRequest(_Query):
+    id: str = Field(..., min_length=1, max_length=10_000, description="the document whose score is split")
+
+
+class TokenScore(BaseModel):
+    text: str = Field(description="the text this response token adds (\"\" inside a multi-byte character)")
+    score: float | None = Field(description="its contribution to the document's score; null when not scored "
+                                "(the first token of a sequence, or past the cap)")
+
+
+class TokenResponse(BaseModel):
+    id: str
+    mode: str
+    tokens: list[TokenScore] = Field(description="the response's tokens, in order (as encoded: after truncation)")
+    total: float = Field(description="sum of the scored tokens' contributions")
+    document_score: float = Field(description="the document's score for the whole response, as /attribute gives it")
+    truncated: bool = Field(description="tokens past max_tokens_scored were not scored, or the query was truncated")
+    n_scored_tokens: int
+    max_tokens_scored: int
 
 
 class DocumentFields(BaseModel):

@@ -8,14 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from engine import LoGra, LoGraConfig, Preconditioner, load_model, model_fingerprint, query_vectors
-from indexer.store import Index, unit_rows
+from engine import MAX_TOKENS_SCORED, load_model, query_vectors, token_texts, token_vectors
+from indexer.store import Index, ModelMismatchError, unit_rows
 
-
-class ModelMismatchError(RuntimeError):
-    """The model given to serve an index is not the model that built it."""
+__all__ = ["Attributor", "Hit", "ModelMismatchError", "QueryError", "TokenScores"]
 
 
 class QueryError(ValueError):
@@ -28,26 +25,23 @@ class Hit:
     score: float
 
 
+@dataclass
+class TokenScores:
+    texts: list[str]  # every response token in the encoded query
+    scores: list[float | None]  # None: not scored
+    total: float
+    document_score: float
+    truncated: bool
+    n_scored: int
+
+
 class Attributor:
     def __init__(self, index_dir: str | Path, model: str | None = None, device: str = "cpu"):
         self.index = Index.open(index_dir)
         m = self.index.manifest
         self.model_name = model or m["model"]["name_or_path"]
         self.model, self.tokenizer = load_model(self.model_name, device=device, dtype=m["model"].get("dtype", "float32"))
-        fingerprint = model_fingerprint(self.model)
-        if fingerprint != m["model"]["fingerprint"]:
-            raise ModelMismatchError(
-                f"model {self.model_name!r} (fingerprint {fingerprint}) is not the model that built {index_dir} "
-                f"({m['model']['name_or_path']!r}, fingerprint {m['model']['fingerprint']})")
-        self.logra = LoGra(self.model, LoGraConfig(rank=m["rank"], seed=m["seed"], include=m["include"],
-                                                   exclude=m["exclude"], max_tokens=m["max_tokens"]))
-        if [l["name"] for l in self.logra.layer_spec()] != [l["name"] for l in m["layers"]]:
-            raise ModelMismatchError(f"{self.model_name!r} does not have the layers recorded in {index_dir}")
-        # The stored projections are the ones the documents used, whatever this torch's RNG does.
-        for name, p in self.index.state["projections"].items():
-            self.logra.projections[name] = (p["in"].to(self.logra.projections[name][0].device),
-                                            p["out"].to(self.logra.projections[name][1].device))
-        self.preconditioner = Preconditioner.from_state_dict(self.index.state["preconditioner"])
+        self.logra, self.preconditioner = self.index.engine(self.model, self.model_name)
         # Hooks live on shared modules: one gradient computation at a time.
         self._lock = threading.Lock()
 
@@ -59,6 +53,29 @@ class Attributor:
         if enc.n_loss_tokens == 0:
             raise QueryError("the response has no token to score: with an empty prompt it needs at least two tokens")
         return self.search(vectors[0].numpy(), k, mode), info
+
+    def token_scores(self, prompt: str, response: str, row: int, mode: str,
+                     max_tokens_scored: int = MAX_TOKENS_SCORED) -> TokenScores:
+        """How much each response token contributes to document `row`'s score: v_j . v_d, with v_j the
+        query vector of token j's loss alone. In cosine mode each is divided by both full norms, so the
+        contributions still sum to the cosine score (when no token is left out by the cap)."""
+        with self._lock:
+            tv = token_vectors(self.logra, self.preconditioner, self.tokenizer, prompt, response, max_tokens_scored)
+        enc = tv.encoded
+        if not tv.positions:
+            raise QueryError("the response has no token to score: with an empty prompt it needs at least two tokens")
+        d = np.asarray(self.index.vectors[row], dtype=np.float64)
+        contrib = tv.tokens.double().numpy() @ d
+        score = float(tv.query.double().numpy() @ d)
+        if mode == "cosine":
+            denom = float(self.index.norms[row]) * float(np.linalg.norm(tv.query.double().numpy()))
+            scale = 1.0 / denom if denom > 0 else 0.0
+            contrib, score = contrib * scale, score * scale
+        by_pos = dict(zip(tv.positions, contrib.tolist()))
+        resp_ids = enc.input_ids[enc.loss_start:]
+        texts = token_texts(self.tokenizer, resp_ids)
+        scores = [by_pos.get(enc.loss_start + i) for i in range(len(resp_ids))]
+        return TokenScores(texts, scores, float(contrib.sum()), score, tv.truncated or enc.truncated, len(tv.positions))
 
     def search(self, q: np.ndarray, k: int, mode: str) -> list[Hit]:
         """Top-k rows for a query vector: FAISS proposes candidates, exact scores rank them."""

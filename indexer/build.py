@@ -130,11 +130,8 @@ def append_documents(index_dir: str | Path, data: Sequence[str], *, model: str |
                       skip_bad=skip_bad, overwrite=True, index_type=m.get("index_type", "auto"),
                       shard_size=shard_size, progress=progress)
     lm, tokenizer = _load(cfg)
-    fingerprint = model_fingerprint(lm)
-    if fingerprint != m["model"]["fingerprint"]:
-        raise ValueError(f"model {cfg.model!r} (fingerprint {fingerprint}) is not the model that built {index_dir} "
-                         f"(fingerprint {m['model']['fingerprint']})")
-    logra, pre = base.engine(lm)
+    logra, pre = base.engine(lm, cfg.model)
+    fingerprint = m["model"]["fingerprint"]
     writer = IndexWriter(index_dir, overwrite=True, key=f"append/{len(base)}/{resume_key(cfg, fingerprint)}", base=base)
 
     def work():

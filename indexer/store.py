@@ -20,7 +20,7 @@ import shutil
 import fcntl
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import faiss
 import lancedb
@@ -28,6 +28,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.feather  # noqa: F401  (pa.feather)
 import torch
+
+if TYPE_CHECKING:
+    from engine import LoGra, Preconditioner
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -55,6 +58,10 @@ DOCUMENT_SCHEMA = pa.schema([
 
 class IndexFormatError(ValueError):
     """The folder is not a complete index this version can read."""
+
+
+class ModelMismatchError(ValueError):
+    """The model given for an index is not the model that built it."""
 
 
 def faiss_path(root: Path, mode: str) -> Path:
@@ -287,18 +294,24 @@ class Index:
     def __len__(self) -> int:
         return self.vectors.shape[0]
 
-    def engine(self, model) -> tuple["LoGra", "Preconditioner"]:
-        """The LoGra projector and fitted preconditioner this index was built with, for `model`.
+    def engine(self, model, name: str | None = None) -> tuple["LoGra", "Preconditioner"]:
+        """The LoGra projector and fitted preconditioner this index was built with, for `model`
+        (called `name` in errors), which must be the model that built it: same weights, same layers.
         The stored projections are used, whatever this torch's random generator would make."""
-        from engine import LoGra, LoGraConfig, Preconditioner
+        from engine import LoGra, LoGraConfig, Preconditioner, model_fingerprint
         m = self.manifest
+        name = name or m["model"]["name_or_path"]
+        fingerprint = model_fingerprint(model)
+        if fingerprint != m["model"]["fingerprint"]:
+            raise ModelMismatchError(f"model {name!r} (fingerprint {fingerprint}) is not the model that built "
+                                     f"{self.root} ({m['model']['name_or_path']!r}, fingerprint {m['model']['fingerprint']})")
         logra = LoGra(model, LoGraConfig(rank=m["rank"], seed=m["seed"], include=m.get("include"),
                                          exclude=m.get("exclude"), max_tokens=m["max_tokens"]))
         if [l["name"] for l in logra.layer_spec()] != [l["name"] for l in m["layers"]]:
-            raise IndexFormatError(f"the model does not have the layers recorded in {self.root}")
-        for name, p in self.state["projections"].items():
-            device = logra.projections[name][0].device
-            logra.projections[name] = (p["in"].to(device), p["out"].to(device))
+            raise ModelMismatchError(f"model {name!r} does not have the layers recorded in {self.root}")
+        for name_, p in self.state["projections"].items():
+            device = logra.projections[name_][0].device
+            logra.projections[name_] = (p["in"].to(device), p["out"].to(device))
         return logra, Preconditioner.from_state_dict(self.state["preconditioner"])
 
     def documents(self, rows: list[int]) -> list[dict]:

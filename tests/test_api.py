@@ -6,13 +6,10 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from urllib.parse import quote
 
 import httpx
@@ -24,12 +21,10 @@ from fastapi.testclient import TestClient
 from api import create_app
 from api.search import ModelMismatchError
 from engine import LoGra, LoGraConfig, Preconditioner, load_model, query_vectors
-from indexer.build import BuildConfig, build_index
 from indexer.store import VECTORS, Index, IndexFormatError
 
-from .conftest import synthetic_corpus, write_jsonl
+from .conftest import REPO, build_corpus_index, api_cmd, running_api, synthetic_corpus
 
-REPO = Path(__file__).resolve().parent.parent
 N_DOCS = 80
 # Ids that would be dangerous if anything used them as paths; they must be plain lookup keys.
 ODD_IDS = ["a/b", "../etc/passwd", "100%2Fsure", "..", "q?x#y z"]
@@ -45,10 +40,7 @@ def corpus():
 
 @pytest.fixture(scope="module")
 def index_dir(tmp_path_factory, gpt2_dir, corpus):
-    root = tmp_path_factory.mktemp("api-index")
-    data = write_jsonl(root / "data.jsonl", corpus)
-    build_index(BuildConfig(model=gpt2_dir, data=[data], out=str(root / "index"), progress=False))
-    return root / "index"
+    return build_corpus_index(tmp_path_factory.mktemp("api-index"), gpt2_dir, corpus)
 
 
 @pytest.fixture(scope="module")
@@ -88,10 +80,14 @@ def brute_force(ref, prompt, response, mode):
     return [ref["ids"][i] for i in order], scores[order]
 
 
-def attribute(client, **body):
-    r = client.post("/attribute", json=body)
+def post_ok(client, path: str, body: dict) -> dict:
+    r = client.post(path, json=body)
     assert r.status_code == 200, r.text
     return r.json()
+
+
+def attribute(client, **body):
+    return post_ok(client, "/attribute", body)
 
 
 # -- 1. scores against brute force ---------------------------------------------------------------
@@ -394,22 +390,12 @@ def test_refuses_perturbed_weights(index_dir, gpt2_dir, tmp_path):
 
 # -- 8. a real server ----------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _api_cmd(*args):
-    return [sys.executable, "-m", "api", *args]
-
-
 @pytest.fixture(scope="module")
 def cli_missing_index(tmp_path_factory):
     # Started early and left running beside the server: each process spends most of its time importing.
     log = tmp_path_factory.mktemp("cli")
     out, err = open(log / "out", "w+"), open(log / "err", "w+")
-    proc = subprocess.Popen(_api_cmd("--index", "/nonexistent/index"), cwd=REPO, stdout=out, stderr=err,
+    proc = subprocess.Popen(api_cmd("--index", "/nonexistent/index"), cwd=REPO, stdout=out, stderr=err,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     yield proc, out, err
     if proc.poll() is None:
@@ -421,37 +407,8 @@ def cli_missing_index(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(index_dir, cli_missing_index, tmp_path_factory):
-    port = _free_port()
-    log = tmp_path_factory.mktemp("server")
-    out, err = open(log / "out", "w+"), open(log / "err", "w+")
-    proc = subprocess.Popen(_api_cmd("--index", str(index_dir), "--host", "127.0.0.1", "--port", str(port)),
-                            cwd=REPO, stdout=out, stderr=err, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                err.seek(0)
-                pytest.fail(f"server exited with {proc.returncode}: {err.read()[-3000:]}")
-            try:
-                if httpx.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("server not ready within 60 s")
-            time.sleep(0.25)
-        yield base, proc, err
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        out.close()
-        err.close()
+    with running_api(index_dir, tmp_path_factory.mktemp("server")) as running:
+        yield running
 
 
 def test_real_server(server, client, corpus):
@@ -488,3 +445,86 @@ def test_cli_refuses_missing_index(cli_missing_index):
     stderr = err.read()
     assert "/nonexistent/index" in stderr and "error" in stderr.lower()
     assert "Traceback" not in stderr
+
+
+# -- 9. per-token scores -------------------------------------------------------------------------
+
+def tokens(client, **body):
+    return post_ok(client, "/attribute/tokens", body)
+
+
+@pytest.mark.parametrize("mode", ["influence", "cosine"])
+@pytest.mark.parametrize("prompt,response", [("", "river stone cloud lamp orbit signal garden copper"),
+                                             ("winter engine", " paper violet harbor needle falcon")])
+def test_token_scores_sum_to_the_document_score(client, reference, mode, prompt, response):
+    res = attribute(client, prompt=prompt, response=response, k=3, mode=mode)["results"]
+    for r in res:
+        t = tokens(client, prompt=prompt, response=response, id=r["id"], mode=mode)
+        assert t["id"] == r["id"] and t["mode"] == mode and t["truncated"] is False
+        assert t["document_score"] == pytest.approx(r["score"], rel=1e-5, abs=1e-9)
+        scores = [x["score"] for x in t["tokens"]]
+        scored = [s for s in scores if s is not None]
+        assert len(scored) == t["n_scored_tokens"] and t["max_tokens_scored"] == 256
+        assert sum(scored) == pytest.approx(t["total"], rel=1e-9)
+        assert t["total"] == pytest.approx(t["document_score"], rel=1e-3, abs=1e-4 * max(abs(s) for s in scored))
+        assert len(set(scored)) > 1
+        # one entry per response token, reading back as the response; nothing predicts an opening token
+        assert "".join(x["text"] for x in t["tokens"]) == response
+        assert (scores[0] is None) == (prompt == "") and all(s is not None for s in scores[1:])
+
+
+def test_token_scores_against_brute_force_single_token_vectors(client, reference, index_dir, corpus):
+    # Independent of the API: the reference LoGra's vector for the loss of one token, dotted with the row.
+    from engine.encoding import collate, encode
+    idx = Index.open(index_dir)
+    response = corpus[4]["text"]
+    doc = corpus[9]["id"]
+    t = tokens(client, prompt="", response=response, id=doc, mode="influence")
+    tok = reference["tokenizer"]
+    enc = encode(tok, "", response, idx.manifest["max_tokens"])
+    m = idx.manifest
+    model, _ = load_model(m["model"]["name_or_path"])
+    logra = LoGra(model, LoGraConfig(rank=m["rank"], seed=m["seed"], include=m["include"], exclude=m["exclude"],
+                                     max_tokens=m["max_tokens"]))
+    for name, p in idx.state["projections"].items():
+        logra.projections[name] = (p["in"], p["out"])
+    pre = Preconditioner.from_state_dict(idx.state["preconditioner"])
+    row = reference["vectors"][reference["ids"].index(doc)]
+    for j in (1, 3, len(enc.input_ids) - 1):
+        batch = collate([enc], tok.pad_token_id, label_positions=[[j]])
+        v = pre.apply(logra.gradients(batch).grads)[0].double().numpy()
+        assert t["tokens"][j]["score"] == pytest.approx(float(v @ row), rel=1e-3, abs=1e-6 * np.abs(row).max())
+
+
+@pytest.mark.parametrize("body,status,needle", [
+    ({"response": "river stone", "id": "no-such-doc"}, 404, "no-such-doc"),
+    ({"response": "   ", "id": "doc-10"}, 422, "non-whitespace"),
+    ({"response": "river stone"}, 422, "id"),
+    ({"response": "river stone", "id": ""}, 422, "id"),
+    ({"response": "river stone", "id": "doc-10", "mode": "dot"}, 422, "'influence' or 'cosine'"),
+    ({"response": "river stone", "id": "doc-10", "k": 3}, 422, "k"),
+    ({"response": "river stone", "id": 10}, 422, "valid string"),
+])
+def test_token_scores_bad_request(client, body, status, needle):
+    r = client.post("/attribute/tokens", json=body)
+    assert r.status_code == status, r.text
+    assert needle in r.text
+
+
+def test_token_scores_response_too_short_and_truncated(client, reference):
+    tok = reference["tokenizer"]
+    one = next(w for w in ["r", "a", "e", "river", "stone"] if len(tok(w)["input_ids"]) == 1)
+    r = client.post("/attribute/tokens", json={"response": one, "id": "doc-10"})
+    assert r.status_code == 422 and "no token to score" in r.json()["detail"]
+    t = tokens(client, prompt="river stone", response=one, id="doc-10")
+    assert len(t["tokens"]) == 1 and t["n_scored_tokens"] == 1
+    long = tokens(client, response="garden copper winter engine " * 200, id="doc-10")
+    assert long["truncated"] is True and len(long["tokens"]) <= 128
+
+
+@pytest.mark.parametrize("doc_id", ODD_IDS)
+def test_document_by_query_parameter(client, corpus, doc_id):
+    # the page fetches documents this way: "." and ".." cannot travel as URL path segments
+    r = client.get("/documents", params={"id": doc_id})
+    assert r.status_code == 200 and r.json()["id"] == doc_id
+    assert client.get("/documents", params={"id": "nope"}).status_code == 404
