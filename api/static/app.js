@@ -1,0 +1,371 @@
+// logra-search browsing page. Plain JS, no build step, no external resources.
+// Safety rule: text from the index (documents, ids, metadata) is only ever put into the page through
+// textContent / attribute setters, never as markup, so a document holding <script> stays text.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const SNIPPET_CHARS = 280;
+const QUERY_KEYS = ["prompt", "response", "k", "mode"];
+
+function el(tag, props = {}, ...children) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(props)) {
+    if (v === undefined || v === null) continue;
+    if (k === "text") e.textContent = v;
+    else if (k === "class") e.className = v;
+    else if (k === "dataset") Object.assign(e.dataset, v);
+    else e.setAttribute(k, v);
+  }
+  for (const c of children) if (c !== null && c !== undefined) e.append(c);
+  return e;
+}
+
+function fmt(x) {
+  if (x === null || x === undefined || !Number.isFinite(x)) return String(x);
+  if (x === 0) return "0";
+  const a = Math.abs(x);
+  return a >= 1e4 || a < 1e-3 ? x.toExponential(3) : x.toPrecision(4);
+}
+
+// ---- query <-> URL -------------------------------------------------------------------------
+
+function queryFromURL() {
+  const p = new URLSearchParams(location.search);
+  const k = parseInt(p.get("k") || "10", 10);
+  return {
+    prompt: p.get("prompt") || "",
+    response: p.get("response") || "",
+    k: Number.isFinite(k) ? k : 10,
+    mode: p.get("mode") === "cosine" ? "cosine" : "influence",
+    tok: p.get("tok") || "",  // the document whose token view is open
+    id: p.get("id") || "",    // the document page's document
+  };
+}
+
+function queryParams(q, extra = {}) {
+  const p = new URLSearchParams();
+  if (q.prompt) p.set("prompt", q.prompt);
+  p.set("response", q.response);
+  p.set("k", String(q.k));
+  p.set("mode", q.mode);
+  for (const [k, v] of Object.entries(extra)) if (v) p.set(k, v);
+  return p;
+}
+
+function searchURL(q, extra = {}) { return "/?" + queryParams(q, extra).toString(); }
+function documentURL(id, q) {
+  const p = q && q.response ? queryParams(q) : new URLSearchParams();
+  p.set("id", id);
+  return "/ui/document?" + p.toString();
+}
+
+function formQuery() {
+  return { prompt: $("prompt").value, response: $("response").value, k: parseInt($("k").value, 10), mode: $("mode").value };
+}
+
+function fillForm(q) {
+  $("prompt").value = q.prompt;
+  $("response").value = q.response;
+  $("k").value = String(q.k);
+  $("mode").value = q.mode;
+}
+
+// ---- HTTP ----------------------------------------------------------------------------------
+
+function describeError(status, body) {
+  const d = body && body.detail;
+  if (typeof d === "string") return d;
+  if (Array.isArray(d)) {
+    return d.map((e) => {
+      const where = Array.isArray(e.loc) ? e.loc.filter((x) => x !== "body").join(".") : "";
+      return (where ? where + ": " : "") + String(e.msg || JSON.stringify(e)).replace(/^Value error, /, "");
+    }).join("; ");
+  }
+  return `the server answered ${status}`;
+}
+
+async function api(method, path, body) {
+  let r;
+  try {
+    r = await fetch(path, body === undefined ? { method } :
+      { method, headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
+  } catch (e) {
+    throw new Error("could not reach the server (" + e.message + ")");
+  }
+  let data = null;
+  try { data = await r.json(); } catch (e) { /* not JSON */ }
+  if (!r.ok) {
+    const err = new Error(describeError(r.status, data));
+    err.status = r.status;
+    throw err;
+  }
+  return data;
+}
+
+function setStatus(node, kind, text) {
+  node.className = "status" + (kind ? " " + kind : "");
+  node.textContent = text || "";
+}
+
+// ---- index header --------------------------------------------------------------------------
+
+async function loadIndexInfo() {
+  const node = $("index-info");
+  try {
+    const m = await api("GET", "/index");
+    node.textContent = "";
+    const pre = m.preconditioner || {};
+    const parts = [
+      ["model", m.model && m.model.name_or_path],
+      ["documents", m.n_documents],
+      ["preconditioner", pre.kind + (pre.damping_ratio !== undefined && pre.kind !== "none" ? ` (damping ${pre.damping_ratio})` : "")],
+      ["rank", m.rank],
+      ["dim", m.dim],
+      ["layers", Array.isArray(m.layers) ? m.layers.length : undefined],
+    ];
+    parts.forEach(([label, value], i) => {
+      if (value === undefined || value === null) return;
+      if (i) node.append(" · ");
+      node.append(label + " ", el("b", { text: String(value), dataset: { field: label } }));
+    });
+    if (m.model && m.model.name_or_path) node.title = m.model.name_or_path;
+  } catch (e) {
+    node.classList.add("error");
+    node.textContent = "index unavailable: " + e.message;
+  }
+}
+
+// ---- token view ----------------------------------------------------------------------------
+
+async function renderTokenView(container, q, id) {
+  container.hidden = false;
+  container.textContent = "";
+  const status = el("div", { class: "status loading", text: "Scoring each response token…" });
+  container.append(status);
+  let t;
+  try {
+    t = await api("POST", "/attribute/tokens", { prompt: q.prompt, response: q.response, id, mode: q.mode });
+  } catch (e) {
+    setStatus(status, "error", "Token view failed: " + e.message);
+    return;
+  }
+  status.remove();
+  const scored = t.tokens.filter((x) => x.score !== null).map((x) => Math.abs(x.score));
+  const top = Math.max(0, ...scored) || 1;
+  const legend = el("div", { class: "legend" },
+    `${q.mode} score `, el("b", { text: fmt(t.document_score) }),
+    ` · sum over ${t.n_scored_tokens} scored tokens `, el("b", { text: fmt(t.total) }),
+    el("span", { class: "swatch pos" }), "raises the score",
+    el("span", { class: "swatch neg" }), "lowers it");
+  if (t.truncated) legend.append(` · only the first ${t.max_tokens_scored} tokens (of a possibly truncated query) are scored`);
+  const tokens = el("div", { class: "tokens", "data-doc": id });
+  for (const tok of t.tokens) {
+    const span = el("span", { class: "tok", text: tok.text });
+    if (tok.score === null) {
+      span.classList.add("unscored");
+      span.title = "not scored (nothing predicts the first token, or past the cap)";
+    } else {
+      const a = Math.min(1, Math.abs(tok.score) / top);
+      span.dataset.score = String(tok.score);
+      span.dataset.intensity = a.toFixed(4);
+      span.style.backgroundColor = `rgba(${tok.score >= 0 ? "22, 140, 74" : "205, 45, 45"}, ${(0.08 + 0.72 * a).toFixed(3)})`;
+      span.title = `${JSON.stringify(tok.text)}: ${tok.score >= 0 ? "+" : ""}${fmt(tok.score)}`;
+    }
+    tokens.append(span);
+  }
+  container.append(legend, tokens);
+}
+
+// ---- results -------------------------------------------------------------------------------
+
+function provenance(res) {
+  const box = el("div", { class: "prov" });
+  if (res.source) {
+    const file = res.source.split("/").pop();
+    box.append(el("span", { class: "chip", title: "the record's data file and line: " + res.source, dataset: { field: "record" } },
+      el("span", { class: "k", text: "record" }), file + (res.line ? ":" + res.line : "")));
+  }
+  for (const [k, v] of Object.entries(res.metadata || {})) {
+    const value = typeof v === "string" ? v : JSON.stringify(v);
+    box.append(el("span", { class: "chip", title: `${k}: ${value}`, dataset: { field: k } }, el("span", { class: "k", text: k }), value));
+  }
+  return box;
+}
+
+function groupDuplicates(results) {
+  const groups = new Map();
+  for (const r of results) {
+    const key = (r.prompt || "") + "\u0000" + r.text;
+    if (!groups.has(key)) groups.set(key, []);
+    groups.get(key).push(r);
+  }
+  return [...groups.values()];  // insertion order = rank of each group's best member
+}
+
+function renderResult(group, q, top, openTok) {
+  const res = group[0];
+  const li = el("li", { class: "result", id: "r-" + res.rank, dataset: { id: res.id, rank: String(res.rank) } });
+  const pct = Math.min(100, (Math.abs(res.score) / top) * 100);
+  const bar = el("span", { class: "bar" + (res.score < 0 ? " negative" : ""), title: `${fmt(res.score)} (${pct.toFixed(0)}% of the top score)` },
+    el("span", { class: "fill" }));
+  bar.firstChild.style.width = pct.toFixed(2) + "%";
+  bar.dataset.pct = pct.toFixed(2);
+  const head = el("div", { class: "head" },
+    el("span", { class: "rank", text: "#" + res.rank }),
+    el("span", { class: "score", text: fmt(res.score), title: String(res.score) }),
+    bar,
+    el("a", { class: "doc-link", href: documentURL(res.id, q), text: res.id }));
+  if (group.length > 1) head.append(el("span", { class: "dup", text: `×${group.length} identical texts` }));
+  li.append(head, provenance(res));
+
+  const body = el("div", { class: "body" });
+  const long = res.text.length > SNIPPET_CHARS;
+  const snippet = el("div", { class: "snippet", text: long ? res.text.slice(0, SNIPPET_CHARS) + "…" : res.text });
+  body.append(snippet);
+  if (group.length > 1) {
+    const dups = el("div", { class: "dups" }, "same text also as: ");
+    for (const d of group.slice(1)) dups.append(el("a", { href: documentURL(d.id, q), text: `#${d.rank} ${d.id} (${fmt(d.score)})` }));
+    body.append(dups);
+  }
+  const actions = el("div", { class: "actions" });
+  if (long) {
+    const expand = el("button", { type: "button", class: "expand", "aria-expanded": "false", text: "Show full text" });
+    expand.addEventListener("click", () => {
+      const open = expand.getAttribute("aria-expanded") !== "true";
+      snippet.textContent = open ? res.text : res.text.slice(0, SNIPPET_CHARS) + "…";
+      expand.setAttribute("aria-expanded", String(open));
+      expand.textContent = open ? "Show less" : "Show full text";
+    });
+    actions.append(expand);
+  }
+  const tokBtn = el("button", { type: "button", class: "tokens-btn", "aria-pressed": "false", text: "Token view",
+                                title: "how much each response token contributes to this document's score" });
+  const view = el("div", { class: "token-view", hidden: "" });
+  tokBtn.addEventListener("click", () => {
+    const open = tokBtn.getAttribute("aria-pressed") !== "true";
+    setTokenView(li, open, q);
+    history.replaceState(null, "", searchURL(q, open ? { tok: res.id } : {}));
+  });
+  actions.append(tokBtn);
+  body.append(actions, view);
+  li.append(body);
+  if (openTok && openTok === res.id) setTokenView(li, true, q);
+  return li;
+}
+
+function setTokenView(li, open, q) {
+  for (const other of document.querySelectorAll(".result")) {  // one token view at a time
+    const btn = other.querySelector(".tokens-btn"), view = other.querySelector(".token-view");
+    const on = open && other === li;
+    btn.setAttribute("aria-pressed", String(on));
+    if (!on) { view.hidden = true; view.textContent = ""; }
+  }
+  if (open) renderTokenView(li.querySelector(".token-view"), q, li.dataset.id);
+}
+
+let searchSeq = 0;
+
+async function runSearch(q) {
+  const seq = ++searchSeq;
+  const status = $("status"), list = $("results");
+  list.textContent = "";
+  setStatus(status, "loading", "Attributing: one forward and backward pass, then a vector search…");
+  $("submit").disabled = true;
+  document.body.dataset.state = "loading";
+  try {
+    const data = await api("POST", "/attribute", { prompt: q.prompt, response: q.response, k: q.k, mode: q.mode });
+    if (seq !== searchSeq) return;
+    if (!data.results.length) {
+      setStatus(status, "empty", "No documents: the index returned no results for this query.");
+      document.body.dataset.state = "empty";
+      return;
+    }
+    const groups = groupDuplicates(data.results);
+    const top = Math.max(...data.results.map((r) => Math.abs(r.score))) || 1;
+    const dupNote = groups.length < data.results.length ? ` (${data.results.length - groups.length} duplicate texts collapsed)` : "";
+    setStatus(status, "", `${data.results.length} of ${data.n_documents} documents by ${data.mode} score${dupNote} · ` +
+      `${data.query.n_response_tokens} response tokens scored${data.query.truncated ? " (query truncated)" : ""} · ${data.took_ms} ms`);
+    for (const g of groups) list.append(renderResult(g, q, top, q.tok));
+    document.body.dataset.state = "results";
+  } catch (e) {
+    if (seq !== searchSeq) return;
+    setStatus(status, "error", "Error: " + e.message);
+    document.body.dataset.state = "error";
+  } finally {
+    if (seq === searchSeq) $("submit").disabled = false;
+  }
+}
+
+function showIdle() {
+  $("results").textContent = "";
+  setStatus($("status"), "empty", "Type a response (and, optionally, the prompt before it), then press Attribute to see " +
+    "the training documents that most influenced it. The query is kept in the address bar, so a result page can be shared.");
+  document.body.dataset.state = "idle";
+}
+
+function routeSearch() {
+  const q = queryFromURL();
+  fillForm(q);
+  if (q.response) runSearch(q); else showIdle();
+}
+
+// ---- document page -------------------------------------------------------------------------
+
+async function routeDocument() {
+  $("search-view").hidden = true;
+  $("doc-view").hidden = false;
+  const q = queryFromURL();
+  const back = $("back");
+  if (q.response) back.href = searchURL(q, { tok: q.id });
+  else { back.href = "/"; back.textContent = "← new search"; }
+  const status = $("doc-status");
+  if (!q.id) { setStatus(status, "error", "No document id in the address (?id=...)."); return; }
+  setStatus(status, "loading", "Loading document…");
+  document.title = q.id + " · logra-search";
+  let d;
+  try {
+    d = await api("GET", "/documents?id=" + encodeURIComponent(q.id));
+  } catch (e) {
+    setStatus(status, "error", (e.status === 404 ? "Not found: " : "Error: ") + e.message);
+    document.body.dataset.state = "error";
+    return;
+  }
+  setStatus(status, "", "");
+  $("doc").hidden = false;
+  $("doc-id").textContent = d.id;
+  const meta = $("doc-meta");
+  const row = (k, v) => meta.append(el("dt", { text: k }), el("dd", { text: typeof v === "string" ? v : JSON.stringify(v), dataset: { field: k } }));
+  if (d.source) row("record", d.source + (d.line ? ":" + d.line : ""));
+  for (const [k, v] of Object.entries(d.metadata || {})) row(k, v);
+  row("tokens", d.n_tokens + (d.truncated ? " (truncated when indexed)" : ""));
+  if (d.prompt) { $("doc-prompt-section").hidden = false; $("doc-prompt").textContent = d.prompt; }
+  $("doc-text").textContent = d.text;
+  document.body.dataset.state = "document";
+  if (q.response) {
+    $("doc-tokens-section").hidden = false;
+    renderTokenView($("doc-tokens"), q, d.id);
+  }
+}
+
+// ---- wiring --------------------------------------------------------------------------------
+
+function route() {
+  if (location.pathname.startsWith("/ui/document")) routeDocument(); else routeSearch();
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  loadIndexInfo();
+  $("query").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    const q = formQuery();
+    history.pushState(null, "", searchURL(q));
+    runSearch(q);
+  });
+  for (const id of ["prompt", "response"]) {
+    $(id).addEventListener("keydown", (ev) => {
+      if (ev.key === "Enter" && (ev.ctrlKey || ev.metaKey)) { ev.preventDefault(); $("query").requestSubmit(); }
+    });
+  }
+  window.addEventListener("popstate", route);
+  route();
+});
