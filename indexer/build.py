@@ -33,7 +33,8 @@ class BuildConfig:
     response_field: str | None = None
     id_field: str = "id"
     max_tokens: int = 512
-    batch_size: int = 8
+    batch_size: int = 8  # documents per pass at most
+    batch_tokens: int | None = None  # padded tokens per pass at most (None: batch_size alone decides)
     rank: int = 8
     seed: int = 0
     preconditioner: str = "raw"
@@ -51,8 +52,8 @@ class BuildConfig:
     extra: dict = field(default_factory=dict)  # recorded in the manifest (e.g. the demo's provenance)
 
     def __post_init__(self):
-        for name in ("max_tokens", "batch_size", "rank", "shard_size"):
-            if getattr(self, name) < 1:
+        for name in ("max_tokens", "batch_size", "rank", "shard_size", "batch_tokens"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.index_type not in INDEX_TYPES:
             raise ValueError(f"index_type must be one of {INDEX_TYPES}, got {self.index_type!r}")
@@ -65,11 +66,20 @@ def _chunks(it: Iterator, n: int) -> Iterator[list]:
         yield chunk
 
 
-def _batches(encoded: list[Encoded], batch_size: int) -> Iterator[list[int]]:
-    """Indices of one shard in batches of similar length, so little compute goes to padding."""
+def _batches(encoded: list[Encoded], batch_size: int, batch_tokens: int | None = None) -> Iterator[list[int]]:
+    """Indices of one shard in batches of similar length, so little compute goes to padding: at most
+    `batch_size` documents, and at most `batch_tokens` tokens once padded to the longest (a document
+    longer than that alone gets a batch of its own)."""
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
-    for s in range(0, len(order), batch_size):
-        yield order[s : s + batch_size]
+    batch: list[int] = []
+    for i in order:
+        width = len(encoded[i].input_ids)  # ascending: the newest document is the longest
+        if batch and (len(batch) == batch_size or (batch_tokens and (len(batch) + 1) * width > batch_tokens)):
+            yield batch
+            batch = []
+        batch.append(i)
+    if batch:
+        yield batch
 
 
 def count_records(paths: Sequence[str]) -> int | None:
@@ -112,7 +122,8 @@ def _run(writer: IndexWriter, work):
 
 def append_documents(index_dir: str | Path, data: Sequence[str], *, model: str | None = None,
                      text_field: str | None = None, prompt_field: str | None = None, response_field: str | None = None,
-                     id_field: str | None = None, batch_size: int = 8, shard_size: int = 1024, device: str = "cpu",
+                     id_field: str | None = None, batch_size: int = 8, batch_tokens: int | None = None,
+                     shard_size: int = 1024, device: str = "cpu",
                      skip_bad: bool = False, progress: bool = True) -> dict:
     """Add documents to an index with the index's own projections and preconditioner (not refitted,
     so existing scores do not move). Ids already in the index are refused. The new index is built
@@ -124,7 +135,7 @@ def append_documents(index_dir: str | Path, data: Sequence[str], *, model: str |
     cfg = BuildConfig(model=model or m["model"]["name_or_path"], data=list(data), out=str(index_dir),
                       text_field=pick(text_field, "text_field") or "text", prompt_field=pick(prompt_field, "prompt_field"),
                       response_field=pick(response_field, "response_field"), id_field=pick(id_field, "id_field") or "id",
-                      max_tokens=m["max_tokens"], batch_size=batch_size, rank=m["rank"], seed=m["seed"],
+                      max_tokens=m["max_tokens"], batch_size=batch_size, batch_tokens=batch_tokens, rank=m["rank"], seed=m["seed"],
                       preconditioner=m["preconditioner"]["kind"], damping=m["preconditioner"]["damping_ratio"],
                       include=m.get("include"), exclude=m.get("exclude"), device=device, dtype=m["model"]["dtype"],
                       skip_bad=skip_bad, overwrite=True, index_type=m.get("index_type", "auto"),
@@ -162,7 +173,9 @@ def resume_key(cfg: BuildConfig, fingerprint: str) -> str:
     """What a partial build must share with this one to be resumed: every option that changes the
     output, the model's weights, and the data files' sizes and modification times."""
     files = [(str(Path(p).resolve()), os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in cfg.data]
-    relevant = {k: v for k, v in asdict(cfg).items() if k not in ("out", "overwrite", "progress", "device", "data")}
+    # Batching changes no vector (tested), so a build can resume with other batch settings, e.g. after OOM.
+    ignored = ("out", "overwrite", "progress", "device", "data", "batch_size", "batch_tokens")
+    relevant = {k: v for k, v in asdict(cfg).items() if k not in ignored}
     blob = json.dumps({"cfg": relevant, "files": files, "model": fingerprint}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -246,7 +259,7 @@ def _gradient_pass(cfg: BuildConfig, records, logra: LoGra, tokenizer, pre: Prec
     for shard in _chunks(records, cfg.shard_size):
         encoded = encode_pairs(tokenizer, [(r.prompt, r.text[len(r.prompt):]) for r in shard], logra.max_tokens)
         raw = np.zeros((len(shard), logra.dim), dtype=np.float32)
-        for idx in _batches(encoded, cfg.batch_size):
+        for idx in _batches(encoded, cfg.batch_size, cfg.batch_tokens):
             out = projected_gradients(logra, tokenizer, [encoded[i] for i in idx], token_stats=fit and pre.needs_token_stats)
             if fit:
                 pre.update(out.grads, out.token_stats)

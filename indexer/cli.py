@@ -22,7 +22,9 @@ def positive_int(text: str) -> int:
 def _add_build_args(p: argparse.ArgumentParser) -> None:
     d = BuildConfig(model="", data=[], out="")
     p.add_argument("--max-tokens", type=positive_int, default=d.max_tokens, help="truncate each document to this many tokens (recorded per document)")
-    p.add_argument("--batch-size", type=positive_int, default=d.batch_size)
+    p.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="documents per pass at most")
+    p.add_argument("--batch-tokens", type=positive_int, default=d.batch_tokens,
+                   help="padded tokens per pass at most: batches of short documents grow up to --batch-size")
     p.add_argument("--rank", type=positive_int, default=d.rank, help="projection rank r_in = r_out per layer")
     p.add_argument("--seed", type=int, default=d.seed, help="projection seed")
     p.add_argument("--preconditioner", choices=PRECONDITIONERS, default=d.preconditioner)
@@ -61,6 +63,7 @@ def parser() -> argparse.ArgumentParser:
     for flag in ("--text-field", "--prompt-field", "--response-field", "--id-field"):
         a.add_argument(flag, default=None, help="default: as recorded in the index")
     a.add_argument("--batch-size", type=positive_int, default=8)
+    a.add_argument("--batch-tokens", type=positive_int, default=None)
     a.add_argument("--shard-size", type=positive_int, default=1024)
     a.add_argument("--device", default="cpu")
     a.add_argument("--skip-bad", action="store_true")

@@ -20,7 +20,8 @@ import torch
 from api.search import Attributor
 from engine import PRECONDITIONERS, load_model, model_fingerprint
 from indexer import store
-from indexer.build import BuildConfig, build_index
+from engine.encoding import Encoded
+from indexer.build import BuildConfig, _batches, build_index, resume_key
 from indexer.cli import main as cli_main
 from indexer.records import BadRecordError, read_records
 from indexer.store import REQUIRED, Index
@@ -417,6 +418,31 @@ def test_builds_are_reproducible(tmp_path, gpt2_dir):
     va, vb = (np.load(tmp_path / n / store.VECTORS) for n in "ab")
     assert va.tobytes() == vb.tobytes()
     assert table_rows(tmp_path / "a") == table_rows(tmp_path / "b")
+
+
+def test_token_budget_batches_cover_every_document_once_within_budget():
+    rng = np.random.default_rng(0)
+    encoded = [Encoded(list(range(int(n))), 0, False, int(n)) for n in rng.integers(1, 200, size=300)]
+    batches = list(_batches(encoded, batch_size=64, batch_tokens=1024))
+    assert sorted(i for b in batches for i in b) == list(range(300))
+    for b in batches:
+        widths = [len(encoded[i].input_ids) for i in b]
+        assert widths == sorted(widths) and len(b) <= 64
+        assert len(b) * max(widths) <= 1024 or len(b) == 1
+    assert len(batches) < 300 // 8  # short documents did share passes
+    long_doc = [Encoded(list(range(50)), 0, False, 50)] * 3
+    assert list(_batches(long_doc, batch_size=8, batch_tokens=10)) == [[0], [1], [2]]  # over budget: alone
+
+
+def test_batch_settings_change_no_vector_and_a_build_resumes_with_others(tmp_path, gpt2_dir):
+    data = write_jsonl(tmp_path / "d.jsonl", synthetic_corpus(40, seed=4))
+    one = BuildConfig(model=gpt2_dir, data=[data], out=str(tmp_path / "one"), batch_size=1, progress=False)
+    many = BuildConfig(model=gpt2_dir, data=[data], out=str(tmp_path / "many"), batch_size=64, batch_tokens=256,
+                       progress=False)
+    build_index(one), build_index(many)
+    np.testing.assert_allclose(np.load(tmp_path / "many" / store.VECTORS), np.load(tmp_path / "one" / store.VECTORS),
+                               rtol=1e-4, atol=1e-5)
+    assert resume_key(one, "f") == resume_key(BuildConfig(**{**one.__dict__, "out": "x", "batch_tokens": 64}), "f")
 
 
 # -- streaming ---------------------------------------------------------------------------------------
