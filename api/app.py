@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from .routes import STATIC, router
-from .search import Attributor
+from .search import Attributor, IndexUnavailable
 
 
 class _AsciiJSONResponse(JSONResponse):
@@ -27,6 +27,10 @@ async def _invalid_request(request: Request, exc: RequestValidationError) -> JSO
     return _AsciiJSONResponse(status_code=422, content={"detail": jsonable_encoder(errors)})
 
 
+async def _unavailable(request: Request, exc: IndexUnavailable) -> JSONResponse:
+    return _AsciiJSONResponse(status_code=503, content={"detail": str(exc)})
+
+
 def create_app(index_dir: str | Path, model: str | None = None, device: str = "cpu") -> FastAPI:
     """Open the index and load its model now, so a bad index or the wrong model fails at start-up,
     not on the first request. `model` overrides the manifest's model (e.g. a local copy)."""
@@ -35,6 +39,7 @@ def create_app(index_dir: str | Path, model: str | None = None, device: str = "c
                   description="Which training documents made the model produce this response?")
     app.state.attributor = attributor
     app.add_exception_handler(RequestValidationError, _invalid_request)
+    app.add_exception_handler(IndexUnavailable, _unavailable)
     app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app

@@ -11,7 +11,7 @@ from engine import MAX_TOKENS_SCORED
 
 from .schemas import (AttributeRequest, AttributeResponse, AttributeResult, Document, Health, QueryInfo, TokenRequest,
                       TokenResponse, TokenScore)
-from .search import Attributor, QueryError
+from .search import Attributor, QueryError, UnknownDocument
 
 router = APIRouter()
 STATIC = Path(__file__).parent / "static"
@@ -25,24 +25,23 @@ def get_attributor(request: Request) -> Attributor:
 def attribute(body: AttributeRequest, att: Attributor = Depends(get_attributor)) -> AttributeResponse:
     started = time.perf_counter()
     try:
-        hits, info = att.attribute(body.prompt, body.response, body.k, body.mode)
+        hits, docs, info = att.attribute(body.prompt, body.response, body.k, body.mode)
     except QueryError as e:
         raise HTTPException(status_code=422, detail=str(e)) from e
-    docs = att.index.documents([h.row for h in hits])
+    n_documents = info.pop("n_documents")
     results = [AttributeResult(rank=i + 1, id=d["id"], score=h.score, text=d["text"], metadata=d["metadata"],
                                source=d["source"], line=d["line"]) for i, (h, d) in enumerate(zip(hits, docs))]
-    return AttributeResponse(results=results, mode=body.mode, k=body.k, n_documents=len(att.index),
+    return AttributeResponse(results=results, mode=body.mode, k=body.k, n_documents=n_documents,
                              query=QueryInfo(**info), took_ms=round((time.perf_counter() - started) * 1000, 2))
 
 
 @router.post("/attribute/tokens", response_model=TokenResponse)
 def attribute_tokens(body: TokenRequest, att: Attributor = Depends(get_attributor)) -> TokenResponse:
     """Split one document's score over the response's tokens."""
-    row = att.index.row_of_id.get(body.id)
-    if row is None:
-        raise HTTPException(status_code=404, detail=f"no document with id {body.id!r}")
     try:
-        ts = att.token_scores(body.prompt, body.response, row, body.mode)
+        ts = att.token_scores(body.prompt, body.response, body.id, body.mode)
+    except UnknownDocument:
+        raise HTTPException(status_code=404, detail=f"no document with id {body.id!r}") from None
     except QueryError as e:
         raise HTTPException(status_code=422, detail=str(e)) from e
     return TokenResponse(id=body.id, mode=body.mode, tokens=[TokenScore(text=t, score=s) for t, s in zip(ts.texts, ts.scores)],

@@ -1,22 +1,43 @@
 """The attribution service: an opened index plus the model that built it. A query is one forward
 and backward pass (through `engine`, as for documents), FAISS candidates, and an exact rerank
-against the stored vectors."""
+against the stored vectors.
+
+The index folder is watched: when `indexer append` or a rebuild renames a new folder into place, the
+next request opens it (same model: the fingerprint is checked again) and swaps it in. A request uses
+one opened index from start to end; one caught by the swap (the old folder's table deleted under it)
+is answered again from the new index."""
 from __future__ import annotations
 
+import logging
+import os
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import numpy as np
 
-from engine import MAX_TOKENS_SCORED, load_model, query_vectors, token_texts, token_vectors
-from indexer.store import Index, ModelMismatchError, unit_rows
+from engine import MAX_TOKENS_SCORED, LoGra, Preconditioner, load_model, query_vectors, token_texts, token_vectors
+from indexer.store import MANIFEST, Index, IndexFormatError, ModelMismatchError, unit_rows
 
-__all__ = ["Attributor", "Hit", "ModelMismatchError", "QueryError", "TokenScores"]
+__all__ = ["Attributor", "Hit", "IndexUnavailable", "ModelMismatchError", "QueryError", "TokenScores",
+           "UnknownDocument"]
+
+log = logging.getLogger("logra_search.api")
+T = TypeVar("T")
 
 
 class QueryError(ValueError):
     """A well-formed request the index cannot answer (e.g. nothing to score)."""
+
+
+class UnknownDocument(KeyError):
+    """No document with this id in the index."""
+
+
+class IndexUnavailable(RuntimeError):
+    """The index folder was replaced by one this server cannot serve (answered with 503)."""
 
 
 @dataclass
@@ -35,40 +56,115 @@ class TokenScores:
     n_scored: int
 
 
+@dataclass(frozen=True)
+class Served:
+    """One opened index and the engine objects made from it for the loaded model."""
+    index: Index
+    logra: LoGra
+    preconditioner: Preconditioner
+    stamp: tuple[int, int] | None  # the folder's identity when it was opened (see _stamp)
+
+
+def _stamp(root: Path) -> tuple[int, int] | None:
+    """The folder's inode (a rename into place gives a new one) and its manifest's mtime; None while a
+    swap is between its two renames."""
+    try:
+        return os.stat(root).st_ino, os.stat(root / MANIFEST).st_mtime_ns
+    except FileNotFoundError:
+        return None
+
+
 class Attributor:
     def __init__(self, index_dir: str | Path, model: str | None = None, device: str = "cpu"):
-        self.index = Index.open(index_dir)
-        m = self.index.manifest
+        self.root = Path(index_dir)
+        stamp = _stamp(self.root)  # before opening: a swap during the open is seen by the next request
+        index = Index.open(self.root)
+        m = index.manifest
         self.model_name = model or m["model"]["name_or_path"]
         self.model, self.tokenizer = load_model(self.model_name, device=device, dtype=m["model"].get("dtype", "float32"))
-        self.logra, self.preconditioner = self.index.engine(self.model, self.model_name)
+        self._served = Served(index, *index.engine(self.model, self.model_name), stamp)
+        self._refused_stamp = None  # a replacement that could not be served; not retried until it changes
+        self._refusal = ""
+        self._reload_lock = threading.Lock()
         # Hooks live on shared modules: one gradient computation at a time.
         self._lock = threading.Lock()
 
-    def attribute(self, prompt: str, response: str, k: int, mode: str) -> tuple[list[Hit], dict]:
+    @property
+    def index(self) -> Index:
+        return self.current().index
+
+    def current(self) -> Served:
+        """The index to answer from, reopened first if the folder was replaced since."""
+        served, stamp = self._served, _stamp(self.root)
+        if stamp is None or stamp == served.stamp or stamp == self._refused_stamp:
+            return served
+        with self._reload_lock:
+            if self._served.stamp != stamp:
+                try:
+                    index = Index.open(self.root)
+                    self._served = Served(index, *index.engine(self.model, self.model_name), stamp)
+                    log.warning("reloaded %s: %d documents", self.root, len(index))
+                except (IndexFormatError, ModelMismatchError, OSError) as e:
+                    self._refused_stamp, self._refusal = stamp, str(e)
+                    log.error("not serving the new contents of %s, keeping the old index: %s", self.root, e)
+            return self._served
+
+    def _answer(self, fn: Callable[[Served], T]) -> T:
+        served = self.current()
+        try:
+            return fn(served)
+        except (QueryError, UnknownDocument):
+            raise
+        except Exception:
+            for _ in range(40):  # a swap is two renames: give the second a moment
+                if _stamp(self.root) is not None:
+                    break
+                time.sleep(0.05)
+            fresh = self.current()
+            if fresh is not served:
+                return fn(fresh)
+            if _stamp(self.root) in (served.stamp, None):  # the folder did not change: a real error
+                raise
+            raise IndexUnavailable(f"{self.root} was replaced by an index this server cannot serve "
+                                   f"({self._refusal}); restart it with the right model") from None
+
+    def attribute(self, prompt: str, response: str, k: int, mode: str) -> tuple[list[Hit], list[dict], dict]:
+        """The top-k hits, their documents, and what was scored (tokens, truncation, index size)."""
+        return self._answer(lambda s: self._attribute(s, prompt, response, k, mode))
+
+    def _attribute(self, s: Served, prompt: str, response: str, k: int, mode: str):
         with self._lock:
-            vectors, encoded = query_vectors(self.logra, self.preconditioner, self.tokenizer, [(prompt, response)])
+            vectors, encoded = query_vectors(s.logra, s.preconditioner, self.tokenizer, [(prompt, response)])
         enc = encoded[0]
-        info = {"n_tokens": len(enc.input_ids), "n_response_tokens": enc.n_loss_tokens, "truncated": enc.truncated}
+        info = {"n_tokens": len(enc.input_ids), "n_response_tokens": enc.n_loss_tokens, "truncated": enc.truncated,
+                "n_documents": len(s.index)}
         if enc.n_loss_tokens == 0:
             raise QueryError("the response has no token to score: with an empty prompt it needs at least two tokens")
-        return self.search(vectors[0].numpy(), k, mode), info
+        hits = search(s.index, vectors[0].numpy(), k, mode)
+        return hits, s.index.documents([h.row for h in hits]), info
 
-    def token_scores(self, prompt: str, response: str, row: int, mode: str,
+    def token_scores(self, prompt: str, response: str, doc_id: str, mode: str,
                      max_tokens_scored: int = MAX_TOKENS_SCORED) -> TokenScores:
-        """How much each response token contributes to document `row`'s score: v_j . v_d, with v_j the
+        """How much each response token contributes to the document's score: v_j . v_d, with v_j the
         query vector of token j's loss alone. In cosine mode each is divided by both full norms, so the
         contributions still sum to the cosine score (when no token is left out by the cap)."""
+        return self._answer(lambda s: self._token_scores(s, prompt, response, doc_id, mode, max_tokens_scored))
+
+    def _token_scores(self, s: Served, prompt: str, response: str, doc_id: str, mode: str,
+                      max_tokens_scored: int) -> TokenScores:
+        row = s.index.row_of_id.get(doc_id)
+        if row is None:
+            raise UnknownDocument(doc_id)
         with self._lock:
-            tv = token_vectors(self.logra, self.preconditioner, self.tokenizer, prompt, response, max_tokens_scored)
+            tv = token_vectors(s.logra, s.preconditioner, self.tokenizer, prompt, response, max_tokens_scored)
         enc = tv.encoded
         if not tv.positions:
             raise QueryError("the response has no token to score: with an empty prompt it needs at least two tokens")
-        d = np.asarray(self.index.vectors[row], dtype=np.float64)
+        d = np.asarray(s.index.vectors[row], dtype=np.float64)
         contrib = tv.tokens.double().numpy() @ d
         score = float(tv.query.double().numpy() @ d)
         if mode == "cosine":
-            denom = float(self.index.norms[row]) * float(np.linalg.norm(tv.query.double().numpy()))
+            denom = float(s.index.norms[row]) * float(np.linalg.norm(tv.query.double().numpy()))
             scale = 1.0 / denom if denom > 0 else 0.0
             contrib, score = contrib * scale, score * scale
         by_pos = dict(zip(tv.positions, contrib.tolist()))
@@ -78,21 +174,27 @@ class Attributor:
         return TokenScores(texts, scores, float(contrib.sum()), score, tv.truncated or enc.truncated, len(tv.positions))
 
     def search(self, q: np.ndarray, k: int, mode: str) -> list[Hit]:
-        """Top-k rows for a query vector: FAISS proposes candidates, exact scores rank them."""
-        n = len(self.index)
-        k = min(k, n)
-        q = q.astype(np.float32)[None, :]
-        probe = unit_rows(q) if mode == "cosine" else q
-        n_candidates = n if n <= 4 * k else min(n, max(4 * k, k + 64))
-        _, cand = self.index.faiss[mode].search(probe, n_candidates)
-        cand = np.unique(cand[0][cand[0] >= 0])
-        exact = self.index.vectors[cand].astype(np.float64) @ q[0].astype(np.float64)
-        if mode == "cosine":
-            denom = self.index.norms[cand].astype(np.float64) * float(np.linalg.norm(q))
-            exact = np.divide(exact, denom, out=np.zeros_like(exact), where=denom > 0)
-        order = np.lexsort((cand, -exact))[:k]  # best first; ties broken by row for reproducibility
-        return [Hit(int(cand[i]), float(exact[i])) for i in order]
+        return search(self.current().index, q, k, mode)
 
     def document(self, doc_id: str) -> dict | None:
-        row = self.index.row_of_id.get(doc_id)
-        return None if row is None else self.index.documents([row])[0]
+        def get(s: Served) -> dict | None:
+            row = s.index.row_of_id.get(doc_id)
+            return None if row is None else s.index.documents([row])[0]
+        return self._answer(get)
+
+
+def search(index: Index, q: np.ndarray, k: int, mode: str) -> list[Hit]:
+    """Top-k rows for a query vector: FAISS proposes candidates, exact scores rank them."""
+    n = len(index)
+    k = min(k, n)
+    q = q.astype(np.float32)[None, :]
+    probe = unit_rows(q) if mode == "cosine" else q
+    n_candidates = n if n <= 4 * k else min(n, max(4 * k, k + 64))
+    _, cand = index.faiss[mode].search(probe, n_candidates)
+    cand = np.unique(cand[0][cand[0] >= 0])
+    exact = index.vectors[cand].astype(np.float64) @ q[0].astype(np.float64)
+    if mode == "cosine":
+        denom = index.norms[cand].astype(np.float64) * float(np.linalg.norm(q))
+        exact = np.divide(exact, denom, out=np.zeros_like(exact), where=denom > 0)
+    order = np.lexsort((cand, -exact))[:k]  # best first; ties broken by row for reproducibility
+    return [Hit(int(cand[i]), float(exact[i])) for i in order]

@@ -21,9 +21,10 @@ from fastapi.testclient import TestClient
 from api import create_app
 from api.search import ModelMismatchError
 from engine import LoGra, LoGraConfig, Preconditioner, load_model, query_vectors
+from indexer.build import BuildConfig, append_documents, build_index
 from indexer.store import VECTORS, Index, IndexFormatError
 
-from .conftest import REPO, build_corpus_index, api_cmd, running_api, synthetic_corpus
+from .conftest import REPO, api_cmd, build_corpus_index, running_api, synthetic_corpus, write_jsonl
 
 N_DOCS = 80
 # Ids that would be dangerous if anything used them as paths; they must be plain lookup keys.
@@ -528,3 +529,68 @@ def test_document_by_query_parameter(client, corpus, doc_id):
     r = client.get("/documents", params={"id": doc_id})
     assert r.status_code == 200 and r.json()["id"] == doc_id
     assert client.get("/documents", params={"id": "nope"}).status_code == 404
+
+
+# -- 10. an index replaced under a running server ------------------------------------------------
+
+def _hammer(client, docs, stop: threading.Event, seen: list) -> None:
+    """Queries and document fetches in a loop until `stop`; records (status, n_documents or None)."""
+    i = 0
+    while not stop.is_set():
+        doc = docs[i % len(docs)]
+        r = client.post("/attribute", json={"response": doc["text"], "k": 3, "mode": "cosine"})
+        seen.append((r.status_code, r.json().get("n_documents") if r.status_code == 200 else r.text))
+        d = client.get("/documents", params={"id": doc["id"]})
+        seen.append((d.status_code, None if d.status_code == 200 else d.text))
+        i += 1
+
+
+def test_append_and_rebuild_are_served_without_restart(tmp_path, gpt2_dir):
+    docs = synthetic_corpus(30, seed=31)
+    idx = build_corpus_index(tmp_path, gpt2_dir, docs[:20])
+    new = write_jsonl(tmp_path / "new.jsonl", docs[20:])
+    everything = write_jsonl(tmp_path / "all.jsonl", docs)
+    with TestClient(create_app(idx)) as c:
+        assert c.get("/health").json()["n_documents"] == 20
+        stop, seen = threading.Event(), []
+        with ThreadPoolExecutor(3) as pool:
+            workers = [pool.submit(_hammer, c, docs[k::3][:6], stop, seen) for k in range(3)]
+            append_documents(idx, [new], progress=False)
+            while not any(n == 30 for _, n in seen):  # until a request has seen the appended index
+                assert not any(w.done() for w in workers)
+                threading.Event().wait(0.05)
+            # a rebuild with another preconditioner: new vectors, new engine objects
+            build_index(BuildConfig(model=gpt2_dir, data=[everything], out=str(idx), overwrite=True,
+                                    preconditioner="kfac", progress=False))
+            while c.get("/index").json()["preconditioner"]["kind"] != "kfac":
+                threading.Event().wait(0.05)
+            n_before = len(seen)
+            while len(seen) < n_before + 6:  # a few more requests on the rebuilt index
+                threading.Event().wait(0.05)
+            stop.set()
+            for w in workers:
+                w.result()
+        assert {status for status, _ in seen} == {200}, [s for s in seen if s[0] != 200][:3]
+        assert {n for _, n in seen if n is not None} == {20, 30}  # requests ran before, during and after
+        # answers from the swapped-in index equal a server started on it
+        with TestClient(create_app(idx)) as fresh:
+            for doc in docs[18:24]:
+                body = {"response": doc["text"], "k": 5, "mode": "influence"}
+                got, want = attribute(c, **body), attribute(fresh, **body)
+                assert [x["id"] for x in got["results"]] == [x["id"] for x in want["results"]]
+                assert [x["score"] for x in got["results"]] == pytest.approx([x["score"] for x in want["results"]], rel=1e-9)
+                assert attribute(c, response=doc["text"], k=1, mode="cosine")["results"][0]["id"] == doc["id"]
+                assert c.get("/documents", params={"id": doc["id"]}).status_code == 200
+
+
+def test_an_index_for_another_model_swapped_in_is_refused_with_503(tmp_path, gpt2_dir, llama_dir):
+    docs = synthetic_corpus(12, seed=5)
+    idx = build_corpus_index(tmp_path, gpt2_dir, docs)
+    with TestClient(create_app(idx)) as c:
+        assert attribute(c, response=docs[0]["text"], k=2)["n_documents"] == 12
+        build_index(BuildConfig(model=llama_dir, data=[str(tmp_path / "data.jsonl")], out=str(idx), overwrite=True,
+                                progress=False))
+        r = c.post("/attribute", json={"response": docs[0]["text"], "k": 2})
+        assert r.status_code == 503 and "cannot serve" in r.json()["detail"] and "not the model" in r.json()["detail"]
+        assert c.get("/documents", params={"id": docs[0]["id"]}).status_code == 503
+        assert c.get("/health").status_code == 200

@@ -200,8 +200,8 @@ def test_self_retrieval(cli, model, record_property):
     attributor = Attributor(d / f"idx-{model}")
     misses = []
     for i, doc in enumerate(docs):
-        hits, _ = attributor.attribute("", doc["text"], 1, "cosine")
-        if attributor.index.documents([hits[0].row])[0]["id"] != doc["id"]:
+        _, found, _ = attributor.attribute("", doc["text"], 1, "cosine")
+        if found[0]["id"] != doc["id"]:
             misses.append(doc["id"])
     fraction = 1 - len(misses) / len(docs)
     record_property(f"self_retrieval_{model}", fraction)
@@ -478,7 +478,8 @@ def test_sharded_build_keeps_input_order(tmp_path, gpt2_dir, capsys, monkeypatch
     a = Attributor(tmp_path / "idx")
     from engine import query_vectors
     for i in (0, 31, 32, 63, 99):
-        q, _ = query_vectors(a.logra, a.preconditioner, a.tokenizer, [("", docs[i]["text"])])
+        served = a.current()
+        q, _ = query_vectors(served.logra, served.preconditioner, a.tokenizer, [("", docs[i]["text"])])
         np.testing.assert_allclose(q[0].numpy(), a.index.vectors[i], rtol=1e-3, atol=1e-4 * np.abs(q[0].numpy()).max())
 
 
@@ -491,7 +492,7 @@ def test_document_with_nothing_to_score_is_kept_and_reported(tmp_path, gpt2_dir,
     assert "indexed 5 documents" in out and "1 documents have no token to score" in err
     index = Index.open(tmp_path / "idx")
     assert index.norms[index.row_of_id["tiny"]] == 0 and (index.norms[1:] > 0).all()
-    hits, _ = Attributor(tmp_path / "idx").attribute("", docs[1]["text"], 5, "cosine")
+    hits, _, _ = Attributor(tmp_path / "idx").attribute("", docs[1]["text"], 5, "cosine")
     assert {h.row: h.score for h in hits}[index.row_of_id["tiny"]] == 0.0
 
 
@@ -510,12 +511,12 @@ def test_ivf_index_scores_are_exact_and_recall_high(tmp_path, gpt2_dir):
         for mode in ("cosine", "influence"):
             exact = {h.row: h.score for h in flat.attribute("", d["text"], len(docs), mode)[0]}
             top5 = sorted(exact, key=lambda r: -exact[r])[:5]
-            hits, _ = ivf.attribute("", d["text"], 5, mode)
+            hits, found, _ = ivf.attribute("", d["text"], 5, mode)
             assert [h.score for h in hits] == pytest.approx([exact[h.row] for h in hits], rel=1e-6)
             recalled += len({h.row for h in hits} & set(top5))
             total += 5
             if mode == "cosine":
-                self_found += flat.index.documents([hits[0].row])[0]["id"] == d["id"]
+                self_found += found[0]["id"] == d["id"]
     assert recalled / total >= 0.9, recalled / total
     assert self_found == len(docs[::8])
 
@@ -616,7 +617,7 @@ def test_append_adds_documents_with_the_index_own_preconditioner(tmp_path, gpt2_
     assert [r["id"] for r in table_rows(idx)] == [d["id"] for d in old_docs + new_docs]
     # a new document's stored vector is its query vector under the index's own engine
     att = Attributor(idx)
-    hits, _ = att.attribute("", new_docs[3]["text"], 1, "cosine")
+    hits, _, _ = att.attribute("", new_docs[3]["text"], 1, "cosine")
     assert hits[0].row == 63 and hits[0].score == pytest.approx(1.0, abs=1e-5)
     assert all(att.attribute("", d["text"], 1, "cosine")[0][0].row == i for i, d in enumerate(old_docs + new_docs))
 
