@@ -20,7 +20,7 @@ import shutil
 import fcntl
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 import faiss
 import lancedb
@@ -95,6 +95,16 @@ def read_manifest(root: str | Path) -> dict:
 def unit_rows(x: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     return x / np.where(norms > 0, norms, 1.0)
+
+
+def row_blocks(path: Path, block_rows: int = 65536) -> Iterator[np.ndarray]:
+    """Rows of a .npy matrix as in-memory blocks, each read through its own short-lived memory map so
+    no more than one block stays resident."""
+    n = np.load(path, mmap_mode="r").shape[0]
+    for s in range(0, n, block_rows):
+        rows = np.load(path, mmap_mode="r")
+        yield np.array(rows[s : s + block_rows], dtype=np.float32)
+        del rows
 
 
 class IndexWriter:
@@ -172,25 +182,28 @@ class IndexWriter:
 
     # -- pass 2: preconditioned vectors and FAISS ----------------------------------------------
     def write_vectors(self, vectors: Iterable[np.ndarray], dim: int, block_rows: int = 65536) -> None:
-        """Preconditioned vectors of the new documents, after the base index's own (if any)."""
+        """Preconditioned vectors of the new documents, after the base index's own (if any). Written
+        block by block through a file, not a memory map: mapped pages would count in the indexer's
+        memory until the end, so its peak would grow with the corpus."""
         total = self.row_offset + self.n_rows
-        out = np.lib.format.open_memmap(self.tmp / VECTORS, mode="w+", dtype=np.float32, shape=(total, dim))
         norms = np.zeros(total, dtype=np.float32)
         start = 0
-        if self.base is not None:
-            for s in range(0, self.row_offset, block_rows):
-                block = self.base.vectors[s : s + block_rows]
-                out[s : s + len(block)] = block
-            norms[: self.row_offset] = self.base.norms
-            start = self.row_offset
-        for block in vectors:
-            out[start : start + len(block)] = block
-            norms[start : start + len(block)] = np.linalg.norm(block, axis=1)
-            start += len(block)
+        with open(self.tmp / VECTORS, "wb") as f:
+            np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (total, dim)})
+            if self.base is not None:
+                for block in row_blocks(self.base.root / VECTORS, block_rows):
+                    f.write(block.tobytes())
+                norms[: self.row_offset] = self.base.norms
+                start = self.row_offset
+            for block in vectors:
+                block = np.ascontiguousarray(block, dtype=np.float32)
+                if start + len(block) > total:
+                    raise RuntimeError(f"more vectors than the {total} documents")
+                f.write(block.tobytes())
+                norms[start : start + len(block)] = np.linalg.norm(block, axis=1)
+                start += len(block)
         if start != total:
             raise RuntimeError(f"wrote {start} vectors for {total} documents")
-        out.flush()
-        del out
         np.save(self.tmp / NORMS, norms)
 
     def write_faiss(self, index_type: str = "auto", nlist: int | None = None, block: int = 65536) -> dict:
