@@ -125,8 +125,7 @@ class Processes:
         """After rank 0 has cleaned up for error `e`: the other processes wait for that before
         they exit (torchrun stops every process once one has exited with an error)."""
         if self._together and is_input_error(e):
-            import torch.distributed as dist
-            dist.barrier()
+            self.most(0)  # a barrier, on the CPU (gloo) whatever the device
 
     def part(self) -> None:
         """From here rank 0 goes on alone (writing the index); the others are done."""
