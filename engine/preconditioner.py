@@ -84,6 +84,27 @@ class Preconditioner:
         self.n_docs, self.n_tokens = state["n_docs"], state["n_tokens"]
         self.sums = {n: dict(d) for n, d in state["sums"].items()}
 
+    def reduce(self, total: Callable[[torch.Tensor], torch.Tensor], second: bool = False) -> None:
+        """Combine statistics gathered by several processes, each over part of the data: `total`
+        sums a float64 tensor over the processes (an all-reduce), and every process calls this at
+        the same point, after `update` (or, with `second`, after `update_second`). Afterwards each
+        holds the statistics of all the data; a process that saw none contributes zeros."""
+        if second:
+            self._begin_second()
+            keys = ("E",)
+        else:
+            keys = {"none": (), "raw": ("gg",), "kfac": ("A", "S"), "ekfac": ("A", "S")}[self.kind]
+        for name, (r_out, r_in) in self.shapes.items():
+            shapes = {"gg": (r_out * r_in, r_out * r_in), "A": (r_in, r_in), "S": (r_out, r_out), "E": (r_out, r_in)}
+            s = self.sums[name]
+            for key in keys:
+                s[key] = total(s[key] if key in s else torch.zeros(shapes[key], dtype=torch.float64))
+        if second:
+            self._second_docs = int(total(torch.tensor([self._second_docs], dtype=torch.float64)).item())
+        else:
+            n = total(torch.tensor([self.n_docs, self.n_tokens], dtype=torch.float64)).tolist()
+            self.n_docs, self.n_tokens = int(n[0]), int(n[1])
+
     def _eigenbases(self) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
         out = {}
         for name in self.shapes:
@@ -94,12 +115,15 @@ class Preconditioner:
             out[name] = (qs, ls.clamp_min(0), qa, la.clamp_min(0))
         return out
 
-    def update_second(self, grads) -> None:
-        """ekfac only: second moments of the gradients rotated into the K-FAC eigenbasis."""
-        grads = self.split(grads)
+    def _begin_second(self) -> None:
         if not self.state:
             self.state = {n: {"qs": qs, "qa": qa} for n, (qs, _, qa, _) in self._eigenbases().items()}
             self._second_docs = 0
+
+    def update_second(self, grads) -> None:
+        """ekfac only: second moments of the gradients rotated into the K-FAC eigenbasis."""
+        grads = self.split(grads)
+        self._begin_second()
         n = next(iter(grads.values())).shape[0]
         self._second_docs += n
         for name, g in grads.items():

@@ -7,7 +7,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from itertools import islice
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -19,6 +19,7 @@ from tqdm import tqdm
 from engine import LoGra, LoGraConfig, Preconditioner, encode_pairs, load_model, model_fingerprint, projected_gradients
 from engine.encoding import Encoded
 
+from .distributed import Processes, is_input_error, world_size
 from .records import ReadStats, Record, read_records
 from .store import INDEX_TYPES, Index, IndexWriter
 
@@ -97,27 +98,54 @@ def count_records(paths: Sequence[str]) -> int | None:
     return total
 
 
-def build_index(cfg: BuildConfig) -> dict:
+def build_index(cfg: BuildConfig) -> dict | None:
     """Build the index described by `cfg` and return its manifest. A build that is killed or
-    crashes keeps its completed shards; the same call again resumes after them."""
+    crashes keeps its completed shards; the same call again resumes after them.
+
+    Under torchrun (WORLD_SIZE > 1) every process runs this: each computes the gradients of its
+    share of the shards, the preconditioner statistics are summed over the processes, and rank 0
+    writes the index and returns the manifest; the other processes return None."""
     started = time.time()
-    model, tokenizer = _load(cfg)
-    writer = IndexWriter(cfg.out, overwrite=cfg.overwrite, key=resume_key(cfg, model_fingerprint(model)))
-    return _run(writer, lambda: _build(cfg, model, tokenizer, writer, started))
+    procs = Processes.from_env(cfg.device)
+    writer = None
+    try:
+        cfg = replace(cfg, device=procs.device)
+        model, tokenizer = _load(cfg)
+        key = resume_key(cfg, model_fingerprint(model))
+        if procs.world > 1:  # each process's checkpoint covers its own shards: resumable by as many processes
+            key = f"{key}/{procs.world} processes"
+        with procs.step():  # rank 0 takes the lock and prepares the folder ...
+            if procs.main:
+                writer = IndexWriter(cfg.out, overwrite=cfg.overwrite, key=key, world=procs.world)
+        with procs.step():  # ... then the others join it
+            if not procs.main:
+                writer = IndexWriter(cfg.out, key=key, rank=procs.rank, world=procs.world)
+        return _build(cfg, model, tokenizer, writer, started, procs)
+    except BaseException as e:
+        _give_up(writer, e, procs)
+        raise
+    finally:
+        procs.close()
 
 
 def _run(writer: IndexWriter, work):
     try:
         return work()
-    except (ValueError, FileExistsError):
-        writer.abort()  # bad input or options: a rerun needs different data or flags, nothing to resume
+    except BaseException as e:
+        _give_up(writer, e, Processes())
         raise
-    except BaseException:
-        if writer.n_shards:
+
+
+def _give_up(writer: IndexWriter | None, e: BaseException, procs: Processes) -> None:
+    """A build failed with `e`: discard the partial build or keep it for a rerun to resume."""
+    if writer is not None and is_input_error(e):
+        writer.abort()  # bad input or options: a rerun needs different data or flags, nothing to resume
+    elif writer is not None:
+        if writer.n_shards and writer.owner:
             print(f"partial build kept ({writer.n_rows} documents in {writer.n_shards} shards); "
                   "run the same command again to resume", file=sys.stderr)
         writer.release()
-        raise
+    procs.failed(e)
 
 
 def append_documents(index_dir: str | Path, data: Sequence[str], *, model: str | None = None,
@@ -128,6 +156,8 @@ def append_documents(index_dir: str | Path, data: Sequence[str], *, model: str |
     """Add documents to an index with the index's own projections and preconditioner (not refitted,
     so existing scores do not move). Ids already in the index are refused. The new index is built
     beside the old one, which stays valid until the new one is renamed into place."""
+    if world_size() > 1:
+        raise ValueError("append runs in one process: run `python -m indexer append` without torchrun")
     started = time.time()
     base = Index.open(index_dir)
     m, d = base.manifest, base.manifest["data"]
@@ -191,22 +221,38 @@ def _load(cfg: BuildConfig):
         raise OSError(f"cannot load model {cfg.model!r}{where}: {e}") from e
 
 
-def _build(cfg: BuildConfig, model, tokenizer, writer: IndexWriter, started: float) -> dict:
+def _build(cfg: BuildConfig, model, tokenizer, writer: IndexWriter, started: float,
+           procs: Processes = Processes()) -> dict | None:
     logra = LoGra(model, LoGraConfig(rank=cfg.rank, seed=cfg.seed, include=cfg.include, exclude=cfg.exclude,
                                      max_tokens=cfg.max_tokens))
     max_tokens = logra.max_tokens
     pre = Preconditioner(cfg.preconditioner, logra.shapes, damping_ratio=cfg.damping)
-    stats = ReadStats()
+    stats = ReadStats()  # every process reads every record, so every one counts the same skipped records
     records = read_records(cfg.data, text_field=cfg.text_field, prompt_field=cfg.prompt_field,
                            response_field=cfg.response_field, id_field=cfg.id_field, skip_bad=cfg.skip_bad, stats=stats)
-    counts, gradient_seconds, n_done_before, tokens_at_start = _gradient_pass(cfg, records, logra, tokenizer, pre, writer)
-    if writer.n_rows == 0:
+    with procs.step():
+        counts, gradient_seconds, n_done_before, tokens_at_start = _gradient_pass(cfg, records, logra, tokenizer, pre,
+                                                                                  writer, procs=procs)
+    # Sums over the processes (each of them holds its own shards' share); the identity in one process.
+    pre.reduce(procs.sum)
+    counts = procs.total(counts)
+    done = procs.total({"rows": writer.n_rows, "shards": writer.n_shards, "before": n_done_before,
+                        "tokens_at_start": tokens_at_start})
+    gradient_seconds = procs.most(gradient_seconds)
+    if done["rows"] == 0:
         raise ValueError(f"no documents to index in {', '.join(map(str, cfg.data))} (skipped {stats.skipped})")
 
     if pre.needs_second_pass:
-        for block in tqdm(writer.raw_shards(), total=writer.n_shards, unit="shard", desc="ekfac eigenvalues",
-                          disable=not cfg.progress, dynamic_ncols=True):
-            pre.update_second(torch.from_numpy(block))
+        with procs.step():
+            for block in tqdm(writer.raw_shards(), total=writer.n_shards, unit="shard", desc="ekfac eigenvalues",
+                              disable=not (cfg.progress and procs.main), dynamic_ncols=True):
+                pre.update_second(torch.from_numpy(block))
+        pre.reduce(procs.sum, second=True)
+    procs.part()  # rank 0 writes the index from every process's shards; the others are done
+    if not procs.main:
+        return None
+    writer.merge(done["shards"], done["rows"])
+    n_done_before, tokens_at_start = done["before"], done["tokens_at_start"]
     pre.finalize()
     faiss_info = _write_vectors(cfg, pre, writer, logra.dim)
 
@@ -231,7 +277,7 @@ def _build(cfg: BuildConfig, model, tokenizer, writer: IndexWriter, started: flo
         "build": {"seconds": round(total_seconds, 2), "gradient_seconds": round(gradient_seconds, 2),
                   "tokens_per_s": round((counts["tokens"] - tokens_at_start) / max(gradient_seconds, 1e-9), 1),
                   "docs_per_s": round((writer.n_rows - n_done_before) / max(gradient_seconds, 1e-9), 2),
-                  "resumed_at_document": n_done_before, "device": cfg.device},
+                  "resumed_at_document": n_done_before, "device": cfg.device, "processes": procs.world},
         **({"extra": cfg.extra} if cfg.extra else {}),
     }
     state = {"projections": {name: {"in": p_in.cpu(), "out": p_out.cpu()} for name, (p_in, p_out) in logra.projections.items()},
@@ -240,23 +286,29 @@ def _build(cfg: BuildConfig, model, tokenizer, writer: IndexWriter, started: flo
 
 
 def _gradient_pass(cfg: BuildConfig, records, logra: LoGra, tokenizer, pre: Preconditioner, writer: IndexWriter,
-                   fit: bool = True):
+                   fit: bool = True, procs: Processes = Processes()):
     """Pass 1: raw projected gradients of every record, shard by shard, checkpointed; with `fit`,
-    the preconditioner's statistics too. Resumes after the writer's last checkpoint."""
+    the preconditioner's statistics too. Resumes after the writer's last checkpoint. With several
+    processes, this one computes the shards the writer says it owns (every `world`-th) and reads
+    past the others; its counts and statistics cover its own shards."""
     counts = {"tokens": 0, "loss_tokens": 0, "truncated": 0, "no_loss_tokens": 0}
     records = iter(records)
     n_done_before = writer.n_rows
+    first_shard = writer.next_shard
     if writer.resumed:  # documents before the last checkpoint are done: read past them, no model pass
         counts = writer.resumed["counts"]
         if fit:
             pre.load_stats_state(writer.resumed["preconditioner"])
-        for _ in islice(records, writer.n_rows):
-            pass
-    bar = tqdm(total=count_records(cfg.data), initial=writer.n_rows, unit="doc", desc="gradients",
-               disable=not cfg.progress, dynamic_ncols=True)
+    for _ in islice(records, first_shard * cfg.shard_size):  # every shard before it is full
+        pass
+    total = count_records(cfg.data) if cfg.progress and procs.main else None
+    bar = tqdm(total=total and -(-total // procs.world), initial=writer.n_rows, unit="doc", desc="gradients",
+               disable=not (cfg.progress and procs.main), dynamic_ncols=True)
     t0 = time.time()
     tokens_at_start = counts["tokens"]
-    for shard in _chunks(records, cfg.shard_size):
+    for number, shard in enumerate(_chunks(records, cfg.shard_size), start=first_shard):
+        if not writer.owns(number):
+            continue
         encoded = encode_pairs(tokenizer, [(r.prompt, r.text[len(r.prompt):]) for r in shard], logra.max_tokens)
         raw = np.zeros((len(shard), logra.dim), dtype=np.float32)
         for idx in _batches(encoded, cfg.batch_size, cfg.batch_tokens):

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from engine import PRECONDITIONERS
 
 from .build import BuildConfig, append_documents, build_index
+from .distributed import PeerFailed
 from .records import BadRecordError
 from .store import FLAT_BELOW, INDEX_TYPES, IndexFormatError, read_manifest
 
@@ -90,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "build":
             cfg = BuildConfig(**{k: v for k, v in vars(args).items() if k != "command"})
             manifest = build_index(cfg)
+            if manifest is None:  # a torchrun process other than rank 0: its shards are written, rank 0 does the rest
+                return 0
             st = manifest["stats"]
             print(f"indexed {manifest['n_documents']} documents into {args.out} "
                   f"(dim {manifest['dim']}, {manifest['build']['seconds']} s, {manifest['build']['tokens_per_s']:,.0f} tokens/s); "
@@ -108,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
             from .demo import build_demo
             build_demo(args.out, max_docs=args.max_docs, epochs=args.epochs, overwrite=args.overwrite, progress=args.progress)
     # OSError: a model that cannot be loaded (transformers raises it), or the disk: one line, no traceback.
-    except (BadRecordError, IndexFormatError, OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (BadRecordError, IndexFormatError, OSError, ValueError, PeerFailed) as e:
+        rank = os.environ.get("RANK", "0")
+        print(f"error: {e}" if rank == "0" else f"error: [rank {rank}] {e}", file=sys.stderr)
         return 2
     return 0

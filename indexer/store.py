@@ -113,13 +113,47 @@ class IndexWriter:
     Pass 1 writes shards: raw gradients (npy) and document rows (Arrow), then atomically replaces
     `checkpoint.pt`, the commit point of that shard (it also carries the caller's running state,
     e.g. preconditioner sums). A build killed at any moment and rerun with the same `key` resumes
-    after the last checkpointed shard; files past it are discarded. Another key starts afresh."""
+    after the last checkpointed shard; files past it are discarded. Another key starts afresh.
 
-    def __init__(self, out: str | Path, overwrite: bool = False, key: str = "", base: "Index | None" = None):
+    Several processes (`rank` of `world`) share one build: shard i of the input is written by
+    process i % world, each process checkpoints its own shards (`checkpoint-RANK.pt`), rank 0 owns
+    the folder (lock, creation, commit) and the others join it once rank 0 has made it. After the
+    gradient pass rank 0 `merge`s: the shards, numbered in input order, are then read as one build.
+    With several machines the folder must be on a filesystem they all share."""
+
+    def __init__(self, out: str | Path, overwrite: bool = False, key: str = "", base: "Index | None" = None,
+                 rank: int = 0, world: int = 1):
         """`base`: an opened index whose documents and vectors come first (append); new rows follow."""
         self.base = base
         self.row_offset = len(base) if base is not None else 0
         self.out = Path(out).resolve()
+        self.tmp = self.out.with_name(f".{self.out.name}.building")
+        self.shard_dir = self.tmp / "shards"
+        self.key = key
+        self.rank, self.world = rank, world
+        self.owner = rank == 0
+        self.resumed: dict | None = None  # the caller's state at the last checkpoint, when resuming
+        self.n_rows = 0  # this process's documents and shards (all of them, for rank 0, after merge)
+        self.n_shards = 0
+        if self.owner:
+            self._create(overwrite)
+        elif not (self.tmp / "key").is_file():
+            raise ValueError(f"process {rank} cannot see the build folder {self.tmp} that process 0 prepared: "
+                             "with several machines, --out must be on a filesystem all of them share")
+        elif (self.tmp / "key").read_text() != key:
+            raise ValueError(f"process {rank} is not building what process 0 is: every process needs the same "
+                             "options, model and data files (same paths, sizes and modification times)")
+        checkpoint = self._checkpoint
+        if checkpoint.is_file():
+            ck = torch.load(checkpoint, weights_only=True)
+            self.n_rows, self.n_shards, self.resumed = ck["n_rows"], ck["n_shards"], ck["state"]
+        for path in self.shard_dir.iterdir():  # this process's shards written after its checkpoint: redo them
+            i = int(path.name.split("-")[1].split(".")[0])
+            if i % world == rank and i >= self._shard_number(self.n_shards):
+                path.unlink()
+
+    def _create(self, overwrite: bool) -> None:
+        """Rank 0: take the lock, then resume the partial build of the same key or start afresh."""
         if self.out.exists():
             if not overwrite:
                 raise FileExistsError(f"{self.out} already exists; pass --overwrite to replace it")
@@ -127,28 +161,36 @@ class IndexWriter:
             if not self.out.is_dir() or not ((self.out / MANIFEST).is_file() or not any(self.out.iterdir())):
                 raise FileExistsError(f"{self.out} exists and is not an index folder; --overwrite only replaces indexes")
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.out.with_name(f".{self.out.name}.building")
         self._lock = open(self.out.with_name(f".{self.out.name}.lock"), "w")
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise FileExistsError(f"another build is writing {self.out}") from None
-        self.shard_dir = self.tmp / "shards"
-        self.key = key
-        self.resumed: dict | None = None  # the caller's state at the last checkpoint, when resuming
-        self.n_rows = 0
-        self.n_shards = 0
-        checkpoint = self.tmp / "checkpoint.pt"
-        if checkpoint.is_file() and (self.tmp / "key").is_file() and (self.tmp / "key").read_text() == key:
-            ck = torch.load(checkpoint, weights_only=True)
-            self.n_rows, self.n_shards, self.resumed = ck["n_rows"], ck["n_shards"], ck["state"]
-            for path in self.shard_dir.iterdir():  # written after the checkpoint: redo them
-                if int(path.name.split("-")[1].split(".")[0]) >= self.n_shards:
-                    path.unlink()
-        else:
+        if not ((self.tmp / "key").is_file() and (self.tmp / "key").read_text() == self.key and self.shard_dir.is_dir()):
             shutil.rmtree(self.tmp, ignore_errors=True)
             self.shard_dir.mkdir(parents=True)
-            (self.tmp / "key").write_text(key)
+            (self.tmp / "key").write_text(self.key)
+
+    @property
+    def _checkpoint(self) -> Path:
+        return self.tmp / ("checkpoint.pt" if self.world == 1 else f"checkpoint-{self.rank}.pt")
+
+    def _shard_number(self, k: int) -> int:
+        """The input-order number of this process's k-th shard."""
+        return self.rank + k * self.world
+
+    @property
+    def next_shard(self) -> int:
+        """The input-order number of the next shard this process writes."""
+        return self._shard_number(self.n_shards)
+
+    def owns(self, shard: int) -> bool:
+        return shard % self.world == self.rank
+
+    def merge(self, n_shards: int, n_rows: int) -> None:
+        """Rank 0, once every process has written its shards: read all `n_shards` (`n_rows`
+        documents), in input order, from here on."""
+        self.rank, self.world, self.n_shards, self.n_rows = 0, 1, n_shards, n_rows
 
     # -- pass 1: documents and raw projected gradients, a shard at a time --------------------
     def add_shard(self, rows: list[dict], raw_gradients: np.ndarray, state: dict | None = None) -> None:
@@ -156,27 +198,31 @@ class IndexWriter:
         the same order; `state`: what the caller needs to resume after this shard."""
         if len(rows) != raw_gradients.shape[0]:
             raise ValueError("one gradient row per document")
-        i = self.n_shards
+        i = self.next_shard
         np.save(self.shard_dir / f"raw-{i:06d}.npy", raw_gradients.astype(np.float32))
         first = self.row_offset + self.n_rows
         table = pa.Table.from_pylist([{**r, "row": first + j} for j, r in enumerate(rows)], schema=DOCUMENT_SCHEMA)
         pa.feather.write_feather(table, self.shard_dir / f"rows-{i:06d}.arrow")
         self.n_rows += len(rows)
         self.n_shards += 1
-        _atomic_torch_save({"n_rows": self.n_rows, "n_shards": self.n_shards, "state": state or {}},
-                           self.tmp / "checkpoint.pt")
+        _atomic_torch_save({"n_rows": self.n_rows, "n_shards": self.n_shards, "state": state or {}}, self._checkpoint)
 
     def raw_shards(self) -> Iterable[np.ndarray]:
-        for i in range(self.n_shards):
-            yield np.load(self.shard_dir / f"raw-{i:06d}.npy")
+        """This process's raw gradient shards (every shard, in input order, after `merge`)."""
+        for k in range(self.n_shards):
+            yield np.load(self.shard_dir / f"raw-{self._shard_number(k):06d}.npy")
 
     def write_table(self) -> None:
         def batches():
             for s in range(0, self.row_offset, 8192):  # the base table, streamed in row order
                 rows = self.base.table.take_offsets(list(range(s, min(s + 8192, self.row_offset)))).to_arrow()
                 yield from rows.select(DOCUMENT_SCHEMA.names).sort_by("row").cast(DOCUMENT_SCHEMA).to_batches()
-            for i in range(self.n_shards):
-                yield from pa.feather.read_table(self.shard_dir / f"rows-{i:06d}.arrow").to_batches()
+            start = self.row_offset
+            for k in range(self.n_shards):  # rows numbered here, in input order (a process knows only its own shards)
+                table = pa.feather.read_table(self.shard_dir / f"rows-{self._shard_number(k):06d}.arrow")
+                rows = pa.array(np.arange(start, start + table.num_rows), pa.int64())
+                yield from table.set_column(table.schema.get_field_index("row"), "row", rows).to_batches()
+                start += table.num_rows
         lancedb.connect(self.tmp).create_table(TABLE, data=pa.RecordBatchReader.from_batches(DOCUMENT_SCHEMA, batches()),
                                                mode="overwrite")
 
@@ -234,8 +280,8 @@ class IndexWriter:
         manifest = {**manifest, "format_version": FORMAT_VERSION, "n_documents": self.row_offset + self.n_rows}
         (self.tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
         shutil.rmtree(self.shard_dir)
-        for name in ("checkpoint.pt", "key"):
-            (self.tmp / name).unlink()
+        for path in [*self.tmp.glob("checkpoint*.pt"), self.tmp / "key"]:
+            path.unlink()
         old = None
         if self.out.exists():  # --overwrite: move the old index aside only once the new one is complete
             old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
@@ -247,12 +293,16 @@ class IndexWriter:
         return manifest
 
     def abort(self) -> None:
-        """Give up: remove the partial build (for errors a rerun of the same command cannot fix)."""
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        self.release()
+        """Give up: remove the partial build (for errors a rerun of the same command cannot fix).
+        Only the owner (rank 0) touches the folder."""
+        if self.owner:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.release()
 
     def release(self) -> None:
         """Keep the partial build (resumable) and let go of the lock."""
+        if not self.owner:
+            return
         self.out.with_name(f".{self.out.name}.lock").unlink(missing_ok=True)
         self._lock.close()
 
