@@ -120,9 +120,7 @@ class LoGra:
         """Projected gradients of each example's summed loss over its labelled tokens.
         `batch` comes from `engine.encoding.collate` (labels -100 on prompt and padding)."""
         device = self.projections[self.layers[0].name][0].device
-        ids = batch["input_ids"].to(device)
-        mask = batch["attention_mask"].to(device)
-        labels = batch["labels"].to(device)
+        ids, mask, labels = (_to_device(batch[k], device) for k in ("input_ids", "attention_mask", "labels"))
         grads: dict[str, torch.Tensor] = {}
         stats: dict | None = {} if token_stats else None
         with torch.enable_grad(), self._hooks(mask.float(), grads, stats):
@@ -143,6 +141,13 @@ class LoGra:
                 gg = stats.get(layer.name, {}).get(1, torch.zeros(r_out, r_out, device=device))
                 out_stats[layer.name] = (xx, gg, n)
         return ProjectedGradients(grads, losses.detach(), n_loss_tokens=n_tok, token_stats=out_stats)
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    # Pinned host memory lets the copy to a GPU run asynchronously with the host's next work.
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def _add(store: dict, name: str, slot, value: torch.Tensor) -> None:
