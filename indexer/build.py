@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from itertools import islice
 from pathlib import Path
@@ -306,27 +307,48 @@ def _gradient_pass(cfg: BuildConfig, records, logra: LoGra, tokenizer, pre: Prec
                disable=not (cfg.progress and procs.main), dynamic_ncols=True)
     t0 = time.time()
     tokens_at_start = counts["tokens"]
-    for number, shard in enumerate(_chunks(records, cfg.shard_size), start=first_shard):
-        if not writer.owns(number):
-            continue
-        encoded = encode_pairs(tokenizer, [(r.prompt, r.text[len(r.prompt):]) for r in shard], logra.max_tokens)
-        raw = np.zeros((len(shard), logra.dim), dtype=np.float32)
-        for idx in _batches(encoded, cfg.batch_size, cfg.batch_tokens):
-            out = projected_gradients(logra, tokenizer, [encoded[i] for i in idx], token_stats=fit and pre.needs_token_stats)
-            if fit:
-                pre.update(out.grads, out.token_stats)
-            raw[idx] = logra.flatten(out.grads).cpu().numpy()
-            counts["tokens"] += sum(len(encoded[i].input_ids) for i in idx)
-            bar.update(len(idx))
-            bar.set_postfix(tok_s=f"{(counts['tokens'] - tokens_at_start) / max(time.time() - t0, 1e-9):,.0f}", refresh=False)
-        for e in encoded:
-            counts["loss_tokens"] += e.n_loss_tokens
-            counts["truncated"] += e.truncated
-            counts["no_loss_tokens"] += e.n_loss_tokens == 0
-        writer.add_shard([_row(r, e) for r, e in zip(shard, encoded)], raw,
-                         state={"counts": dict(counts), **({"preconditioner": pre.stats_state()} if fit else {})})
+    def progress(n_docs: int) -> None:
+        bar.update(n_docs)
+        bar.set_postfix(tok_s=f"{(counts['tokens'] - tokens_at_start) / max(time.time() - t0, 1e-9):,.0f}", refresh=False)
+
+    # Shards are written by one background thread while the next is computed; at most one waits.
+    io, pending = ThreadPoolExecutor(1, thread_name_prefix="shard-writer"), None
+    try:
+        for number, shard in enumerate(_chunks(records, cfg.shard_size), start=first_shard):
+            if not writer.owns(number):
+                continue
+            raw, encoded = _shard_gradients(cfg, shard, logra, tokenizer, pre, fit, counts, progress)
+            rows = [_row(r, e) for r, e in zip(shard, encoded)]
+            state = {"counts": dict(counts), **({"preconditioner": pre.stats_state()} if fit else {})}  # snapshots
+            if pending is not None:
+                pending.result()  # a write error stops the pass here
+            pending = io.submit(writer.add_shard, rows, raw, state=state)
+        if pending is not None:
+            pending.result()
+    finally:
+        io.shutdown(wait=True)
     bar.close()
     return counts, time.time() - t0, n_done_before, tokens_at_start
+
+
+def _shard_gradients(cfg: BuildConfig, shard: list[Record], logra: LoGra, tokenizer, pre: Preconditioner, fit: bool,
+                     counts: dict, progress) -> tuple[np.ndarray, list[Encoded]]:
+    """Raw projected gradients of one shard (and statistics with `fit`); `counts` updated in place,
+    `progress(n)` called after each batch of n documents. Returns the gradients and the encodings."""
+    encoded = encode_pairs(tokenizer, [(r.prompt, r.text[len(r.prompt):]) for r in shard], logra.max_tokens)
+    raw = np.zeros((len(shard), logra.dim), dtype=np.float32)
+    for idx in _batches(encoded, cfg.batch_size, cfg.batch_tokens):
+        out = projected_gradients(logra, tokenizer, [encoded[i] for i in idx], token_stats=fit and pre.needs_token_stats)
+        if fit:
+            pre.update(out.grads, out.token_stats)
+        raw[idx] = logra.flatten(out.grads).cpu().numpy()
+        counts["tokens"] += sum(len(encoded[i].input_ids) for i in idx)
+        progress(len(idx))
+    for e in encoded:
+        counts["loss_tokens"] += e.n_loss_tokens
+        counts["truncated"] += e.truncated
+        counts["no_loss_tokens"] += e.n_loss_tokens == 0
+    return raw, encoded
 
 
 def _write_vectors(cfg, pre: Preconditioner, writer: IndexWriter, dim: int) -> dict:
