@@ -1,0 +1,170 @@
+"""Indexing speed and memory.
+
+1. Throughput: tokens/s of the indexer's gradient pass (LoGra hooks + preconditioner statistics,
+   no weight gradients) against a plain training step (forward + backward with weight gradients,
+   optimizer excluded) on the same model and the same batches, alternated in one process. Two
+   model sizes (random weights: speed does not depend on what the model learned).
+2. Memory: peak RSS of `python -m indexer build` at two corpus sizes, each in a fresh process.
+
+    python benchmarks/indexing.py            # writes benchmarks/results/indexing.json
+    python benchmarks/indexing.py --quick    # smaller, for a smoke run
+    python benchmarks/indexing.py --only memory
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from engine import LoGra, LoGraConfig, Preconditioner, collate, per_example_loss, prepare_model  # noqa: E402
+from engine.encoding import Encoded  # noqa: E402
+from indexer.build import BuildConfig  # noqa: E402
+
+MODELS = {  # name -> GPT2Config kwargs
+    "gpt2-tiny (2x128)": dict(n_layer=2, n_embd=128, n_head=4, vocab_size=4096),
+    "gpt2-small (12x768)": dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257),
+}
+
+
+def batches_for(vocab: int, n_batches: int, batch_size: int, max_len: int, seed: int = 0):
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n_batches):
+        lengths = sorted(rng.randint(max_len // 2, max_len) for _ in range(batch_size))  # length-sorted, like the indexer
+        out.append(collate([Encoded([rng.randrange(vocab) for _ in range(n)], 0, False, n) for n in lengths], 0))
+    return out
+
+
+def throughput(name: str, kwargs: dict, n_batches: int, batch_size: int, max_len: int, repeats: int, rank: int) -> dict:
+    torch.manual_seed(0)
+    model = prepare_model(GPT2LMHeadModel(GPT2Config(n_positions=max_len, attn_implementation="eager", **kwargs)))
+    batches = batches_for(kwargs["vocab_size"], n_batches, batch_size, max_len)
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    logra = LoGra(model, LoGraConfig(rank=rank, max_tokens=max_len))
+    kind = BuildConfig.preconditioner  # the indexer's default
+    pre = Preconditioner(kind, logra.shapes)
+
+    def train_step():
+        model.requires_grad_(True)
+        for b in batches:
+            model.zero_grad(set_to_none=True)
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float()
+            per_example_loss(logits, b["labels"]).sum().backward()
+        model.requires_grad_(False)
+
+    def index_pass():
+        for b in batches:
+            out = logra.gradients(b, token_stats=pre.needs_token_stats)
+            pre.update(out.grads, out.token_stats)
+            logra.flatten(out.grads).numpy()
+
+    train_step(), index_pass()  # warm-up
+    times = {"train_step": [], "index_pass": []}
+    for _ in range(repeats):  # alternate so drifts in machine load hit both alike
+        for label, fn in (("train_step", train_step), ("index_pass", index_pass)):
+            t = time.perf_counter()
+            fn()
+            times[label].append(time.perf_counter() - t)
+    ratios = [t / i for t, i in zip(times["train_step"], times["index_pass"])]
+    return {
+        "model": name, "parameters": sum(p.numel() for p in model.parameters()), "tracked_layers": len(logra.layers),
+        "preconditioner": kind, "rank": rank, "dim": logra.dim, "batches": n_batches, "batch_size": batch_size, "tokens_per_repeat": tokens,
+        "train_step_tokens_per_s": round(tokens / statistics.median(times["train_step"]), 1),
+        "index_pass_tokens_per_s": round(tokens / statistics.median(times["index_pass"]), 1),
+        "speedup_median": round(statistics.median(ratios), 3),
+        "speedup_per_repeat": [round(r, 3) for r in ratios],
+    }
+
+
+def peak_rss(n_docs: int, workdir: Path, model_dir: Path) -> dict:
+    rng = random.Random(n_docs)
+    words = "river stone cloud lamp orbit signal garden copper winter engine paper violet harbor needle".split()
+    data = workdir / f"docs-{n_docs}.jsonl"
+    with data.open("w") as f:
+        for i in range(n_docs):
+            f.write(json.dumps({"id": f"d{i}", "text": " ".join(rng.choice(words) for _ in range(rng.randint(8, 24)))}) + "\n")
+    out = workdir / f"index-{n_docs}"
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a child would report this parent's peak.
+    code = ("import re, time; from indexer.cli import main\n"
+            "hwm = lambda key: int(re.search(key + r':\\s+(\\d+)', open('/proc/self/status').read()).group(1))\n"
+            "base = hwm('VmRSS'); t = time.time()\n"
+            f"rc = main(['build', '--model', {str(model_dir)!r}, '--data', {str(data)!r}, '--out', {str(out)!r}, "
+            "'--no-progress', '--batch-size', '32', '--max-tokens', '64'])\n"
+            "print('RESULT', rc, base, hwm('VmHWM'), time.time() - t)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")]
+    if proc.returncode or not line:
+        raise RuntimeError(proc.stderr[-2000:])
+    _, rc, base_kib, kib, seconds = line[0].split()
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    build = json.loads((out / "manifest.json").read_text())["build"]
+    return {"documents": n_docs, "peak_rss_mib": round(int(kib) / 1024, 1),
+            "rss_after_imports_mib": round(int(base_kib) / 1024, 1), "seconds": round(float(seconds), 1),
+            "build_tokens_per_s": build.get("tokens_per_s"),
+            "index_mib": round(size / 2**20, 1)}
+
+
+def tiny_model_dir(workdir: Path) -> Path:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, **{w: i + 1 for i, w in enumerate(
+        "river stone cloud lamp orbit signal garden copper winter engine paper violet harbor needle".split())}},
+        unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    out = workdir / "model"
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[UNK]").save_pretrained(out)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=15, n_positions=64, n_embd=64, n_layer=2, n_head=2, bos_token_id=0,
+                                           eos_token_id=0)).save_pretrained(out)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--only", choices=["throughput", "memory"], default=None)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "indexing.json"))
+    args = ap.parse_args()
+    q = args.quick
+    out = Path(args.out)
+    # Other benchmarks (large_index.py) keep their own sections of the same file.
+    results = json.loads(out.read_text()) if out.exists() else {}
+    results["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                          "threads": torch.get_num_threads()}
+    if args.only in (None, "throughput"):
+        results["throughput"] = []
+        for name, kwargs in MODELS.items():
+            small = kwargs["n_layer"] > 2
+            r = throughput(name, kwargs, n_batches=2 if q else (3 if small else 16), batch_size=8, max_len=128,
+                           repeats=2 if q else 7, rank=8)
+            print(json.dumps(r), flush=True)
+            results["throughput"].append(r)
+    if args.only in (None, "memory"):
+        results["memory"] = []
+        with tempfile.TemporaryDirectory() as tmp:
+            model_dir = tiny_model_dir(Path(tmp))
+            for n in ((1_000, 5_000) if q else (10_000, 100_000)):
+                r = peak_rss(n, Path(tmp), model_dir)
+                print(json.dumps(r), flush=True)
+                results["memory"].append(r)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
