@@ -7,12 +7,13 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+import faiss
 import numpy as np
 
 from engine import MAX_TOKENS_SCORED, load_model, query_vectors, token_texts, token_vectors
 from indexer.store import Index, ModelMismatchError, unit_rows
 
-__all__ = ["Attributor", "Hit", "ModelMismatchError", "QueryError", "TokenScores"]
+__all__ = ["Attributor", "Hit", "ModelMismatchError", "QueryError", "TokenScores", "rerank_search"]
 
 
 class QueryError(ValueError):
@@ -33,6 +34,24 @@ class TokenScores:
     document_score: float
     truncated: bool
     n_scored: int
+
+
+def rerank_search(index: faiss.Index, vectors: np.ndarray, norms: np.ndarray, q: np.ndarray, k: int, mode: str,
+                  rerank_factor: int = 1) -> list[Hit]:
+    """Top-k rows of `vectors` for query q: `index` (over vectors, or their unit rows for cosine)
+    proposes rerank_factor x max(4k, k + 64) candidates, exact float64 scores rank them."""
+    n = len(vectors)
+    k = min(k, n)
+    q = q.astype(np.float32)[None, :]
+    probe = unit_rows(q) if mode == "cosine" else q
+    _, cand = index.search(probe, min(n, max(4 * k, k + 64) * rerank_factor))
+    cand = np.unique(cand[0][cand[0] >= 0])
+    exact = vectors[cand].astype(np.float64) @ q[0].astype(np.float64)
+    if mode == "cosine":
+        denom = norms[cand].astype(np.float64) * float(np.linalg.norm(q))
+        exact = np.divide(exact, denom, out=np.zeros_like(exact), where=denom > 0)
+    order = np.lexsort((cand, -exact))[:k]  # best first; ties broken by row for reproducibility
+    return [Hit(int(cand[i]), float(exact[i])) for i in order]
 
 
 class Attributor:
@@ -79,19 +98,8 @@ class Attributor:
 
     def search(self, q: np.ndarray, k: int, mode: str) -> list[Hit]:
         """Top-k rows for a query vector: FAISS proposes candidates, exact scores rank them."""
-        n = len(self.index)
-        k = min(k, n)
-        q = q.astype(np.float32)[None, :]
-        probe = unit_rows(q) if mode == "cosine" else q
-        n_candidates = n if n <= 4 * k else min(n, max(4 * k, k + 64))
-        _, cand = self.index.faiss[mode].search(probe, n_candidates)
-        cand = np.unique(cand[0][cand[0] >= 0])
-        exact = self.index.vectors[cand].astype(np.float64) @ q[0].astype(np.float64)
-        if mode == "cosine":
-            denom = self.index.norms[cand].astype(np.float64) * float(np.linalg.norm(q))
-            exact = np.divide(exact, denom, out=np.zeros_like(exact), where=denom > 0)
-        order = np.lexsort((cand, -exact))[:k]  # best first; ties broken by row for reproducibility
-        return [Hit(int(cand[i]), float(exact[i])) for i in order]
+        factor = (self.index.manifest.get("faiss") or {}).get("rerank_factor", 1)  # absent in older indexes
+        return rerank_search(self.index.faiss[mode], self.index.vectors, self.index.norms, q, k, mode, factor)
 
     def document(self, doc_id: str) -> dict | None:
         row = self.index.row_of_id.get(doc_id)
