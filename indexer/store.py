@@ -51,7 +51,7 @@ COMPRESSED_TYPE = "ivf-pq"
 # Quantized scores only propose candidates; the exact rerank keeps results exact when the true
 # top k are among them, so compressed types ask FAISS for this many times more (api.search).
 # Measured (benchmarks/large_index.py, 1M x 512): SQ8 lost nothing even at 1, but heavy-tailed norms
-# stretch its 8-bit ranges (2 misses in tests/test_indexer.py); PQ (64 B) needs 16 to match ivf-flat.
+# stretch its 8-bit ranges (at 2 the stress test in tests/test_indexer.py misses); PQ (64 B) needs 16.
 RERANK_FACTOR = {"flat": 1, "ivf-flat": 1, "ivf-sq8": 4, "ivf-pq": 16}
 TRAIN_POINTS_PER_LIST = 64  # k-means sample per IVF list (FAISS warns below 39)
 TRAIN_BYTES = 512 << 20  # ...and at most this much float32 sample, so training memory is bounded
