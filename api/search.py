@@ -16,13 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TypeVar
 
+import faiss
 import numpy as np
 
 from engine import MAX_TOKENS_SCORED, LoGra, Preconditioner, load_model, query_vectors, token_texts, token_vectors
 from indexer.store import MANIFEST, Index, IndexFormatError, ModelMismatchError, unit_rows
 
 __all__ = ["Attributor", "Hit", "IndexUnavailable", "ModelMismatchError", "QueryError", "TokenScores",
-           "UnknownDocument"]
+           "UnknownDocument", "rerank_search"]
 
 log = logging.getLogger("logra_search.api")
 T = TypeVar("T")
@@ -72,6 +73,24 @@ def _stamp(root: Path) -> tuple[int, int] | None:
         return os.stat(root).st_ino, os.stat(root / MANIFEST).st_mtime_ns
     except FileNotFoundError:
         return None
+
+
+def rerank_search(index: faiss.Index, vectors: np.ndarray, norms: np.ndarray, q: np.ndarray, k: int, mode: str,
+                  rerank_factor: int = 1) -> list[Hit]:
+    """Top-k rows of `vectors` for query q: `index` (over vectors, or their unit rows for cosine)
+    proposes rerank_factor x max(4k, k + 64) candidates, exact float64 scores rank them."""
+    n = len(vectors)
+    k = min(k, n)
+    q = q.astype(np.float32)[None, :]
+    probe = unit_rows(q) if mode == "cosine" else q
+    _, cand = index.search(probe, min(n, max(4 * k, k + 64) * rerank_factor))
+    cand = np.unique(cand[0][cand[0] >= 0])
+    exact = vectors[cand].astype(np.float64) @ q[0].astype(np.float64)
+    if mode == "cosine":
+        denom = norms[cand].astype(np.float64) * float(np.linalg.norm(q))
+        exact = np.divide(exact, denom, out=np.zeros_like(exact), where=denom > 0)
+    order = np.lexsort((cand, -exact))[:k]  # best first; ties broken by row for reproducibility
+    return [Hit(int(cand[i]), float(exact[i])) for i in order]
 
 
 class Attributor:
@@ -184,17 +203,6 @@ class Attributor:
 
 
 def search(index: Index, q: np.ndarray, k: int, mode: str) -> list[Hit]:
-    """Top-k rows for a query vector: FAISS proposes candidates, exact scores rank them."""
-    n = len(index)
-    k = min(k, n)
-    q = q.astype(np.float32)[None, :]
-    probe = unit_rows(q) if mode == "cosine" else q
-    n_candidates = n if n <= 4 * k else min(n, max(4 * k, k + 64))
-    _, cand = index.faiss[mode].search(probe, n_candidates)
-    cand = np.unique(cand[0][cand[0] >= 0])
-    exact = index.vectors[cand].astype(np.float64) @ q[0].astype(np.float64)
-    if mode == "cosine":
-        denom = index.norms[cand].astype(np.float64) * float(np.linalg.norm(q))
-        exact = np.divide(exact, denom, out=np.zeros_like(exact), where=denom > 0)
-    order = np.lexsort((cand, -exact))[:k]  # best first; ties broken by row for reproducibility
-    return [Hit(int(cand[i]), float(exact[i])) for i in order]
+    """Top-k rows of an opened index for a query vector, with the candidate count its manifest asks."""
+    factor = (index.manifest.get("faiss") or {}).get("rerank_factor", 1)  # absent in older indexes
+    return rerank_search(index.faiss[mode], index.vectors, index.norms, q, k, mode, factor)

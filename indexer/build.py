@@ -47,7 +47,7 @@ class BuildConfig:
     dtype: str = "float32"
     skip_bad: bool = False
     overwrite: bool = False
-    index_type: str = "auto"  # flat (exact), ivf, or auto: flat below store.FLAT_BELOW documents
+    index_type: str = "auto"  # store.INDEX_TYPES; auto: by corpus size (store.resolve_index_type)
     shard_size: int = 1024  # documents per shard: bounds memory and is the unit written to disk
     progress: bool = True
     trust_remote_code: bool = False

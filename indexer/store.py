@@ -18,9 +18,10 @@ import json
 import os
 import shutil
 import fcntl
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable
 
 import faiss
 import lancedb
@@ -40,8 +41,21 @@ NORMS = "norms.npy"
 TABLE = "documents"
 MODES = ("influence", "cosine")
 REQUIRED = (MANIFEST, STATE, VECTORS, NORMS, "faiss-influence.index", "faiss-cosine.index", f"{TABLE}.lance")
-FLAT_BELOW = 4096  # index_type "auto": exact (flat) FAISS search below this many documents; IVF above
-INDEX_TYPES = ("auto", "flat", "ivf")
+INDEX_TYPES = ("auto", "flat", "ivf", "ivf-flat", "ivf-sq8", "ivf-pq")  # "ivf" is "ivf-flat"
+# index_type "auto": exact (flat) below FLAT_BELOW documents; IVF-flat until the float32 vectors pass
+# COMPRESS_ABOVE_BYTES (the server holds two such indexes in memory); then COMPRESSED_TYPE.
+# benchmarks/large_index.py measures what each costs and recalls (README, "Index types").
+FLAT_BELOW = 4096
+COMPRESS_ABOVE_BYTES = 1 << 30
+COMPRESSED_TYPE = "ivf-pq"
+# Quantized scores only propose candidates; the exact rerank keeps results exact when the true
+# top k are among them, so compressed types ask FAISS for this many times more (api.search).
+# Measured (benchmarks/large_index.py, 1M x 512): SQ8 lost nothing even at 1, but heavy-tailed norms
+# stretch its 8-bit ranges (at 2 the stress test in tests/test_indexer.py misses); PQ (64 B) needs 16.
+RERANK_FACTOR = {"flat": 1, "ivf-flat": 1, "ivf-sq8": 4, "ivf-pq": 16}
+TRAIN_POINTS_PER_LIST = 64  # k-means sample per IVF list (FAISS warns below 39)
+TRAIN_BYTES = 512 << 20  # ...and at most this much float32 sample, so training memory is bounded
+BLOCK_BYTES = 128 << 20  # vectors are read and added in blocks of this size
 
 DOCUMENT_SCHEMA = pa.schema([
     ("row", pa.int64()),
@@ -95,16 +109,6 @@ def read_manifest(root: str | Path) -> dict:
 def unit_rows(x: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     return x / np.where(norms > 0, norms, 1.0)
-
-
-def row_blocks(path: Path, block_rows: int = 65536) -> Iterator[np.ndarray]:
-    """Rows of a .npy matrix as in-memory blocks, each read through its own short-lived memory map so
-    no more than one block stays resident."""
-    n = np.load(path, mmap_mode="r").shape[0]
-    for s in range(0, n, block_rows):
-        rows = np.load(path, mmap_mode="r")
-        yield np.array(rows[s : s + block_rows], dtype=np.float32)
-        del rows
 
 
 class IndexWriter:
@@ -237,7 +241,7 @@ class IndexWriter:
         with open(self.tmp / VECTORS, "wb") as f:
             np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (total, dim)})
             if self.base is not None:
-                for block in row_blocks(self.base.root / VECTORS, block_rows):
+                for _, block in VectorFile(self.base.root / VECTORS).blocks(block_rows):
                     f.write(block.tobytes())
                 norms[: self.row_offset] = self.base.norms
                 start = self.row_offset
@@ -252,26 +256,8 @@ class IndexWriter:
             raise RuntimeError(f"wrote {start} vectors for {total} documents")
         np.save(self.tmp / NORMS, norms)
 
-    def write_faiss(self, index_type: str = "auto", nlist: int | None = None, block: int = 65536) -> dict:
-        vectors = np.load(self.tmp / VECTORS, mmap_mode="r")
-        n, dim = vectors.shape
-        info = {}
-        for mode in MODES:
-            prep = (lambda x: np.ascontiguousarray(x, dtype=np.float32)) if mode == "influence" else unit_rows
-            if index_type == "flat" or (index_type == "auto" and n < FLAT_BELOW):
-                index = faiss.IndexFlatIP(dim)
-                info = {"type": "flat"}
-            else:
-                k = nlist or max(1, int(min(4 * np.sqrt(n), n // 39)))  # >= 39 training points a list
-                index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, k, faiss.METRIC_INNER_PRODUCT)
-                sample = np.random.default_rng(0).choice(n, size=min(n, 256 * k), replace=False)
-                index.train(prep(vectors[np.sort(sample)]))
-                index.nprobe = min(k, max(8, k // 8))  # candidates are reranked exactly; recall is what costs
-                info = {"type": "ivf-flat", "nlist": k, "nprobe": index.nprobe}
-            for s in range(0, n, block):
-                index.add(prep(vectors[s : s + block]))
-            faiss.write_index(index, str(faiss_path(self.tmp, mode)))
-        return info
+    def write_faiss(self, index_type: str = "auto", nlist: int | None = None, block: int | None = None) -> dict:
+        return build_faiss(self.tmp, index_type, nlist=nlist, block=block)
 
     def commit(self, manifest: dict, state: dict) -> dict:
         """Write table, manifest and state, then rename the folder into place; returns the manifest."""
@@ -305,6 +291,120 @@ class IndexWriter:
             return
         self.out.with_name(f".{self.out.name}.lock").unlink(missing_ok=True)
         self._lock.close()
+
+
+def resolve_index_type(index_type: str, n: int, dim: int) -> str:
+    """The concrete FAISS index type for `index_type` over n vectors of `dim` floats."""
+    if index_type not in INDEX_TYPES:
+        raise ValueError(f"index_type must be one of {INDEX_TYPES}, got {index_type!r}")
+    if index_type == "ivf":
+        return "ivf-flat"
+    if index_type != "auto":
+        return index_type
+    if n < FLAT_BELOW:
+        return "flat"
+    return COMPRESSED_TYPE if n * dim * 4 > COMPRESS_ABOVE_BYTES else "ivf-flat"
+
+
+def default_nlist(n: int) -> int:
+    # 2 sqrt(n) lists, not the usual 4-16 sqrt(n): k-means and assignment cost grow with nlist and
+    # run on one CPU core in the tested setup; the exact rerank makes up for coarser lists.
+    return max(1, int(min(2 * np.sqrt(n), n // 39)))
+
+
+def pq_subquantizers(dim: int) -> int:
+    """IVF-PQ sub-quantizers: the divisor of dim nearest dim/8 from below (one byte per ~8 floats)."""
+    return max(m for m in range(1, max(1, dim // 8) + 1) if dim % m == 0)
+
+
+class VectorFile:
+    """Reads a float32 (N, dim) .npy in blocks with plain reads instead of a memory map, so the
+    pages read do not stay in this process's resident set: memory stays at one block."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        header = np.load(self.path, mmap_mode="r")  # for its shape and data offset; unmapped below
+        if header.dtype != np.float32 or header.ndim != 2 or not header.flags.c_contiguous:
+            raise IndexFormatError(f"{self.path} is not a float32 (N, dim) array")
+        self.shape, self.offset = header.shape, header.offset
+        del header
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        dim = self.shape[1]
+        count = (min(stop, self.shape[0]) - start) * dim
+        return np.fromfile(self.path, dtype=np.float32, count=count, offset=self.offset + start * dim * 4).reshape(-1, dim)
+
+    def blocks(self, block: int) -> Iterable[tuple[int, np.ndarray]]:
+        for s in range(0, self.shape[0], block):
+            yield s, self.read(s, s + block)
+
+    def rows(self, rows: np.ndarray, block: int) -> np.ndarray:
+        """Rows (sorted) of the file, read block by block."""
+        parts = []
+        for s, x in self.blocks(block):
+            sel = rows[(rows >= s) & (rows < s + len(x))]
+            parts.append(x[sel - s])
+        return np.concatenate(parts)
+
+
+def _gpu_resources():
+    """faiss-gpu with a visible GPU: resources to train and fill IVF indexes there, else None."""
+    if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+        return faiss.StandardGpuResources()
+    return None
+
+
+def build_faiss(root: str | Path, index_type: str = "auto", nlist: int | None = None, block: int | None = None,
+                gpu: bool = True) -> dict:
+    """Write faiss-{mode}.index for both modes into `root` from root/vectors.npy and return what was
+    built (type, nlist, nprobe, ..., rerank_factor) for the manifest. Training uses a bounded sample
+    and vectors are added a block at a time, so memory is the index itself plus one block.
+    With faiss-gpu and a GPU (and `gpu`), IVF indexes are trained and filled on GPU 0."""
+    root = Path(root)
+    vf = VectorFile(root / VECTORS)
+    n, dim = vf.shape
+    block = block or max(1, BLOCK_BYTES // (4 * dim))
+    kind = resolve_index_type(index_type, n, dim)
+    res = _gpu_resources() if gpu and kind != "flat" else None
+    for mode in MODES:
+        prep = (lambda x: x) if mode == "influence" else unit_rows
+        info = {"type": kind, "rerank_factor": RERANK_FACTOR[kind]}
+        if kind == "flat":
+            index = faiss.IndexFlatIP(dim)
+        else:
+            k = nlist or default_nlist(n)
+            quantizer = faiss.IndexFlatIP(dim)
+            n_train = min(n, TRAIN_POINTS_PER_LIST * k, max(39 * k, TRAIN_BYTES // (4 * dim)))
+            sample = np.sort(np.random.default_rng(0).choice(n, size=n_train, replace=False))
+            if kind == "ivf-flat":
+                index = faiss.IndexIVFFlat(quantizer, dim, k, faiss.METRIC_INNER_PRODUCT)
+            elif kind == "ivf-sq8":
+                index = faiss.IndexIVFScalarQuantizer(quantizer, dim, k, faiss.ScalarQuantizer.QT_8bit,
+                                                      faiss.METRIC_INNER_PRODUCT)
+            else:  # 8-bit codes need 256 training points per sub-quantizer; tiny corpora get fewer bits
+                m, nbits = pq_subquantizers(dim), min(8, int(np.log2(n_train)))
+                index = faiss.IndexIVFPQ(quantizer, dim, k, m, nbits, faiss.METRIC_INNER_PRODUCT)
+                info.update(m=m, nbits=nbits)
+            info.update(nlist=k, n_train=n_train)
+        work, on_gpu = index, False
+        if res is not None:
+            try:
+                work, on_gpu = faiss.index_cpu_to_gpu(res, 0, index), True
+            except RuntimeError as e:  # e.g. a PQ code size the GPU kernels lack: build on the CPU
+                warnings.warn(f"faiss-gpu cannot build {kind} here ({e}); building on the CPU")
+        if kind != "flat":
+            work.train(prep(vf.rows(sample, block)))
+        for _, x in vf.blocks(block):
+            work.add(prep(x))
+        index = faiss.index_gpu_to_cpu(work) if on_gpu else work
+        del work
+        if kind != "flat":
+            # candidates are reranked exactly; recall is what costs, so probe an eighth of the lists
+            index.nprobe = info["nprobe"] = min(index.nlist, max(8, index.nlist // 8))
+        info["device"] = "gpu" if on_gpu else "cpu"
+        faiss.write_index(index, str(faiss_path(root, mode)))
+        del index
+    return info
 
 
 def _atomic_torch_save(obj, path: Path) -> None:

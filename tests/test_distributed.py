@@ -157,7 +157,7 @@ def test_bad_record_stops_every_process_and_leaves_nothing(runs):
     assert codes["bad"] != 0, out[-4000:]
     message = f"bad.jsonl line {BAD_LINE}: invalid JSON"
     # each process read the record and says so itself (rank 1's line is tagged)
-    assert f"error: {d / 'bad.jsonl'} line {BAD_LINE}" in out and f"error: [rank 1] " in out and message in out, out[-4000:]
+    assert f"error: {d / 'bad.jsonl'} line {BAD_LINE}" in out and "error: [rank 1] " in out and message in out, out[-4000:]
     assert not (d / "bad").exists()
     assert leftovers(d) == []
 

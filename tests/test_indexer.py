@@ -496,29 +496,102 @@ def test_document_with_nothing_to_score_is_kept_and_reported(tmp_path, gpt2_dir,
     assert {h.row: h.score for h in hits}[index.row_of_id["tiny"]] == 0.0
 
 
-def test_ivf_index_scores_are_exact_and_recall_high(tmp_path, gpt2_dir):
-    """IVF only proposes candidates: every score it returns is the exact score, and it finds
-    nearly all of the exact top 5."""
+def test_ivf_index_types_score_exactly_and_recall_high(tmp_path, gpt2_dir):
+    """IVF (flat, SQ8, PQ) only proposes candidates: every score returned is the exact score, and it
+    finds nearly all of the exact top 5 (flat index), through Attributor.search and the manifest."""
+    from engine import query_vectors
     docs = synthetic_corpus(400, seed=11)
     data = write_jsonl(tmp_path / "d.jsonl", docs)
-    for kind in ("flat", "ivf"):
+    kinds = {"ivf": "ivf-flat", "ivf-sq8": "ivf-sq8", "ivf-pq": "ivf-pq"}
+    for kind in ("flat", *kinds):
         build_index(BuildConfig(model=gpt2_dir, data=[data], out=str(tmp_path / kind), index_type=kind, progress=False))
-    ivf_manifest = Index.open(tmp_path / "ivf").manifest
-    assert ivf_manifest["faiss"]["type"] == "ivf-flat" and ivf_manifest["faiss"]["nlist"] > 1
-    flat, ivf = Attributor(tmp_path / "flat"), Attributor(tmp_path / "ivf")
-    recalled, total, self_found = 0, 0, 0
-    for d in docs[::8]:
-        for mode in ("cosine", "influence"):
-            exact = {h.row: h.score for h in flat.attribute("", d["text"], len(docs), mode)[0]}
-            top5 = sorted(exact, key=lambda r: -exact[r])[:5]
-            hits, found, _ = ivf.attribute("", d["text"], 5, mode)
-            assert [h.score for h in hits] == pytest.approx([exact[h.row] for h in hits], rel=1e-6)
-            recalled += len({h.row for h in hits} & set(top5))
-            total += 5
-            if mode == "cosine":
-                self_found += found[0]["id"] == d["id"]
-    assert recalled / total >= 0.9, recalled / total
-    assert self_found == len(docs[::8])
+    # an index from before rerank_factor was recorded opens and searches as before (factor 1)
+    old = json.loads((tmp_path / "ivf" / "manifest.json").read_text())
+    old["faiss"] = {key: old["faiss"][key] for key in ("type", "nlist", "nprobe")}
+    (tmp_path / "ivf" / "manifest.json").write_text(json.dumps(old))
+    flat = Attributor(tmp_path / "flat")
+    served = flat.current()
+    queries = query_vectors(served.logra, served.preconditioner, flat.tokenizer, [("", d["text"]) for d in docs[::8]])[0]
+    for kind, recorded in kinds.items():
+        ivf = Attributor(tmp_path / kind)
+        assert ivf.index.manifest["faiss"]["type"] == recorded and ivf.index.manifest["faiss"]["nlist"] > 1
+        assert ivf.index.manifest["faiss"].get("rerank_factor", 1) == store.RERANK_FACTOR[recorded]
+        recalled, total, self_found = 0, 0, 0
+        for d, q in zip(docs[::8], queries.numpy()):
+            for mode in ("cosine", "influence"):
+                exact = {h.row: h.score for h in flat.search(q, len(docs), mode)}
+                top5 = sorted(exact, key=lambda r: -exact[r])[:5]
+                hits = ivf.search(q, 5, mode)
+                assert [h.score for h in hits] == pytest.approx([exact[h.row] for h in hits], rel=1e-6)
+                recalled += len({h.row for h in hits} & set(top5))
+                total += 5
+                if mode == "cosine":
+                    self_found += flat.index.documents([hits[0].row])[0]["id"] == d["id"]
+        assert recalled / total >= 0.9, (kind, recalled / total)
+        assert self_found == len(docs[::8]), kind
+
+
+def anisotropic_vectors(n: int, dim: int, seed: int) -> np.ndarray:
+    """A decaying spectrum (low-rank gaussian plus noise) and heavy-tailed norms, like whitened gradients."""
+    rng = np.random.default_rng(seed)
+    basis = rng.standard_normal((16, dim)) * np.geomspace(4, 0.25, 16)[:, None]
+    x = rng.standard_normal((n, 16)) @ basis + 0.3 * rng.standard_normal((n, dim))
+    return (x * rng.lognormal(0, 0.7, (n, 1))).astype(np.float32)
+
+
+def brute_force(vectors: np.ndarray, norms: np.ndarray, q: np.ndarray, mode: str) -> np.ndarray:
+    """Exact float64 scores; cosine divides by the norms as stored (float32, as in norms.npy)."""
+    scores = vectors.astype(np.float64) @ q.astype(np.float64)
+    return scores / (norms.astype(np.float64) * np.linalg.norm(q.astype(np.float64))) if mode == "cosine" else scores
+
+
+@pytest.mark.parametrize("kind", ["ivf-flat", "ivf-sq8", "ivf-pq"])
+def test_compressed_index_with_rerank_returns_the_exact_top_k(tmp_path, kind):
+    """With every list probed, what is left is quantization error: the rerank over rerank_factor x
+    more candidates (far fewer than the corpus) must give exactly the brute-force top 10 and scores."""
+    from api.search import rerank_search
+    import faiss
+    n, dim, k = 3000, 64, 10
+    x = anisotropic_vectors(n + 40, dim, seed=5)
+    np.save(tmp_path / store.VECTORS, x[:n])
+    info = store.build_faiss(tmp_path, kind, nlist=4, block=700)  # blocks not dividing n
+    assert info["type"] == kind and info["nprobe"] == info["nlist"] == 4
+    assert (max(4 * k, k + 64) * info["rerank_factor"]) < n / 2  # the rerank sees a minority of the corpus
+    if kind == "ivf-pq":
+        assert dim % info["m"] == 0 and info["nbits"] == 8
+    vectors = np.load(tmp_path / store.VECTORS, mmap_mode="r")
+    norms = np.linalg.norm(x[:n], axis=1)
+    for mode in store.MODES:
+        index = faiss.read_index(str(store.faiss_path(tmp_path, mode)))
+        assert index.ntotal == n
+        for q in x[n:] + 0.1 * np.random.default_rng(1).standard_normal((40, dim)).astype(np.float32):
+            exact = brute_force(x[:n], norms, q, mode)
+            hits = rerank_search(index, vectors, norms, q, k, mode, info["rerank_factor"])
+            assert [h.row for h in hits] == list(np.argsort(-exact, kind="stable")[:k])
+            assert [h.score for h in hits] == pytest.approx(exact[[h.row for h in hits]], rel=1e-6)
+
+
+def test_auto_index_type_by_corpus_size():
+    assert store.resolve_index_type("auto", store.FLAT_BELOW - 1, 3072) == "flat"
+    assert store.resolve_index_type("auto", store.FLAT_BELOW, 512) == "ivf-flat"
+    big = store.COMPRESS_ABOVE_BYTES // (4 * 512) + 1
+    assert store.resolve_index_type("auto", big - 1, 512) == "ivf-flat"
+    assert store.resolve_index_type("auto", big, 512) == store.COMPRESSED_TYPE
+    assert store.resolve_index_type("ivf", 10, 512) == "ivf-flat"
+    assert store.resolve_index_type("flat", 10**9, 512) == "flat"
+    with pytest.raises(ValueError, match="index_type"):
+        store.resolve_index_type("hnsw", 10, 512)
+    assert [store.pq_subquantizers(d) for d in (512, 3072, 100, 7)] == [64, 384, 10, 1]
+
+
+def test_vector_file_reads_blocks_and_rows_like_numpy(tmp_path):
+    x = np.random.default_rng(0).standard_normal((1000, 24)).astype(np.float32)
+    np.save(tmp_path / "v.npy", x)
+    vf = store.VectorFile(tmp_path / "v.npy")
+    assert vf.shape == (1000, 24)
+    assert np.array_equal(np.concatenate([b for _, b in vf.blocks(300)]), x)
+    rows = np.array([0, 299, 300, 301, 999])
+    assert np.array_equal(vf.rows(rows, 300), x[rows])
 
 
 # -- resume after SIGKILL ----------------------------------------------------------------------------
