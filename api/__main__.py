@@ -10,6 +10,7 @@ from indexer.store import IndexFormatError
 
 from .app import create_app
 from .search import ModelMismatchError
+from .settings import ServerSettings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,10 +20,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--model", default=None, help="serve with this model path/name instead of the manifest's")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--max-body-bytes", type=int, default=None, help="413 above this (default 8 MiB; LOGRA_MAX_BODY_BYTES)")
+    ap.add_argument("--request-timeout", type=float, default=None,
+                    help="seconds before a request is answered 503 (default 60; LOGRA_REQUEST_TIMEOUT_S)")
+    ap.add_argument("--cors-origin", action="append", default=None, dest="cors_origins",
+                    help="allow browser pages from this origin (repeatable; default none; LOGRA_CORS_ORIGINS)")
     args = ap.parse_args(argv)
     try:
-        app = create_app(args.index, model=args.model, device=args.device)
-    except (IndexFormatError, ModelMismatchError, OSError) as e:
+        # The API key comes only from LOGRA_API_KEY: a command line is visible to every user of the machine.
+        settings = ServerSettings.from_env(max_body_bytes=args.max_body_bytes, request_timeout_s=args.request_timeout,
+                                           cors_origins=args.cors_origins)
+        app = create_app(args.index, model=args.model, device=args.device, settings=settings)
+    except (IndexFormatError, ModelMismatchError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"serving {args.index} on http://{args.host}:{args.port}/", flush=True)

@@ -10,8 +10,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 
-from .routes import STATIC, router
+from fastapi.middleware.cors import CORSMiddleware
+
+from .limits import RequestLimits
+from .metrics import Metrics, MetricsMiddleware
+from .routes import STATIC, admin, data, router
 from .search import Attributor, IndexUnavailable
+from .settings import ServerSettings
 
 
 class _AsciiJSONResponse(JSONResponse):
@@ -31,15 +36,27 @@ async def _unavailable(request: Request, exc: IndexUnavailable) -> JSONResponse:
     return _AsciiJSONResponse(status_code=503, content={"detail": str(exc)})
 
 
-def create_app(index_dir: str | Path, model: str | None = None, device: str = "cpu") -> FastAPI:
+def create_app(index_dir: str | Path, model: str | None = None, device: str = "cpu",
+               settings: ServerSettings | None = None) -> FastAPI:
     """Open the index and load its model now, so a bad index or the wrong model fails at start-up,
-    not on the first request. `model` overrides the manifest's model (e.g. a local copy)."""
+    not on the first request. `model` overrides the manifest's model (e.g. a local copy).
+    `settings`: limits, API key and CORS (default: from the LOGRA_* environment variables)."""
+    settings = settings or ServerSettings.from_env()
     attributor = Attributor(index_dir, model=model, device=device)
     app = FastAPI(title="logra-search", version="0.1.0",
                   description="Which training documents made the model produce this response?")
-    app.state.attributor = attributor
+    app.state.attributor, app.state.settings = attributor, settings
+    app.state.metrics = Metrics(n_documents=lambda: len(attributor.index),
+                                index_bytes=lambda: sum(p.stat().st_size for p in Path(index_dir).rglob("*") if p.is_file()))
     app.add_exception_handler(RequestValidationError, _invalid_request)
     app.add_exception_handler(IndexUnavailable, _unavailable)
-    app.include_router(router)
+    for r in (router, data, admin):
+        app.include_router(r)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    # Added last = outermost: metrics see every answer, the limits' 413 and 503 included.
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "X-API-Key", "Content-Type"])
+    app.add_middleware(RequestLimits, max_body_bytes=settings.max_body_bytes, timeout_s=settings.request_timeout_s)
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     return app

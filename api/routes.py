@@ -5,15 +5,19 @@ import time
 from pathlib import Path
 
 from fastapi import APIRouter, Depends, HTTPException, Request
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from engine import MAX_TOKENS_SCORED
 
-from .schemas import (AttributeRequest, AttributeResponse, AttributeResult, Document, Health, QueryInfo, TokenRequest,
-                      TokenResponse, TokenScore)
+from .auth import require_admin_key, require_api_key
+from .schemas import (AttributeRequest, AttributeResponse, AttributeResult, Document, Health, QueryInfo, Reloaded,
+                      TokenRequest, TokenResponse, TokenScore)
 from .search import Attributor, QueryError, UnknownDocument
 
-router = APIRouter()
+router = APIRouter()  # open to all: health, metrics, the page
+data = APIRouter(dependencies=[Depends(require_api_key)])  # the index's contents: the API key when one is set
+admin = APIRouter(prefix="/admin", dependencies=[Depends(require_admin_key)])
 STATIC = Path(__file__).parent / "static"
 
 
@@ -21,21 +25,21 @@ def get_attributor(request: Request) -> Attributor:
     return request.app.state.attributor
 
 
-@router.post("/attribute", response_model=AttributeResponse)
+@data.post("/attribute", response_model=AttributeResponse)
 def attribute(body: AttributeRequest, att: Attributor = Depends(get_attributor)) -> AttributeResponse:
     started = time.perf_counter()
     try:
-        hits, docs, info = att.attribute(body.prompt, body.response, body.k, body.mode)
+        hits, docs, info = att.attribute(body.prompt, body.response, body.k, body.mode, body.direction)
     except QueryError as e:
         raise HTTPException(status_code=422, detail=str(e)) from e
     n_documents = info.pop("n_documents")
     results = [AttributeResult(rank=i + 1, id=d["id"], score=h.score, text=d["text"], metadata=d["metadata"],
                                source=d["source"], line=d["line"]) for i, (h, d) in enumerate(zip(hits, docs))]
-    return AttributeResponse(results=results, mode=body.mode, k=body.k, n_documents=n_documents,
+    return AttributeResponse(results=results, mode=body.mode, direction=body.direction, k=body.k, n_documents=n_documents,
                              query=QueryInfo(**info), took_ms=round((time.perf_counter() - started) * 1000, 2))
 
 
-@router.post("/attribute/tokens", response_model=TokenResponse)
+@data.post("/attribute/tokens", response_model=TokenResponse)
 def attribute_tokens(body: TokenRequest, att: Attributor = Depends(get_attributor)) -> TokenResponse:
     """Split one document's score over the response's tokens."""
     try:
@@ -49,13 +53,13 @@ def attribute_tokens(body: TokenRequest, att: Attributor = Depends(get_attributo
                          n_scored_tokens=ts.n_scored, max_tokens_scored=MAX_TOKENS_SCORED)
 
 
-@router.get("/documents", response_model=Document)
+@data.get("/documents", response_model=Document)
 def document_by_query(id: str, att: Attributor = Depends(get_attributor)) -> Document:  # noqa: A002
     """The same as /documents/{id}, for ids a URL path cannot carry ("." and "..": clients remove them)."""
     return document(id, att)
 
 
-@router.get("/documents/{doc_id:path}", response_model=Document)
+@data.get("/documents/{doc_id:path}", response_model=Document)
 def document(doc_id: str, att: Attributor = Depends(get_attributor)) -> Document:
     doc = att.document(doc_id)
     if doc is None:
@@ -68,9 +72,22 @@ def health(att: Attributor = Depends(get_attributor)) -> Health:
     return Health(status="ok", n_documents=len(att.index), model=att.model_name)
 
 
-@router.get("/index")
+@data.get("/index")
 def index_manifest(att: Attributor = Depends(get_attributor)) -> dict:
     return att.index.manifest
+
+
+@router.get("/metrics", include_in_schema=False)
+def metrics(request: Request) -> Response:
+    """Prometheus text format: requests by route and status, latencies, index size."""
+    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@admin.post("/reload", response_model=Reloaded)
+def reload(att: Attributor = Depends(get_attributor)) -> Reloaded:
+    """Open the index folder again now if it was replaced (requests also notice it by themselves)."""
+    reloaded = att.reload()
+    return Reloaded(reloaded=reloaded, n_documents=len(att.index))
 
 
 # The page loads only its own files; document text is rendered as text, and this is a second line.

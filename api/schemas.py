@@ -27,6 +27,9 @@ class _Query(BaseModel):
 
 class AttributeRequest(_Query):
     k: int = Field(10, ge=1, le=MAX_K, strict=True, description="how many documents to return")
+    direction: Literal["proponents", "opponents"] = Field(
+        "proponents", description="the highest scores (documents that push the model towards the response), "
+        "or the lowest (documents that push it away)")
 
 
 class TokenRequest(_Query):
@@ -72,6 +75,7 @@ class QueryInfo(BaseModel):
 class AttributeResponse(BaseModel):
     results: list[AttributeResult]
     mode: str
+    direction: str
     k: int
     n_documents: int
     query: QueryInfo
@@ -88,3 +92,8 @@ class Health(BaseModel):
     status: Literal["ok"]
     n_documents: int
     model: str
+
+
+class Reloaded(BaseModel):
+    reloaded: bool = Field(description="a new index was opened (false: the folder had not changed)")
+    n_documents: int

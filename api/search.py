@@ -76,20 +76,22 @@ def _stamp(root: Path) -> tuple[int, int] | None:
 
 
 def rerank_search(index: faiss.Index, vectors: np.ndarray, norms: np.ndarray, q: np.ndarray, k: int, mode: str,
-                  rerank_factor: int = 1) -> list[Hit]:
+                  rerank_factor: int = 1, direction: str = "proponents") -> list[Hit]:
     """Top-k rows of `vectors` for query q: `index` (over vectors, or their unit rows for cosine)
-    proposes rerank_factor x max(4k, k + 64) candidates, exact float64 scores rank them."""
+    proposes rerank_factor x max(4k, k + 64) candidates, exact float64 scores rank them. Opponents
+    (the lowest scores) are the top rows for -q: the same index, probed the other way."""
     n = len(vectors)
     k = min(k, n)
+    sign = {"proponents": 1.0, "opponents": -1.0}[direction]
     q = q.astype(np.float32)[None, :]
-    probe = unit_rows(q) if mode == "cosine" else q
+    probe = sign * (unit_rows(q) if mode == "cosine" else q)
     _, cand = index.search(probe, min(n, max(4 * k, k + 64) * rerank_factor))
     cand = np.unique(cand[0][cand[0] >= 0])
     exact = vectors[cand].astype(np.float64) @ q[0].astype(np.float64)
     if mode == "cosine":
         denom = norms[cand].astype(np.float64) * float(np.linalg.norm(q))
         exact = np.divide(exact, denom, out=np.zeros_like(exact), where=denom > 0)
-    order = np.lexsort((cand, -exact))[:k]  # best first; ties broken by row for reproducibility
+    order = np.lexsort((cand, -sign * exact))[:k]  # best first; ties broken by row for reproducibility
     return [Hit(int(cand[i]), float(exact[i])) for i in order]
 
 
@@ -117,6 +119,19 @@ class Attributor:
         served, stamp = self._served, _stamp(self.root)
         if stamp is None or stamp == served.stamp or stamp == self._refused_stamp:
             return served
+        return self._reopen(stamp)
+
+    def reload(self) -> bool:
+        """Reopen the folder now if it changed (POST /admin/reload); raises what stops serving it."""
+        stamp = _stamp(self.root)
+        if stamp is None or stamp == self._served.stamp:
+            return False
+        served = self._reopen(stamp)
+        if served.stamp != stamp:
+            raise IndexUnavailable(f"{self.root} cannot be served: {self._refusal}")
+        return True
+
+    def _reopen(self, stamp: tuple[int, int]) -> Served:
         with self._reload_lock:
             if self._served.stamp != stamp:
                 try:
@@ -147,11 +162,12 @@ class Attributor:
             raise IndexUnavailable(f"{self.root} was replaced by an index this server cannot serve "
                                    f"({self._refusal}); restart it with the right model") from None
 
-    def attribute(self, prompt: str, response: str, k: int, mode: str) -> tuple[list[Hit], list[dict], dict]:
+    def attribute(self, prompt: str, response: str, k: int, mode: str,
+                  direction: str = "proponents") -> tuple[list[Hit], list[dict], dict]:
         """The top-k hits, their documents, and what was scored (tokens, truncation, index size)."""
-        return self._answer(lambda s: self._attribute(s, prompt, response, k, mode))
+        return self._answer(lambda s: self._attribute(s, prompt, response, k, mode, direction))
 
-    def _attribute(self, s: Served, prompt: str, response: str, k: int, mode: str):
+    def _attribute(self, s: Served, prompt: str, response: str, k: int, mode: str, direction: str):
         with self._lock:
             vectors, encoded = query_vectors(s.logra, s.preconditioner, self.tokenizer, [(prompt, response)])
         enc = encoded[0]
@@ -159,7 +175,7 @@ class Attributor:
                 "n_documents": len(s.index)}
         if enc.n_loss_tokens == 0:
             raise QueryError("the response has no token to score: with an empty prompt it needs at least two tokens")
-        hits = search(s.index, vectors[0].numpy(), k, mode)
+        hits = search(s.index, vectors[0].numpy(), k, mode, direction)
         return hits, s.index.documents([h.row for h in hits]), info
 
     def token_scores(self, prompt: str, response: str, doc_id: str, mode: str,
@@ -202,7 +218,7 @@ class Attributor:
         return self._answer(get)
 
 
-def search(index: Index, q: np.ndarray, k: int, mode: str) -> list[Hit]:
+def search(index: Index, q: np.ndarray, k: int, mode: str, direction: str = "proponents") -> list[Hit]:
     """Top-k rows of an opened index for a query vector, with the candidate count its manifest asks."""
     factor = (index.manifest.get("faiss") or {}).get("rerank_factor", 1)  # absent in older indexes
-    return rerank_search(index.faiss[mode], index.vectors, index.norms, q, k, mode, factor)
+    return rerank_search(index.faiss[mode], index.vectors, index.norms, q, k, mode, factor, direction)

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from hypothesis import given as hypothesis_given
 
 from api import create_app
 from api.search import ModelMismatchError
@@ -594,3 +595,118 @@ def test_an_index_for_another_model_swapped_in_is_refused_with_503(tmp_path, gpt
         assert r.status_code == 503 and "cannot serve" in r.json()["detail"] and "not the model" in r.json()["detail"]
         assert c.get("/documents", params={"id": docs[0]["id"]}).status_code == 503
         assert c.get("/health").status_code == 200
+
+
+# -- 11. opponents, limits, API key, CORS, metrics -------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["influence", "cosine"])
+def test_opponents_are_the_lowest_exact_scores(client, reference, mode):
+    response = "river stone cloud lamp orbit signal garden copper"
+    ids, scores = brute_force(reference, "", response, mode)
+    got = attribute(client, response=response, k=5, mode=mode, direction="opponents")
+    assert got["direction"] == "opponents"
+    assert [x["id"] for x in got["results"]] == ids[::-1][:5]
+    assert [x["score"] for x in got["results"]] == pytest.approx(list(scores[::-1][:5]), rel=1e-6, abs=1e-9)
+    bad = client.post("/attribute", json={"response": response, "direction": "sideways"})
+    assert bad.status_code == 422 and "direction" in bad.text
+
+
+def _app(index_dir, **settings):
+    from api.settings import ServerSettings
+    return TestClient(create_app(index_dir, settings=ServerSettings(**settings)))
+
+
+KEY = "k" * 8 + "-secret-123"
+
+
+def test_body_size_and_request_time_limits(index_dir, corpus):
+    with _app(index_dir, max_body_bytes=2000, request_timeout_s=0.05) as c:
+        big = c.post("/attribute", json={"response": "river " * 500})
+        assert big.status_code == 413 and "2000 bytes" in big.json()["detail"]
+
+        def chunks():  # no content-length: the limit counts what arrives
+            for _ in range(10):
+                yield b" " * 500
+        assert c.post("/attribute", content=chunks(), headers={"content-type": "application/json"}).status_code == 413
+        # one pass per response token: far over 50 ms on any machine
+        slow = c.post("/attribute/tokens", json={"response": " ".join(["river stone cloud"] * 60), "id": corpus[5]["id"]})
+        assert slow.status_code == 503 and "no answer within 0.05 s" in slow.json()["detail"]
+        assert c.get("/health").status_code == 200
+
+
+def test_api_key_guards_the_data_and_admin_endpoints(index_dir, corpus):
+    body = {"response": corpus[3]["text"], "k": 2}
+    with _app(index_dir, api_key=KEY) as c:
+        for call in (lambda h: c.post("/attribute", json=body, headers=h),
+                     lambda h: c.get("/documents", params={"id": corpus[3]["id"]}, headers=h),
+                     lambda h: c.get("/index", headers=h)):
+            assert call({}).status_code == 401
+            assert call({"Authorization": "Bearer wrong-key-wrong-key"}).status_code == 401
+            assert call({"Authorization": f"Bearer {KEY}"}).status_code == 200
+            assert call({"X-API-Key": KEY}).status_code == 200
+        assert c.get("/health").status_code == 200 and c.get("/").status_code == 200
+        assert c.post("/admin/reload").status_code == 401
+        r = c.post("/admin/reload", headers={"X-API-Key": KEY})
+        assert r.status_code == 200 and r.json() == {"reloaded": False, "n_documents": len(corpus)}
+    with _app(index_dir) as c:  # no key: data open, admin off
+        assert c.post("/attribute", json=body).status_code == 200
+        r = c.post("/admin/reload", headers={"X-API-Key": KEY})
+        assert r.status_code == 403 and "LOGRA_API_KEY" in r.json()["detail"]
+
+
+def test_admin_reload_swaps_in_an_appended_index(tmp_path, gpt2_dir):
+    docs = synthetic_corpus(14, seed=8)
+    idx = build_corpus_index(tmp_path, gpt2_dir, docs[:10])
+    with _app(idx, api_key=KEY) as c:
+        append_documents(idx, [write_jsonl(tmp_path / "new.jsonl", docs[10:])], progress=False)
+        r = c.post("/admin/reload", headers={"X-API-Key": KEY})
+        assert r.json() == {"reloaded": True, "n_documents": 14}
+        assert c.post("/admin/reload", headers={"X-API-Key": KEY}).json()["reloaded"] is False
+
+
+def test_cors_is_off_by_default_and_configurable(index_dir):
+    origin = {"Origin": "https://notebook.example"}
+    with _app(index_dir) as c:
+        assert "access-control-allow-origin" not in c.get("/health", headers=origin).headers
+    with _app(index_dir, cors_origins=["https://notebook.example"]) as c:
+        assert c.get("/health", headers=origin).headers["access-control-allow-origin"] == "https://notebook.example"
+        other = c.get("/health", headers={"Origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in other.headers
+
+
+def test_metrics_count_requests_by_route_and_report_the_index(index_dir, corpus):
+    with _app(index_dir) as c:
+        for doc in corpus[-3:]:  # plain ids (the first ones are odd on purpose)
+            attribute(c, response=doc["text"], k=2)
+            assert c.get(f"/documents/{doc['id']}").status_code == 200
+        assert c.get("/documents/no-such-doc").status_code == 404
+        text = c.get("/metrics").text
+    assert 'logra_requests_total{method="POST",route="/attribute",status="200"} 3.0' in text
+    assert 'logra_requests_total{method="GET",route="/documents/{doc_id:path}",status="200"} 3.0' in text
+    assert 'logra_requests_total{method="GET",route="/documents/{doc_id:path}",status="404"} 1.0' in text
+    assert 'logra_request_seconds_count{method="POST",route="/attribute"} 3.0' in text
+    assert f"logra_index_documents {float(len(corpus))}" in text
+    assert corpus[-1]["id"] not in text  # ids never become labels
+
+
+def test_fuzzed_requests_from_the_openapi_schema_never_get_a_5xx(index_dir):
+    import schemathesis
+    from hypothesis import HealthCheck, settings
+    from schemathesis.checks import not_a_server_error
+    app = create_app(index_dir)
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+    n_cases = 0
+    for operation in schema.get_all_operations():
+        op = operation.ok()
+        strategy = op.as_strategy()
+
+        @settings(max_examples=25, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+        @hypothesis_given(strategy)
+        def check(case):
+            nonlocal n_cases
+            n_cases += 1
+            response = case.call()
+            assert response.status_code < 500, (case.method, case.path, response.status_code, response.text[:500])
+            case.validate_response(response, checks=[not_a_server_error])
+        check()
+    assert n_cases >= 50

@@ -157,7 +157,7 @@ def test_index_header_and_idle_state_under_the_pages_own_csp(csp_page, server, g
     assert gpt2_dir in info and f"documents {len(corpus)}" in info and "preconditioner raw" in info
     assert page.get_attribute("body", "data-state") == "idle"
     assert "press Attribute" in page.inner_text("#status")
-    assert page.is_disabled("#direction")  # no opponents in the API yet
+    assert not page.is_disabled("#direction") and page.input_value("#direction") == "proponents"
     shot(page, "01-idle")
     # the page works under its policy (no inline script, styles set through the CSSOM)
     search(page, server, DUP_TEXT, k=5)
@@ -209,6 +209,32 @@ def test_query_shows_ranked_results_with_bars_provenance_duplicates_and_inert_xs
     shot(page, "03-expanded", full_page=False)
     long.locator("button.expand").click()
     assert long.locator(".snippet").inner_text().endswith("…")
+    page.watch.assert_clean(page)
+
+
+def test_opponents_are_the_lowest_scores_as_the_api_gives_them_and_stay_in_the_url(page, server):
+    page.goto(server + "/")
+    page.fill("#response", " paper violet harbor needle falcon")
+    page.fill("#k", "6")
+    page.select_option("#mode", "influence")
+    page.select_option("#direction", "opponents")
+    page.click("#submit")
+    page.wait_for_selector("body[data-state=results]")
+    res = results(page)
+    api = httpx.post(server + "/attribute", json={"response": " paper violet harbor needle falcon", "k": 6,
+                                                  "mode": "influence", "direction": "opponents"}, timeout=30).json()
+    first_of_text = list({r["text"]: r for r in reversed(api["results"])}.values())[::-1]  # the page collapses copies
+    shown = sorted(first_of_text, key=lambda r: r["rank"])
+    assert [r["id"] for r in res] == [r["id"] for r in shown]
+    assert [r["score"] for r in res] == pytest.approx([r["score"] for r in shown], rel=1e-6)
+    assert [r["score"] for r in res] == sorted(r["score"] for r in res) and res[0]["score"] < 0
+    assert "lowest first" in page.inner_text("#status")
+    assert parse_qs(urlparse(page.url).query)["direction"] == ["opponents"]
+    shot(page, "10-opponents")
+    page.reload()
+    page.wait_for_selector("body[data-state=results]")
+    assert page.input_value("#direction") == "opponents"
+    assert [r["id"] for r in results(page)] == [r["id"] for r in res]
     page.watch.assert_clean(page)
 
 

@@ -5,7 +5,7 @@
 
 const $ = (id) => document.getElementById(id);
 const SNIPPET_CHARS = 280;
-const QUERY_KEYS = ["prompt", "response", "k", "mode"];
+const QUERY_KEYS = ["prompt", "response", "k", "mode", "direction"];
 
 function el(tag, props = {}, ...children) {
   const e = document.createElement(tag);
@@ -37,6 +37,7 @@ function queryFromURL() {
     response: p.get("response") || "",
     k: Number.isFinite(k) ? k : 10,
     mode: p.get("mode") === "cosine" ? "cosine" : "influence",
+    direction: p.get("direction") === "opponents" ? "opponents" : "proponents",
     tok: p.get("tok") || "",  // the document whose token view is open
     id: p.get("id") || "",    // the document page's document
   };
@@ -48,6 +49,7 @@ function queryParams(q, extra = {}) {
   p.set("response", q.response);
   p.set("k", String(q.k));
   p.set("mode", q.mode);
+  if (q.direction === "opponents") p.set("direction", q.direction);
   for (const [k, v] of Object.entries(extra)) if (v) p.set(k, v);
   return p;
 }
@@ -60,7 +62,8 @@ function documentURL(id, q) {
 }
 
 function formQuery() {
-  return { prompt: $("prompt").value, response: $("response").value, k: parseInt($("k").value, 10), mode: $("mode").value };
+  return { prompt: $("prompt").value, response: $("response").value, k: parseInt($("k").value, 10), mode: $("mode").value,
+           direction: $("direction").value };
 }
 
 function fillForm(q) {
@@ -68,6 +71,7 @@ function fillForm(q) {
   $("response").value = q.response;
   $("k").value = String(q.k);
   $("mode").value = q.mode;
+  $("direction").value = q.direction;
 }
 
 // ---- HTTP ----------------------------------------------------------------------------------
@@ -84,13 +88,24 @@ function describeError(status, body) {
   return `the server answered ${status}`;
 }
 
-async function api(method, path, body) {
+const KEY_STORE = "logra-search-api-key";  // this tab only: sessionStorage
+
+async function api(method, path, body, askedForKey = false) {
   let r;
+  const headers = body === undefined ? {} : { "Content-Type": "application/json" };
+  const key = sessionStorage.getItem(KEY_STORE);
+  if (key) headers["Authorization"] = "Bearer " + key;
   try {
-    r = await fetch(path, body === undefined ? { method } :
-      { method, headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
+    r = await fetch(path, body === undefined ? { method, headers } : { method, headers, body: JSON.stringify(body) });
   } catch (e) {
     throw new Error("could not reach the server (" + e.message + ")");
+  }
+  if (r.status === 401 && !askedForKey) {  // the server has an API key: ask once, keep it for this tab
+    const given = window.prompt("This server needs an API key:");
+    if (given) {
+      sessionStorage.setItem(KEY_STORE, given.trim());
+      return api(method, path, body, true);
+    }
   }
   let data = null;
   try { data = await r.json(); } catch (e) { /* not JSON */ }
@@ -273,7 +288,8 @@ async function runSearch(q) {
   $("submit").disabled = true;
   document.body.dataset.state = "loading";
   try {
-    const data = await api("POST", "/attribute", { prompt: q.prompt, response: q.response, k: q.k, mode: q.mode });
+    const data = await api("POST", "/attribute", { prompt: q.prompt, response: q.response, k: q.k, mode: q.mode,
+                                                  direction: q.direction });
     if (seq !== searchSeq) return;
     if (!data.results.length) {
       setStatus(status, "empty", "No documents: the index returned no results for this query.");
@@ -283,7 +299,7 @@ async function runSearch(q) {
     const groups = groupDuplicates(data.results);
     const top = Math.max(...data.results.map((r) => Math.abs(r.score))) || 1;
     const dupNote = groups.length < data.results.length ? ` (${data.results.length - groups.length} duplicate texts collapsed)` : "";
-    setStatus(status, "", `${data.results.length} of ${data.n_documents} documents by ${data.mode} score${dupNote} · ` +
+    setStatus(status, "", `${data.results.length} of ${data.n_documents} documents by ${data.mode} score${data.direction === "opponents" ? ", lowest first (opponents)" : ""}${dupNote} · ` +
       `${data.query.n_response_tokens} response tokens scored${data.query.truncated ? " (query truncated)" : ""} · ${data.took_ms} ms`);
     for (const g of groups) list.append(renderResult(g, q, top, q.tok));
     document.body.dataset.state = "results";
