@@ -18,7 +18,7 @@ from . import evaluate, generate, methods  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 # The engine's shipped defaults (indexer BuildConfig, api schemas): the method every other is paired against.
-DEFAULT = "logra r8 raw influence"
+DEFAULT = "logra r8 raw cosine"
 BRITTLE_METHODS = ("full-ekfac", DEFAULT, "full-dot", "bm25")
 
 
@@ -44,7 +44,7 @@ def summarize(results: dict, gt: Path, default: str) -> dict:
     ceiling = evaluate.noise_ceiling(losses)
     sd = evaluate.seed_sd(losses)
     per_query = {name: evaluate.lds_per_query(r["scores"], masks, losses) for name, r in results.items()}
-    random_b = np.load(gt / "brittle" / "random.npz") if (gt / "brittle" / "random.npz").exists() else None
+    random_b = np.load(gt / "brittle" / "random-removal.npz") if (gt / "brittle" / "random-removal.npz").exists() else None
     out = {}
     for name, r in results.items():
         m, se = evaluate.mean_se(per_query[name])
@@ -83,7 +83,7 @@ def table(summary: dict) -> str:
         bs = f"{b['mean']:.2f} ± {b['se']:.2f}" if b else "-"
         size = r.get("vector_bytes_per_doc")
         lines.append(f"| {name} | {r.get('dim') or '-'} | {r['lds']:.3f} ± {r['lds_se']:.3f} | {vs} | {bs} | "
-                     f"{r['self_at1']:.3f} | {size if size else '-'} | {_fmt(r['seconds_per_query'], 4)} |")
+                     f"{_fmt(r['self_at1'])} | {size if size else '-'} | {_fmt(r['seconds_per_query'], 4)} |")
     c = summary["noise_ceiling"]
     lines.append(f"\nNoise ceiling (seed-vs-seed Spearman across subsets): {c['mean']:.3f} ± {c['se']:.3f}.")
     return "\n".join(lines)

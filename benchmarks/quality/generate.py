@@ -83,7 +83,7 @@ def brittle_ks(n_train: int) -> list[int]:
 
 def stage_brittle_random(gt: Path, workers: int = 1) -> None:
     """Remove k random documents (per k and seed), retrain, record every query's loss."""
-    path = gt / "brittle" / "random.npz"
+    path = gt / "brittle" / "random-removal.npz"
     if path.exists():
         return
     path.parent.mkdir(exist_ok=True)

@@ -28,6 +28,11 @@ from .reference import EKFAC, bm25_scores, dot_scores, full_gradients
 RANKS = (4, 8, 16, 32)
 PRECONDITIONERS = ("none", "raw", "kfac", "ekfac")
 MODES = ("influence", "cosine")
+DAMPING = 0.1  # the engine's default (fraction of the mean eigenvalue)
+# A damping sweep beside the grid, for the engine's default preconditioner at two ranks, and for
+# full-gradient EK-FAC (so neither side of the comparison is left at an untuned damping).
+DAMPING_SWEEP = (0.01, 0.03, 0.3, 1.0)
+SWEEP_SETTINGS = ((8, "raw"), (16, "raw"))
 TIMED_QUERIES = 20
 
 
@@ -42,23 +47,29 @@ def _write_jsonl(rows: list[dict], path: Path) -> None:
             f.write(json.dumps({"id": r["id"], "text": r["text"], "module": r["module"]}, ensure_ascii=False) + "\n")
 
 
-def logra_index(gt: Path, work: Path, rank: int, pre: str, rows: list[dict]) -> Path:
+def _tag(damping: float) -> str:
+    return "" if damping == DAMPING else f" d{damping:g}"
+
+
+def logra_index(gt: Path, work: Path, rank: int, pre: str, rows: list[dict], damping: float = DAMPING) -> Path:
     from indexer import BuildConfig, build_index
     data_file = work / "train.jsonl"
     if not data_file.exists():
         _write_jsonl(rows, data_file)
-    out = work / f"index-r{rank}-{pre}"
+    out = work / f"index-r{rank}-{pre}{_tag(damping).replace(' ', '-')}"
     if not (out / "manifest.json").exists():
         build_index(BuildConfig(model=str(gt / "finetuned"), data=[str(data_file)], out=str(out), max_tokens=data.MAX_TOKENS,
-                                batch_size=32, rank=rank, preconditioner=pre, progress=False, overwrite=True))
+                                batch_size=32, rank=rank, preconditioner=pre, damping=damping, progress=False,
+                                overwrite=True))
     return out
 
 
-def logra_scores(gt: Path, work: Path, rank: int, pre: str, train_rows: list[dict], queries: list[str]) -> dict:
-    """Both modes of one (rank, preconditioner) index, through build_index + Attributor."""
+def logra_scores(gt: Path, work: Path, rank: int, pre: str, train_rows: list[dict], queries: list[str],
+                 damping: float = DAMPING) -> dict:
+    """Both modes of one (rank, preconditioner, damping) index, through build_index + Attributor."""
     from api.search import Attributor
     from engine import query_vectors
-    index_dir = logra_index(gt, work, rank, pre, train_rows)
+    index_dir = logra_index(gt, work, rank, pre, train_rows, damping)
     attr = Attributor(index_dir)
     n = len(attr.index)
     row_of = np.array([attr.index.row_of_id[r["id"]] for r in train_rows])
@@ -76,8 +87,8 @@ def logra_scores(gt: Path, work: Path, rank: int, pre: str, train_rows: list[dic
         for text in queries[:TIMED_QUERIES]:
             attr.attribute("", text, 10, mode)
         sec = (time.perf_counter() - t) / TIMED_QUERIES
-        out[f"logra r{rank} {pre} {mode}"] = {
-            "family": "logra", "rank": rank, "init": "random", "preconditioner": pre, "mode": mode,
+        out[f"logra r{rank} {pre}{_tag(damping)} {mode}"] = {
+            "family": "logra", "rank": rank, "init": "random", "preconditioner": pre, "damping": damping, "mode": mode,
             "dim": attr.index.manifest["dim"], "scores": scores,
             "self_at1": _self_at1(tq.numpy(), stored, mode == "cosine"),
             "vector_bytes_per_doc": attr.index.manifest["dim"] * 4, "index_bytes_per_doc": size / n,
@@ -133,24 +144,48 @@ def logra_pca_scores(model, tokenizer, ref, rank: int, train_texts: list[str], q
     return out
 
 
-def reference_scores(model, tokenizer, ref, train_texts: list[str], queries: list[str]) -> dict:
+def reference_scores(model, tokenizer, ref, train_texts: list[str], queries: list[str], self_retrieval: bool = True) -> dict:
+    """Full-gradient dot / cosine / EK-FAC influence / EK-FAC cosine. Cosine for EK-FAC divides by
+    the H^-1 norms sqrt(g^T H^-1 g), as the engine's cosine mode divides whitened vectors' norms."""
     t = time.perf_counter()
     qg = full_gradients(model, tokenizer, queries, data.MAX_TOKENS)
     grad_sec = (time.perf_counter() - t) / len(queries)
     ek = EKFAC(ref)
     d = ref.grads
     qpre = ek.precondition(qg.grads)
-    dim = d.shape[1]
+    dpre = ek.precondition(d).astype(np.float32)
+    norms = {"dot": np.linalg.norm(d.astype(np.float64), axis=1),
+             "ekfac": np.sqrt(np.maximum((dpre.astype(np.float64) * d).sum(axis=1), 0))}
+    gram = {}
+    if self_retrieval:  # (n, n) score matrices, float32: the largest products of the benchmark
+        gram = {"dot": d @ d.T, "ekfac": dpre @ d.T}
     out = {}
-    for name, q, cos in (("full-dot", qg.grads, False), ("full-cosine", qg.grads, True),
-                         ("full-ekfac", qpre, False), ("full-ekfac-cosine", qpre, True)):
+    for name, base, q, cos in (("full-dot", "dot", qg.grads, False), ("full-cosine", "dot", qg.grads, True),
+                               ("full-ekfac", "ekfac", qpre, False), ("full-ekfac-cosine", "ekfac", qpre, True)):
         t = time.perf_counter()
-        scores = dot_scores(q, d, cos)
+        scores = q.astype(np.float64) @ d.astype(np.float64).T
+        if cos:
+            scores = scores / np.where(norms[base] > 0, norms[base], np.inf)[None, :]
         sec = grad_sec + (time.perf_counter() - t) / len(queries)
-        self_q = ek.precondition(d) if "ekfac" in name else d
-        out[name] = {"family": "full", "mode": "cosine" if cos else "influence", "dim": dim, "scores": scores,
-                     "self_at1": _self_at1(self_q, d, cos), "vector_bytes_per_doc": dim * 4,
+        self_at1 = None
+        if self_retrieval:
+            s = gram[base] / np.where(norms[base] > 0, norms[base], np.inf)[None, :] if cos else gram[base]
+            self_at1 = float(np.mean(s.argmax(axis=1) == np.arange(len(s))))
+        out[name] = {"family": "full", "mode": "cosine" if cos else "influence", "dim": d.shape[1], "scores": scores,
+                     "self_at1": self_at1, "vector_bytes_per_doc": d.shape[1] * 4,
                      "index_bytes_per_doc": None, "seconds_per_query": sec}
+    for damping in DAMPING_SWEEP:  # scores only: self-retrieval would cost another (n x n x dim) product each
+        ekd = EKFAC(ref, damping_ratio=damping)
+        qd = ekd.precondition(qg.grads)
+        dn = np.sqrt(np.maximum((ekd.precondition(d) * d).sum(axis=1), 0))
+        for cos in (False, True):
+            scores = qd @ d.astype(np.float64).T
+            if cos:
+                scores = scores / np.where(dn > 0, dn, np.inf)[None, :]
+            out[f"full-ekfac{_tag(damping)}{'-cosine' if cos else ''}"] = {
+                "family": "full", "mode": "cosine" if cos else "influence", "damping": damping, "dim": d.shape[1],
+                "scores": scores, "self_at1": None, "vector_bytes_per_doc": d.shape[1] * 4,
+                "index_bytes_per_doc": None, "seconds_per_query": None}
     return out
 
 
@@ -207,7 +242,8 @@ def all_scores(gt: Path, work: Path, grid: bool = True, pca: bool = True, only: 
     ref = full_gradients(model, tokenizer, train_texts, data.MAX_TOKENS, factors=True)
     log(f"full gradients of {len(train_texts)} documents: {time.time() - t:.0f} s")
     if any(want(n) for n in ("full-dot", "full-cosine", "full-ekfac", "full-ekfac-cosine")):
-        results.update(_cached(work, "full", lambda: reference_scores(model, tokenizer, ref, train_texts, queries)))
+        results.update(_cached(work, "full-sweep" if only is None else "full-noself", lambda: reference_scores(model, tokenizer, ref, train_texts, queries,
+                                                                       self_retrieval=only is None)))
     if want("bm25") or want("random"):
         results.update(_cached(work, "text", lambda: text_scores(train_texts, queries)))
     for rank in RANKS:
@@ -218,6 +254,11 @@ def all_scores(gt: Path, work: Path, grid: bool = True, pca: bool = True, only: 
                 results.update(_cached(work, f"logra r{rank} {pre}",
                                        lambda: logra_scores(gt, work, rank, pre, tr, queries)))
                 log(f"logra r{rank} {pre}: {time.time() - t:.0f} s")
+        for r, p in SWEEP_SETTINGS:
+            if r == rank and grid and only is None:
+                for damping in DAMPING_SWEEP:
+                    results.update(_cached(work, f"logra r{rank} {p}{_tag(damping)}",
+                                           lambda: logra_scores(gt, work, rank, p, tr, queries, damping)))
         if pca and any(want(f"logra-pca r{rank} {p} {m}") for p in PRECONDITIONERS for m in MODES):
             t = time.time()
             results.update(_cached(work, f"logra-pca r{rank}",
