@@ -72,20 +72,36 @@ def _fmt(x, digits=3):
     return "-" if x is None else f"{x:.{digits}f}"
 
 
-def table(summary: dict) -> str:
-    rows = sorted(summary["methods"].items(), key=lambda kv: -kv[1]["lds"])
-    lines = ["| method | dim | LDS ± SE | vs default (paired SE) | brittleness (seed sd) | self@1 | bytes/doc | s/query |",
-             "|---|---|---|---|---|---|---|---|"]
+# The rows README shows (quality.md has every method).
+README_ROWS = ("logra r4 raw cosine", "logra r8 raw cosine", "logra r8 raw influence", "logra r8 none influence",
+               "logra r8 kfac cosine", "logra r8 ekfac cosine", "logra-pca r8 raw cosine", "logra r16 raw cosine",
+               "logra r32 raw cosine", "full-ekfac", "full-ekfac-cosine", "full-ekfac d0.01-cosine", "full-dot",
+               "full-cosine", "bm25", "random")
+
+
+def table(summary: dict, names=None) -> str:
+    rows = sorted(((n, r) for n, r in summary["methods"].items() if names is None or n in names),
+                  key=lambda kv: -kv[1]["lds"])
+    lines = ["| method | dim | LDS ± SE | vs default (paired SE) | brittleness (seed sd) | self@1 | vector bytes/doc "
+             "| index bytes/doc | s/query |", "|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows:
         vs = "(default)" if name == summary["default"] else (
             f"{r['vs_default']:+.3f} ({r['vs_default_se']:.3f})" if "vs_default" in r else "-")
         b = r.get("brittleness")
         bs = f"{b['mean']:.2f} ± {b['se']:.2f}" if b else "-"
-        size = r.get("vector_bytes_per_doc")
         lines.append(f"| {name} | {r.get('dim') or '-'} | {r['lds']:.3f} ± {r['lds_se']:.3f} | {vs} | {bs} | "
-                     f"{_fmt(r['self_at1'])} | {size if size else '-'} | {_fmt(r['seconds_per_query'], 4)} |")
+                     f"{_fmt(r['self_at1'])} | {r.get('vector_bytes_per_doc') or '-'} | "
+                     f"{_fmt(r.get('index_bytes_per_doc'), 0)} | {_fmt(r['seconds_per_query'], 4)} |")
     c = summary["noise_ceiling"]
     lines.append(f"\nNoise ceiling (seed-vs-seed Spearman across subsets): {c['mean']:.3f} ± {c['se']:.3f}.")
+    brittle = [(n, r["brittleness"]) for n, r in summary["methods"].items() if r.get("brittleness")]
+    if brittle:
+        ks = brittle[0][1]["k"]
+        lines += ["", "Brittleness per k (query-loss increase over removing k random documents, in seed sd; "
+                  f"{brittle[0][1]['queries']} queries x 3 seeds):", "",
+                  "| method | " + " | ".join(f"k = {k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
+        for n, b in sorted(brittle, key=lambda nb: -nb[1]["mean"]):
+            lines.append(f"| {n} | " + " | ".join(f"{x['mean']:.2f} ± {x['se']:.2f}" for x in b["per_k"]) + " |")
     return "\n".join(lines)
 
 
@@ -99,7 +115,7 @@ def cmd_run(args) -> None:
     (RESULTS / "quality.json").write_text(json.dumps(summary, indent=1, default=float) + "\n")
     md = table(summary)
     (RESULTS / "quality.md").write_text(md + "\n")
-    print(md)
+    print(table(summary, README_ROWS))
 
 
 def main(argv=None) -> None:
