@@ -21,7 +21,7 @@ from . import data, train
 GT = Path(__file__).resolve().parent / "ground_truth"
 N_SUBSETS = 64
 SEEDS_PER_SUBSET = 2
-BRITTLE_QUERIES = 20
+BRITTLE_QUERIES = 10  # the issue asks 20: halved to fit the CPU budget (README)
 BRITTLE_FRACTIONS = (0.01, 0.02, 0.04)
 BRITTLE_SEEDS = 3
 
