@@ -129,7 +129,7 @@ def main(argv=None) -> None:
     g.add_argument("--brittle-queries", type=int, default=generate.BRITTLE_QUERIES)
     r = sub.add_parser("run", help="score every method against the ground truth")
     r.add_argument("--default", default=DEFAULT)
-    r.add_argument("--quick", action="store_true", help="skip the rank x preconditioner grid and PCA")
+    r.add_argument("--quick", action="store_true", help="logra at the default rank and preconditioner only (no grid, PCA or damping sweep)")
     for s in (g, r):
         s.add_argument("--ground-truth", default=str(generate.GT))
         s.add_argument("--work", default="/tmp/logra-quality", help="scratch folder for the indexes")
