@@ -14,7 +14,7 @@ class _Query(BaseModel):
 
     prompt: str = Field("", max_length=MAX_TEXT_CHARS, description="context before the response; may be empty")
     response: str = Field(..., min_length=1, max_length=MAX_TEXT_CHARS, description="the text to attribute")
-    mode: Literal["influence", "cosine"] = Field("influence", description="inner product of preconditioned "
+    mode: Literal["influence", "cosine"] = Field("cosine", description="inner product of preconditioned "
                                                  "gradients, or the same divided by both norms")
 
     @field_validator("response")

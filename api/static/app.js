@@ -36,7 +36,7 @@ function queryFromURL() {
     prompt: p.get("prompt") || "",
     response: p.get("response") || "",
     k: Number.isFinite(k) ? k : 10,
-    mode: p.get("mode") === "cosine" ? "cosine" : "influence",
+    mode: p.get("mode") === "influence" ? "influence" : "cosine",
     direction: p.get("direction") === "opponents" ? "opponents" : "proponents",
     tok: p.get("tok") || "",  // the document whose token view is open
     id: p.get("id") || "",    // the document page's document

@@ -1,0 +1,141 @@
+"""python -m benchmarks.quality {generate,run}: see benchmarks/quality/__init__.py and README."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from . import evaluate, generate, methods  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+# The engine's shipped defaults (indexer BuildConfig, api schemas): the method every other is paired against.
+DEFAULT = "logra r8 raw cosine"
+BRITTLE_METHODS = ("full-ekfac", DEFAULT, "full-dot", "bm25")
+
+
+def cmd_generate(args) -> None:
+    gt = Path(args.ground_truth)
+    generate.stage_base(gt)
+    generate.stage_finetuned(gt)
+    generate.stage_lds(gt, workers=args.workers, n_subsets=args.subsets)
+    generate.stage_brittle_random(gt, workers=args.workers)
+    wanted = args.brittle_methods.split(",") if args.brittle_methods else list(BRITTLE_METHODS)
+    todo = [m for m in wanted if not (gt / "brittle" / f"{m.replace(' ', '_')}.npz").exists()]
+    if todo:
+        scores = methods.all_scores(gt, Path(args.work), only=todo)
+        for m in todo:
+            print(f"brittleness retrains for {m}", flush=True)
+            generate.stage_brittle_method(gt, m, scores[m]["scores"], n_queries=args.brittle_queries,
+                                          workers=args.workers)
+
+
+def summarize(results: dict, gt: Path, default: str) -> dict:
+    lds = np.load(gt / "lds.npz")
+    masks, losses = lds["masks"], lds["losses"]
+    ceiling = evaluate.noise_ceiling(losses)
+    sd = evaluate.seed_sd(losses)
+    per_query = {name: evaluate.lds_per_query(r["scores"], masks, losses) for name, r in results.items()}
+    random_b = np.load(gt / "brittle" / "random-removal.npz") if (gt / "brittle" / "random-removal.npz").exists() else None
+    out = {}
+    for name, r in results.items():
+        m, se = evaluate.mean_se(per_query[name])
+        row = {k: v for k, v in r.items() if k != "scores"}
+        row.update(lds=m, lds_se=se)
+        if default in per_query and name != default:
+            d = per_query[name] - per_query[default]
+            row["vs_default"], row["vs_default_se"] = evaluate.mean_se(d)
+        path = gt / "brittle" / f"{name.replace(' ', '_')}.npz"
+        if path.exists() and random_b is not None:
+            b = np.load(path)
+            res = evaluate.brittleness(b["losses"], random_b["losses"], b["queries"], sd)
+            row["brittleness"] = {"mean": res["mean"], "se": res["se"], "queries": int(len(b["queries"])),
+                                  "k": b["ks"].tolist(), "per_k": [{"mean": a, "se": s} for a, s in res["per_k"]]}
+        out[name] = row
+    cm, cse = evaluate.mean_se(ceiling)
+    return {"default": default, "noise_ceiling": {"mean": cm, "se": cse},
+            "seed_sd_median": float(np.median(sd)),
+            "setting": {"subsets": int(masks.shape[0]), "seeds": int(losses.shape[1]), "train_docs": int(masks.shape[1]),
+                        "queries": int(losses.shape[2]), "meta": json.loads((gt / "meta.json").read_text())},
+            "methods": out}
+
+
+def _fmt(x, digits=3):
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+# The rows README shows (quality.md has every method).
+README_ROWS = ("logra r4 raw cosine", "logra r8 raw cosine", "logra r8 raw influence", "logra r8 none influence",
+               "logra r8 kfac cosine", "logra r8 ekfac cosine", "logra-pca r8 raw cosine", "logra r16 raw cosine",
+               "logra r32 raw cosine", "full-ekfac", "full-ekfac-cosine", "full-ekfac d0.01-cosine", "full-dot",
+               "full-cosine", "bm25", "random")
+
+
+def table(summary: dict, names=None) -> str:
+    rows = sorted(((n, r) for n, r in summary["methods"].items() if names is None or n in names),
+                  key=lambda kv: -kv[1]["lds"])
+    lines = ["| method | dim | LDS ± SE | vs default (paired SE) | brittleness (seed sd) | self@1 | vector bytes/doc "
+             "| index bytes/doc | s/query |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in rows:
+        vs = "(default)" if name == summary["default"] else (
+            f"{r['vs_default']:+.3f} ({r['vs_default_se']:.3f})" if "vs_default" in r else "-")
+        b = r.get("brittleness")
+        bs = f"{b['mean']:.2f} ± {b['se']:.2f}" if b else "-"
+        lines.append(f"| {name} | {r.get('dim') or '-'} | {r['lds']:.3f} ± {r['lds_se']:.3f} | {vs} | {bs} | "
+                     f"{_fmt(r['self_at1'])} | {r.get('vector_bytes_per_doc') or '-'} | "
+                     f"{_fmt(r.get('index_bytes_per_doc'), 0)} | {_fmt(r['seconds_per_query'], 4)} |")
+    c = summary["noise_ceiling"]
+    lines.append(f"\nNoise ceiling (seed-vs-seed Spearman across subsets): {c['mean']:.3f} ± {c['se']:.3f}.")
+    brittle = [(n, r["brittleness"]) for n, r in summary["methods"].items() if r.get("brittleness")]
+    if brittle:
+        ks = brittle[0][1]["k"]
+        lines += ["", "Brittleness per k (query-loss increase over removing k random documents, in seed sd; "
+                  f"{brittle[0][1]['queries']} queries x 3 seeds):", "",
+                  "| method | " + " | ".join(f"k = {k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
+        for n, b in sorted(brittle, key=lambda nb: -nb[1]["mean"]):
+            lines.append(f"| {n} | " + " | ".join(f"{x['mean']:.2f} ± {x['se']:.2f}" for x in b["per_k"]) + " |")
+    return "\n".join(lines)
+
+
+def cmd_run(args) -> None:
+    gt = Path(args.ground_truth)
+    t = time.time()
+    results = methods.all_scores(gt, Path(args.work), grid=not args.quick, pca=not args.quick)
+    summary = summarize(results, gt, args.default)
+    summary["seconds"] = round(time.time() - t, 1)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "quality.json").write_text(json.dumps(summary, indent=1, default=float) + "\n")
+    md = table(summary)
+    (RESULTS / "quality.md").write_text(md + "\n")
+    print(table(summary, README_ROWS))
+
+
+def main(argv=None) -> None:
+    torch.set_num_threads(1)
+    p = argparse.ArgumentParser(prog="python -m benchmarks.quality")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    g = sub.add_parser("generate", help="(re)build the ground truth; existing stages are kept")
+    g.add_argument("--workers", type=int, default=2)
+    g.add_argument("--subsets", type=int, default=generate.N_SUBSETS)
+    g.add_argument("--brittle-methods", default=None, help="comma-separated method names")
+    g.add_argument("--brittle-queries", type=int, default=generate.BRITTLE_QUERIES)
+    r = sub.add_parser("run", help="score every method against the ground truth")
+    r.add_argument("--default", default=DEFAULT)
+    r.add_argument("--quick", action="store_true", help="logra at the default rank and preconditioner only (no grid, PCA or damping sweep)")
+    for s in (g, r):
+        s.add_argument("--ground-truth", default=str(generate.GT))
+        s.add_argument("--work", default="/tmp/logra-quality", help="scratch folder for the indexes")
+    args = p.parse_args(argv)
+    {"generate": cmd_generate, "run": cmd_run}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()

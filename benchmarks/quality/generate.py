@@ -1,0 +1,132 @@
+"""Ground truth, stage by stage; a stage whose artifact exists is skipped (delete it, or pass
+--force, to redo it). Everything lands in benchmarks/quality/ground_truth/:
+
+    base/            tokenizer + the tiny GPT-2 pretrained on the other modules' docstrings
+    data.jsonl       1000 fine-tune documents (split=train) and 100 held-out queries (split=query)
+    finetuned/       the base fine-tuned on all 1000 documents: every method is scored on it
+    lds.npz          masks (S, 1000) of the random 50% subsets, seeds (S, 2), losses (S, 2, 100)
+    brittle.npz      removal sets and losses of the brittleness retrains (see brittleness())
+    meta.json        settings and timings
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import data, train
+
+GT = Path(__file__).resolve().parent / "ground_truth"
+N_SUBSETS = 64
+SEEDS_PER_SUBSET = 2
+BRITTLE_QUERIES = 10  # the issue asks 20: halved to fit the CPU budget (README)
+BRITTLE_FRACTIONS = (0.01, 0.02, 0.04)
+BRITTLE_SEEDS = 3
+
+
+def _meta(gt: Path, **update) -> dict:
+    path = gt / "meta.json"
+    meta = json.loads(path.read_text()) if path.exists() else {}
+    meta.update(update)
+    path.write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+    return meta
+
+
+def texts(gt: Path) -> tuple[list[str], list[str]]:
+    tr, q = data.load_rows(gt)
+    return [r["text"] for r in tr], [r["text"] for r in q]
+
+
+def stage_base(gt: Path) -> None:
+    if (gt / "data.jsonl").exists() and (gt / "base" / "model.safetensors").exists():
+        return
+    gt.mkdir(parents=True, exist_ok=True)
+    t = time.time()
+    info = data.build(gt, progress=True)
+    _meta(gt, base={**info, "seconds": round(time.time() - t, 1), "model": data.MODEL, "vocab": data.VOCAB,
+                    "max_tokens": data.MAX_TOKENS})
+
+
+def stage_finetuned(gt: Path) -> None:
+    if (gt / "finetuned" / "model.safetensors").exists():
+        return
+    tr, _ = texts(gt)
+    t = time.time()
+    train.fine_tune_full(gt / "base", tr, gt / "finetuned")
+    _meta(gt, finetuned={"seconds": round(time.time() - t, 1), "epochs": train.EPOCHS, "batch": train.BATCH,
+                         "lr": train.LR, "seed": 0})
+
+
+def stage_lds(gt: Path, workers: int = 2, n_subsets: int = N_SUBSETS) -> None:
+    if (gt / "lds.npz").exists():
+        return
+    tr, q = texts(gt)
+    rng = np.random.default_rng(12345)
+    masks = np.zeros((n_subsets, len(tr)), bool)
+    for j in range(n_subsets):  # exactly half of the set in each subset
+        masks[j, rng.permutation(len(tr))[: len(tr) // 2]] = True
+    seeds = 1 + np.arange(n_subsets * SEEDS_PER_SUBSET).reshape(n_subsets, SEEDS_PER_SUBSET)
+    jobs = [(masks[j], int(seeds[j, s])) for j in range(n_subsets) for s in range(SEEDS_PER_SUBSET)]
+    t = time.time()
+    losses = train.retrain_many(gt / "base", tr, q, jobs, workers=workers)
+    np.savez_compressed(gt / "lds.npz", masks=masks, seeds=seeds,
+                        losses=losses.reshape(n_subsets, SEEDS_PER_SUBSET, len(q)))
+    _meta(gt, lds={"subsets": n_subsets, "seeds_per_subset": SEEDS_PER_SUBSET, "retrains": len(jobs),
+                   "seconds": round(time.time() - t, 1), "workers": workers})
+
+
+def brittle_ks(n_train: int) -> list[int]:
+    return [max(1, round(f * n_train)) for f in BRITTLE_FRACTIONS]
+
+
+def stage_brittle_random(gt: Path, workers: int = 1) -> None:
+    """Remove k random documents (per k and seed), retrain, record every query's loss."""
+    path = gt / "brittle" / "random-removal.npz"
+    if path.exists():
+        return
+    path.parent.mkdir(exist_ok=True)
+    tr, q = texts(gt)
+    ks = brittle_ks(len(tr))
+    removed = np.zeros((len(ks), BRITTLE_SEEDS, max(ks)), int) - 1
+    jobs = []
+    for j, k in enumerate(ks):
+        for s in range(BRITTLE_SEEDS):
+            drop = np.random.default_rng(1000 * k + s).permutation(len(tr))[:k]
+            removed[j, s, :k] = drop
+            keep = np.ones(len(tr), bool)
+            keep[drop] = False
+            jobs.append((keep, 2000 + s))
+    t = time.time()
+    losses = train.retrain_many(gt / "base", tr, q, jobs, workers=workers).reshape(len(ks), BRITTLE_SEEDS, len(q))
+    np.savez_compressed(path, ks=np.array(ks), removed=removed, losses=losses)
+    _meta(gt, **{"brittle_random": {"retrains": len(jobs), "seconds": round(time.time() - t, 1)}})
+
+
+def stage_brittle_method(gt: Path, method: str, scores: np.ndarray, n_queries: int = BRITTLE_QUERIES,
+                         workers: int = 1) -> None:
+    """For the first `n_queries` queries: remove the method's top-k documents by score (the strongest
+    proponents), retrain with BRITTLE_SEEDS data-order seeds (the same seeds as the random removals),
+    record that query's loss. Saved per method: removal sets and losses, so the run stage does not
+    depend on the scores being recomputed bit for bit."""
+    path = gt / "brittle" / f"{method.replace(' ', '_')}.npz"
+    if path.exists():
+        return
+    path.parent.mkdir(exist_ok=True)
+    tr, q = texts(gt)
+    ks = brittle_ks(len(tr))
+    order = np.argsort(-scores[:n_queries], axis=1, kind="stable")
+    jobs = []
+    for qi in range(n_queries):
+        for k in ks:
+            keep = np.ones(len(tr), bool)
+            keep[order[qi, :k]] = False
+            jobs += [(keep, 2000 + s) for s in range(BRITTLE_SEEDS)]
+    t = time.time()
+    all_losses = train.retrain_many(gt / "base", tr, q, jobs, workers=workers)
+    losses = all_losses.reshape(n_queries, len(ks), BRITTLE_SEEDS, len(q))[np.arange(n_queries), :, :, np.arange(n_queries)]
+    np.savez_compressed(path, method=method, ks=np.array(ks), queries=np.arange(n_queries),
+                        removed=order[:, : max(ks)], losses=losses)
+    _meta(gt, **{f"brittle {method}": {"retrains": len(jobs), "seconds": round(time.time() - t, 1),
+                                      "queries": n_queries}})
