@@ -1,4 +1,4 @@
-"""`python -m api --index DIR [--host 127.0.0.1] [--port 8000]`."""
+"""`python -m api --index DIR [--host 127.0.0.1] [--port 8000] [--max-batch 16]`."""
 from __future__ import annotations
 
 import argparse
@@ -19,9 +19,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--model", default=None, help="serve with this model path/name instead of the manifest's")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--max-batch", type=int, default=16,
+                    help="at most this many concurrent /attribute queries share one gradient pass (1: no batching)")
     args = ap.parse_args(argv)
+    if args.max_batch < 1:
+        ap.error("--max-batch must be at least 1")
     try:
-        app = create_app(args.index, model=args.model, device=args.device)
+        app = create_app(args.index, model=args.model, device=args.device, max_batch=args.max_batch)
     except (IndexFormatError, ModelMismatchError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

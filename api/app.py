@@ -31,10 +31,11 @@ async def _unavailable(request: Request, exc: IndexUnavailable) -> JSONResponse:
     return _AsciiJSONResponse(status_code=503, content={"detail": str(exc)})
 
 
-def create_app(index_dir: str | Path, model: str | None = None, device: str = "cpu") -> FastAPI:
+def create_app(index_dir: str | Path, model: str | None = None, device: str = "cpu", max_batch: int = 16) -> FastAPI:
     """Open the index and load its model now, so a bad index or the wrong model fails at start-up,
-    not on the first request. `model` overrides the manifest's model (e.g. a local copy)."""
-    attributor = Attributor(index_dir, model=model, device=device)
+    not on the first request. `model` overrides the manifest's model (e.g. a local copy).
+    `max_batch`: concurrent /attribute queries sharing one gradient pass, at most (1: no batching)."""
+    attributor = Attributor(index_dir, model=model, device=device, max_batch=max_batch)
     app = FastAPI(title="logra-search", version="0.1.0",
                   description="Which training documents made the model produce this response?")
     app.state.attributor = attributor
