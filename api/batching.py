@@ -1,7 +1,8 @@
 """Micro-batching: queries that arrive together share one forward and backward pass.
 
 There is no worker thread. A request thread enqueues its job and, when no pass is running, leads
-one: it waits up to `max_wait_s` for more jobs (until `max_batch` are queued), takes up to
+one: it waits up to `max_wait_s` for more jobs (until `max_batch` are queued; only while passes are
+being shared, so a lone client never waits), takes up to
 `max_batch` of those keyed the same as the oldest one, runs them through one call and hands each
 job its own result. The others wait; when the pass ends, a thread whose job is still queued leads
 the next. Jobs of different keys (here: different opened indexes, across a hot reload) never share
@@ -66,7 +67,9 @@ class MicroBatcher(Generic[I, R]):
     raises the error its item raised)."""
 
     def __init__(self, run: Callable[[object, Sequence[I]], Sequence[R]], max_batch: int = 16,
-                 max_wait_s: float = 0.002):
+                 max_wait_s: float = 0.002, always_wait: bool = False):
+        """`always_wait`: wait `max_wait_s` before every pass, even when no pass has been shared
+        lately (tests use it to batch a burst deterministically)."""
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         if max_wait_s < 0:
@@ -78,6 +81,8 @@ class MicroBatcher(Generic[I, R]):
         self._cond = threading.Condition()
         self._queue: deque[_Job] = deque()
         self._busy = False  # a pass is running (one at a time)
+        self._always_wait = always_wait
+        self._shared = False  # the last pass took several jobs or left some queued
 
     def submit(self, key: object, item: I) -> R:
         job = _Job(key, item)
@@ -106,9 +111,11 @@ class MicroBatcher(Generic[I, R]):
         return job.result
 
     def _take(self) -> list[_Job]:
-        """Called holding the condition, with a non-empty queue: wait a moment for more jobs, then
+        """Called holding the condition, with a non-empty queue: maybe wait a moment for more jobs, then
         take the oldest job and up to max_batch - 1 later ones of the same key."""
-        deadline = time.monotonic() + self.max_wait_s
+        # Waiting only pays when other requests are coming: a lone client would pay it every time.
+        # So wait only while passes are being shared (the last one took several jobs or left some).
+        deadline = time.monotonic() + (self.max_wait_s if self._shared or self._always_wait else 0.0)
         while len(self._queue) < self.max_batch:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -121,6 +128,7 @@ class MicroBatcher(Generic[I, R]):
             job = self._queue.popleft()
             (batch if job.key is key else others).append(job)
         self._queue.extendleft(reversed(others))  # skipped jobs keep their place at the front
+        self._shared = len(batch) > 1 or bool(self._queue)
         return batch
 
     def _execute(self, batch: list[_Job]) -> None:

@@ -46,7 +46,7 @@ def test_batcher_shares_passes_and_keeps_order():
         time.sleep(0.02)  # a pass takes a while: later arrivals queue behind it
         return [(key, x * 10) for x in items]
 
-    b = MicroBatcher(run, max_batch=4, max_wait_s=0.05)
+    b = MicroBatcher(run, max_batch=4, max_wait_s=0.05, always_wait=True)
     out = _concurrently(b.submit, [("a", i) for i in range(10)])
     assert out == [("a", i * 10) for i in range(10)]
     stats = b.stats.snapshot()
@@ -62,7 +62,7 @@ def test_batcher_never_mixes_keys():
         seen.append((key, list(items)))
         return [(key, x) for x in items]
 
-    b = MicroBatcher(run, max_batch=16, max_wait_s=0.05)
+    b = MicroBatcher(run, max_batch=16, max_wait_s=0.05, always_wait=True)
     keys = [object(), object()]
     args = [(keys[i % 2], i) for i in range(12)]
     assert _concurrently(b.submit, args) == args
@@ -76,7 +76,7 @@ def test_failing_job_fails_alone():
             raise ValueError("bad item")
         return [x.upper() for x in items]
 
-    b = MicroBatcher(run, max_batch=8, max_wait_s=0.1)
+    b = MicroBatcher(run, max_batch=8, max_wait_s=0.1, always_wait=True)
     out = _concurrently(b.submit, [(None, x) for x in ["a", "b", "bad", "c"]])
     assert out[:2] == ["A", "B"] and out[3] == "C"
     assert isinstance(out[2], ValueError) and str(out[2]) == "bad item"
@@ -95,6 +95,21 @@ def test_max_batch_one_is_one_pass_per_job():
         MicroBatcher(lambda key, items: items, max_batch=0)
 
 
+def test_lone_jobs_do_not_wait():
+    """Without concurrency a pass starts at once: the wait is only taken while passes are shared."""
+    b = MicroBatcher(lambda key, items: list(items), max_batch=16, max_wait_s=0.5)
+    started = time.monotonic()
+    assert [b.submit(None, i) for i in range(5)] == list(range(5))
+    assert time.monotonic() - started < 0.5
+
+
+def _batching_attributor(index_dir) -> Attributor:
+    """An Attributor whose batcher waits long before every pass, so a burst shares passes for sure."""
+    att = Attributor(index_dir, max_batch=16)
+    att._batcher = MicroBatcher(att._query_batch, max_batch=16, max_wait_s=0.3, always_wait=True)
+    return att
+
+
 QUERIES = [("", "river stone cloud lamp orbit"), ("garden copper", "winter engine paper violet harbor needle falcon"),
            ("marble", "thunder velvet"), ("a much longer prompt: lantern meadow cipher anchor quartz ember willow",
                                           "canyon socket prism tundra beacon ledger nickel saddle raven cobalt river"),
@@ -109,7 +124,7 @@ def small_index(request, tmp_path_factory):
 
 @pytest.mark.parametrize("mode", ["influence", "cosine"])
 def test_batched_answers_equal_lone_answers(small_index, mode):
-    att = Attributor(small_index, max_batch=16, batch_wait_ms=300)  # a long wait: the burst below shares passes
+    att = _batching_attributor(small_index)
     lone = [att.attribute(p, r, 20, mode) for p, r in QUERIES]
     assert att.batch_stats["sizes"] == {1: len(QUERIES)}
     burst = QUERIES * 2
@@ -127,7 +142,7 @@ def test_batched_answers_equal_lone_answers(small_index, mode):
 
 
 def test_unscorable_query_fails_alone(small_index):
-    att = Attributor(small_index, max_batch=16, batch_wait_ms=300)
+    att = _batching_attributor(small_index)
     lone = [att.attribute(p, r, 5, "influence") for p, r in QUERIES[:3]]
     burst = [*QUERIES[:2], ("", "x"), QUERIES[2]]  # one token, no prompt: nothing to score
     got = _concurrently(lambda p, r: att.attribute(p, r, 5, "influence"), burst)
