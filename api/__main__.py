@@ -1,4 +1,4 @@
-"""`python -m api --index DIR [--host 127.0.0.1] [--port 8000]`."""
+"""`python -m api --index DIR [--host 127.0.0.1] [--port 8000] [--max-batch 16]`."""
 from __future__ import annotations
 
 import argparse
@@ -25,12 +25,17 @@ def main(argv: list[str] | None = None) -> int:
                     help="seconds before a request is answered 503 (default 60; LOGRA_REQUEST_TIMEOUT_S)")
     ap.add_argument("--cors-origin", action="append", default=None, dest="cors_origins",
                     help="allow browser pages from this origin (repeatable; default none; LOGRA_CORS_ORIGINS)")
+    ap.add_argument("--max-batch", type=int, default=16,
+                    help="at most this many concurrent /attribute queries share one gradient pass (1: no batching)")
     args = ap.parse_args(argv)
+    if args.max_batch < 1:
+        ap.error("--max-batch must be at least 1")
     try:
         # The API key comes only from LOGRA_API_KEY: a command line is visible to every user of the machine.
         settings = ServerSettings.from_env(max_body_bytes=args.max_body_bytes, request_timeout_s=args.request_timeout,
                                            cors_origins=args.cors_origins)
-        app = create_app(args.index, model=args.model, device=args.device, settings=settings)
+        app = create_app(args.index, model=args.model, device=args.device, settings=settings,
+                         max_batch=args.max_batch)
     except (IndexFormatError, ModelMismatchError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -37,17 +37,19 @@ async def _unavailable(request: Request, exc: IndexUnavailable) -> JSONResponse:
 
 
 def create_app(index_dir: str | Path, model: str | None = None, device: str = "cpu",
-               settings: ServerSettings | None = None) -> FastAPI:
+               settings: ServerSettings | None = None, max_batch: int = 16) -> FastAPI:
     """Open the index and load its model now, so a bad index or the wrong model fails at start-up,
     not on the first request. `model` overrides the manifest's model (e.g. a local copy).
-    `settings`: limits, API key and CORS (default: from the LOGRA_* environment variables)."""
+    `settings`: limits, API key and CORS (default: from the LOGRA_* environment variables).
+    `max_batch`: concurrent /attribute queries sharing one gradient pass, at most (1: no batching)."""
     settings = settings or ServerSettings.from_env()
-    attributor = Attributor(index_dir, model=model, device=device)
+    attributor = Attributor(index_dir, model=model, device=device, max_batch=max_batch)
     app = FastAPI(title="logra-search", version="0.1.0",
                   description="Which training documents made the model produce this response?")
     app.state.attributor, app.state.settings = attributor, settings
     app.state.metrics = Metrics(n_documents=lambda: len(attributor.index),
-                                index_bytes=lambda: sum(p.stat().st_size for p in Path(index_dir).rglob("*") if p.is_file()))
+                                index_bytes=lambda: sum(p.stat().st_size for p in Path(index_dir).rglob("*") if p.is_file()),
+                                batch_stats=lambda: attributor.batch_stats)
     app.add_exception_handler(RequestValidationError, _invalid_request)
     app.add_exception_handler(IndexUnavailable, _unavailable)
     for r in (router, data, admin):

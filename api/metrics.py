@@ -12,7 +12,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 
 
 class Metrics:
-    def __init__(self, n_documents: Callable[[], int], index_bytes: Callable[[], int]):
+    def __init__(self, n_documents: Callable[[], int], index_bytes: Callable[[], int], batch_stats: Callable[[], dict]):
         self.registry = CollectorRegistry()
         self.requests = Counter("logra_requests", "HTTP requests answered", ["route", "method", "status"],
                                 registry=self.registry)
@@ -20,6 +20,11 @@ class Metrics:
                                  buckets=LATENCY_BUCKETS, registry=self.registry)
         Gauge("logra_index_documents", "documents in the served index", registry=self.registry).set_function(n_documents)
         Gauge("logra_index_bytes", "bytes of the served index folder", registry=self.registry).set_function(index_bytes)
+        # Micro-batching: queries computed and the gradient passes they shared (queries / passes = mean batch).
+        Gauge("logra_query_jobs", "queries computed since start", registry=self.registry).set_function(
+            lambda: batch_stats()["jobs"])
+        Gauge("logra_query_passes", "gradient passes those queries shared", registry=self.registry).set_function(
+            lambda: batch_stats()["passes"])
 
 
 class MetricsMiddleware:

@@ -5,7 +5,11 @@ against the stored vectors.
 The index folder is watched: when `indexer append` or a rebuild renames a new folder into place, the
 next request opens it (same model: the fingerprint is checked again) and swaps it in. A request uses
 one opened index from start to end; one caught by the swap (the old folder's table deleted under it)
-is answered again from the new index."""
+is answered again from the new index.
+
+Concurrent /attribute queries are micro-batched (api.batching): those arriving together share one
+forward and backward pass, computed with the opened index (projections, preconditioner) each of
+them then searches."""
 from __future__ import annotations
 
 import logging
@@ -21,6 +25,8 @@ import numpy as np
 
 from engine import MAX_TOKENS_SCORED, LoGra, Preconditioner, load_model, query_vectors, token_texts, token_vectors
 from indexer.store import MANIFEST, Index, IndexFormatError, ModelMismatchError, unit_rows
+
+from .batching import MicroBatcher
 
 __all__ = ["Attributor", "Hit", "IndexUnavailable", "ModelMismatchError", "QueryError", "TokenScores",
            "UnknownDocument", "rerank_search"]
@@ -96,7 +102,11 @@ def rerank_search(index: faiss.Index, vectors: np.ndarray, norms: np.ndarray, q:
 
 
 class Attributor:
-    def __init__(self, index_dir: str | Path, model: str | None = None, device: str = "cpu"):
+    """`max_batch`: at most this many concurrent queries share a gradient pass (1: no batching);
+    `batch_wait_ms`: how long a pass waits for more queries once one is queued."""
+
+    def __init__(self, index_dir: str | Path, model: str | None = None, device: str = "cpu", max_batch: int = 16,
+                 batch_wait_ms: float = 2.0):
         self.root = Path(index_dir)
         stamp = _stamp(self.root)  # before opening: a swap during the open is seen by the next request
         index = Index.open(self.root)
@@ -109,6 +119,12 @@ class Attributor:
         self._reload_lock = threading.Lock()
         # Hooks live on shared modules: one gradient computation at a time.
         self._lock = threading.Lock()
+        self._batcher = MicroBatcher(self._query_batch, max_batch=max_batch, max_wait_s=batch_wait_ms / 1000)
+
+    @property
+    def batch_stats(self) -> dict:
+        """Query passes and their batch sizes so far (MicroBatcher.stats)."""
+        return self._batcher.stats.snapshot()
 
     @property
     def index(self) -> Index:
@@ -167,15 +183,19 @@ class Attributor:
         """The top-k hits, their documents, and what was scored (tokens, truncation, index size)."""
         return self._answer(lambda s: self._attribute(s, prompt, response, k, mode, direction))
 
-    def _attribute(self, s: Served, prompt: str, response: str, k: int, mode: str, direction: str):
+    def _query_batch(self, s: Served, pairs: list[tuple[str, str]]) -> list:
+        """(vector, encoding) per pair: one forward and backward pass with this index's engine."""
         with self._lock:
-            vectors, encoded = query_vectors(s.logra, s.preconditioner, self.tokenizer, [(prompt, response)])
-        enc = encoded[0]
+            vectors, encoded = query_vectors(s.logra, s.preconditioner, self.tokenizer, pairs)
+        return list(zip(vectors, encoded))
+
+    def _attribute(self, s: Served, prompt: str, response: str, k: int, mode: str, direction: str):
+        vector, enc = self._batcher.submit(s, (prompt, response))
         info = {"n_tokens": len(enc.input_ids), "n_response_tokens": enc.n_loss_tokens, "truncated": enc.truncated,
                 "n_documents": len(s.index)}
         if enc.n_loss_tokens == 0:
             raise QueryError("the response has no token to score: with an empty prompt it needs at least two tokens")
-        hits = search(s.index, vectors[0].numpy(), k, mode, direction)
+        hits = search(s.index, vector.numpy(), k, mode, direction)
         return hits, s.index.documents([h.row for h in hits]), info
 
     def token_scores(self, prompt: str, response: str, doc_id: str, mode: str,

@@ -106,12 +106,13 @@ def api_cmd(*args) -> list[str]:
 
 
 @contextlib.contextmanager
-def running_api(index_dir, log_dir, ready_s: float = 60):
-    """A real `python -m api` process on a free loopback port, yielded once /health answers, as
-    (base_url, process, stderr file). Terminated (then killed) on exit if still running."""
+def running_api(index_dir, log_dir, ready_s: float = 60, args: tuple[str, ...] = ()):
+    """A real `python -m api` process on a free loopback port (more options in `args`), yielded once
+    /health answers, as (base_url, process, stderr file). Terminated (then killed) on exit if still
+    running. Also used by benchmarks/serving.py."""
     port = free_port()
     out, err = open(Path(log_dir) / "out", "w+"), open(Path(log_dir) / "err", "w+")
-    proc = subprocess.Popen(api_cmd("--index", str(index_dir), "--host", "127.0.0.1", "--port", str(port)),
+    proc = subprocess.Popen(api_cmd("--index", str(index_dir), "--host", "127.0.0.1", "--port", str(port), *args),
                             cwd=REPO, stdout=out, stderr=err, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     base = f"http://127.0.0.1:{port}"
     try:

@@ -686,6 +686,7 @@ def test_metrics_count_requests_by_route_and_report_the_index(index_dir, corpus)
     assert 'logra_requests_total{method="GET",route="/documents/{doc_id:path}",status="404"} 1.0' in text
     assert 'logra_request_seconds_count{method="POST",route="/attribute"} 3.0' in text
     assert f"logra_index_documents {float(len(corpus))}" in text
+    assert "logra_query_jobs 3.0" in text and "logra_query_passes 3.0" in text  # one client: one pass each
     assert corpus[-1]["id"] not in text  # ids never become labels
 
 
