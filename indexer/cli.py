@@ -11,7 +11,7 @@ from engine import PRECONDITIONERS
 from .build import BuildConfig, append_documents, build_index
 from .distributed import PeerFailed
 from .records import BadRecordError
-from .store import COMPRESS_ABOVE_BYTES, COMPRESSED_TYPE, FLAT_BELOW, INDEX_TYPES, IndexFormatError, read_manifest
+from .store import COMPRESS_ABOVE_BYTES, COMPRESSED_TYPE, FLAT_UP_TO_BYTES, INDEX_TYPES, IndexFormatError, read_manifest
 
 
 def positive_int(text: str) -> int:
@@ -37,7 +37,7 @@ def _add_build_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--index-type", choices=INDEX_TYPES, default=d.index_type,
                    help=f"FAISS index: flat (exact), ivf (= ivf-flat), ivf-sq8, ivf-pq (compressed; reranked exactly), or auto: "
-                        f"flat below {FLAT_BELOW} documents, ivf-flat up to {COMPRESS_ABOVE_BYTES >> 30} GiB of vectors, "
+                        f"flat up to {FLAT_UP_TO_BYTES >> 20} MiB of vectors, ivf-flat up to {COMPRESS_ABOVE_BYTES >> 30} GiB of vectors, "
                         f"{COMPRESSED_TYPE} above")
     p.add_argument("--shard-size", type=positive_int, default=d.shard_size, help="documents per on-disk shard")
     p.add_argument("--no-progress", dest="progress", action="store_false")

@@ -572,8 +572,10 @@ def test_compressed_index_with_rerank_returns_the_exact_top_k(tmp_path, kind):
 
 
 def test_auto_index_type_by_corpus_size():
-    assert store.resolve_index_type("auto", store.FLAT_BELOW - 1, 3072) == "flat"
-    assert store.resolve_index_type("auto", store.FLAT_BELOW, 512) == "ivf-flat"
+    assert store.resolve_index_type("auto", store.FLAT_BELOW - 1, 10**6) == "flat"  # too few to train lists
+    flat_max = store.FLAT_UP_TO_BYTES // (4 * 512)
+    assert store.resolve_index_type("auto", flat_max, 512) == "flat"
+    assert store.resolve_index_type("auto", flat_max + 1, 512) == "ivf-flat"
     big = store.COMPRESS_ABOVE_BYTES // (4 * 512) + 1
     assert store.resolve_index_type("auto", big - 1, 512) == "ivf-flat"
     assert store.resolve_index_type("auto", big, 512) == store.COMPRESSED_TYPE
