@@ -29,7 +29,7 @@ def get_attributor(request: Request) -> Attributor:
 def attribute(body: AttributeRequest, att: Attributor = Depends(get_attributor)) -> AttributeResponse:
     started = time.perf_counter()
     try:
-        hits, docs, info = att.attribute(body.prompt, body.response, body.k, body.mode, body.direction)
+        hits, docs, info = att.attribute(body.prompt, body.response, body.k, body.mode, body.direction, body.where)
     except QueryError as e:
         raise HTTPException(status_code=422, detail=str(e)) from e
     n_documents = info.pop("n_documents")

@@ -27,6 +27,9 @@ class _Query(BaseModel):
 
 class AttributeRequest(_Query):
     k: int = Field(10, ge=1, le=MAX_K, strict=True, description="how many documents to return")
+    where: dict[str, str | int | float | bool] | None = Field(
+        None, max_length=8, description="only documents whose metadata has every one of these field values "
+        "(exact match); scored exactly over the matching documents")
     direction: Literal["proponents", "opponents"] = Field(
         "proponents", description="the highest scores (documents that push the model towards the response), "
         "or the lowest (documents that push it away)")

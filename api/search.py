@@ -12,11 +12,12 @@ forward and backward pass, computed with the opened index (projections, precondi
 them then searches."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, TypeVar
 
@@ -70,6 +71,20 @@ class Served:
     logra: LoGra
     preconditioner: Preconditioner
     stamp: tuple[int, int] | None  # the folder's identity when it was opened (see _stamp)
+    # metadata field -> value -> rows, built on a field's first filter (one table scan), kept with the index
+    _by_field: dict = field(default_factory=dict, compare=False, repr=False)
+    _by_field_lock: threading.Lock = field(default_factory=threading.Lock, compare=False, repr=False)
+
+    def rows_where(self, where: dict) -> np.ndarray:
+        """Rows whose metadata has every field = value of `where`, ascending."""
+        rows = None
+        for name, value in where.items():
+            with self._by_field_lock:
+                if name not in self._by_field:
+                    self._by_field[name] = self.index.rows_by_value(name)
+            match = self._by_field[name].get(json.dumps(value, sort_keys=True), np.empty(0, np.int64))
+            rows = match if rows is None else np.intersect1d(rows, match, assume_unique=True)
+        return np.empty(0, np.int64) if rows is None else rows
 
 
 def _stamp(root: Path) -> tuple[int, int] | None:
@@ -178,10 +193,11 @@ class Attributor:
             raise IndexUnavailable(f"{self.root} was replaced by an index this server cannot serve "
                                    f"({self._refusal}); restart it with the right model") from None
 
-    def attribute(self, prompt: str, response: str, k: int, mode: str,
-                  direction: str = "proponents") -> tuple[list[Hit], list[dict], dict]:
-        """The top-k hits, their documents, and what was scored (tokens, truncation, index size)."""
-        return self._answer(lambda s: self._attribute(s, prompt, response, k, mode, direction))
+    def attribute(self, prompt: str, response: str, k: int, mode: str, direction: str = "proponents",
+                  where: dict | None = None) -> tuple[list[Hit], list[dict], dict]:
+        """The top-k hits (among documents matching `where`, if given), their documents, and what was
+        scored (tokens, truncation, index size)."""
+        return self._answer(lambda s: self._attribute(s, prompt, response, k, mode, direction, where))
 
     def _query_batch(self, s: Served, pairs: list[tuple[str, str]]) -> list:
         """(vector, encoding) per pair: one forward and backward pass with this index's engine."""
@@ -189,13 +205,17 @@ class Attributor:
             vectors, encoded = query_vectors(s.logra, s.preconditioner, self.tokenizer, pairs)
         return list(zip(vectors, encoded))
 
-    def _attribute(self, s: Served, prompt: str, response: str, k: int, mode: str, direction: str):
+    def _attribute(self, s: Served, prompt: str, response: str, k: int, mode: str, direction: str,
+                   where: dict | None = None):
         vector, enc = self._batcher.submit(s, (prompt, response))
         info = {"n_tokens": len(enc.input_ids), "n_response_tokens": enc.n_loss_tokens, "truncated": enc.truncated,
                 "n_documents": len(s.index)}
         if enc.n_loss_tokens == 0:
             raise QueryError("the response has no token to score: with an empty prompt it needs at least two tokens")
-        hits = search(s.index, vector.numpy(), k, mode, direction)
+        if where:
+            hits = exact_search(s.index, s.rows_where(where), vector.numpy(), k, mode, direction)
+        else:
+            hits = search(s.index, vector.numpy(), k, mode, direction)
         return hits, s.index.documents([h.row for h in hits]), info
 
     def token_scores(self, prompt: str, response: str, doc_id: str, mode: str,
@@ -242,3 +262,25 @@ def search(index: Index, q: np.ndarray, k: int, mode: str, direction: str = "pro
     """Top-k rows of an opened index for a query vector, with the candidate count its manifest asks."""
     factor = (index.manifest.get("faiss") or {}).get("rerank_factor", 1)  # absent in older indexes
     return rerank_search(index.faiss[mode], index.vectors, index.norms, q, k, mode, factor, direction)
+
+
+def exact_search(index: Index, rows: np.ndarray, q: np.ndarray, k: int, mode: str, direction: str = "proponents",
+                 block: int = 65536) -> list[Hit]:
+    """Top-k of `rows` (ascending) by exact float64 score, read from the stored vectors in blocks: the
+    search behind metadata filters, whose cost grows with the number of matching rows."""
+    sign = {"proponents": 1.0, "opponents": -1.0}[direction]
+    q64 = q.astype(np.float64)
+    q_norm = float(np.linalg.norm(q64))
+    kept_rows, kept = np.empty(0, np.int64), np.empty(0)
+    for s in range(0, len(rows), block):
+        r = rows[s : s + block]
+        scores = index.vectors[r].astype(np.float64) @ q64
+        if mode == "cosine":
+            denom = index.norms[r].astype(np.float64) * q_norm
+            scores = np.divide(scores, denom, out=np.zeros_like(scores), where=denom > 0)
+        kept_rows, kept = np.concatenate([kept_rows, r]), np.concatenate([kept, scores])
+        if len(kept) > k:  # the best k so far (an exact tie at the k-th score keeps either row)
+            top = np.argpartition(-sign * kept, k - 1)[:k]
+            kept_rows, kept = kept_rows[top], kept[top]
+    order = np.lexsort((kept_rows, -sign * kept))[:k]
+    return [Hit(int(kept_rows[i]), float(kept[i])) for i in order]

@@ -200,6 +200,13 @@ def append_documents(index_dir: str | Path, data: Sequence[str], *, model: str |
     return _run(writer, work)
 
 
+def model_reference(name_or_path: str) -> str:
+    """What the manifest records: a local folder as an absolute path (a relative one would only load
+    from the directory the build ran in), a hub name as given."""
+    path = Path(name_or_path).expanduser()
+    return str(path.resolve()) if path.is_dir() else name_or_path
+
+
 def resume_key(cfg: BuildConfig, fingerprint: str) -> str:
     """What a partial build must share with this one to be resumed: every option that changes the
     output, the model's weights, and the data files' sizes and modification times."""
@@ -259,7 +266,7 @@ def _build(cfg: BuildConfig, model, tokenizer, writer: IndexWriter, started: flo
 
     total_seconds = time.time() - started
     manifest = {
-        "model": {"name_or_path": cfg.model, "fingerprint": model_fingerprint(model), "class": type(model).__name__,
+        "model": {"name_or_path": model_reference(cfg.model), "fingerprint": model_fingerprint(model), "class": type(model).__name__,
                   "dtype": cfg.dtype},
         "layers": logra.layer_spec(),
         "rank": cfg.rank,

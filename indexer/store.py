@@ -73,6 +73,9 @@ DOCUMENT_SCHEMA = pa.schema([
 ])
 
 
+_MISSING = object()
+
+
 class IndexFormatError(ValueError):
     """The folder is not a complete index this version can read."""
 
@@ -480,6 +483,17 @@ class Index:
             device = logra.projections[name_][0].device
             logra.projections[name_] = (p["in"].to(device), p["out"].to(device))
         return logra, Preconditioner.from_state_dict(self.state["preconditioner"])
+
+    def rows_by_value(self, field: str) -> dict[str, np.ndarray]:
+        """For one metadata field: each value (as JSON text) -> the rows holding it, ascending. One
+        scan of the row and metadata columns; documents without the field are left out."""
+        groups: dict[str, list[int]] = {}
+        for batch in self.table.search().select(["row", "metadata"]).limit(None).to_batches():
+            for row, meta in zip(batch.column("row").to_pylist(), batch.column("metadata").to_pylist()):
+                value = json.loads(meta).get(field, _MISSING)
+                if value is not _MISSING:
+                    groups.setdefault(json.dumps(value, sort_keys=True), []).append(row)
+        return {v: np.sort(np.asarray(r, dtype=np.int64)) for v, r in groups.items()}
 
     def documents(self, rows: list[int]) -> list[dict]:
         """Documents by row, in the order asked, metadata decoded."""

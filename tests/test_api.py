@@ -711,3 +711,29 @@ def test_fuzzed_requests_from_the_openapi_schema_never_get_a_5xx(index_dir):
             case.validate_response(response, checks=[not_a_server_error])
         check()
     assert n_cases >= 50
+
+
+# -- 12. metadata filters --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode,direction", [("cosine", "proponents"), ("influence", "opponents")])
+def test_where_filters_on_metadata_before_ranking_with_exact_scores(client, reference, corpus, mode, direction):
+    response = "river stone cloud lamp orbit signal garden copper"
+    ids, scores = brute_force(reference, "", response, mode)
+    source = {d["id"]: d["source"] for d in corpus}
+    for value in ("web", "books"):
+        want = [(i, s) for i, s in zip(ids, scores) if source[i] == value]
+        if direction == "opponents":
+            want = want[::-1]
+        got = attribute(client, response=response, k=4, mode=mode, direction=direction, where={"source": value})
+        assert [x["id"] for x in got["results"]] == [i for i, _ in want[:4]]
+        assert [x["score"] for x in got["results"]] == pytest.approx([s for _, s in want[:4]], rel=1e-6, abs=1e-9)
+        assert all(x["metadata"]["source"] == value for x in got["results"])
+    # two fields (both must hold), a value no document has, a field no document has
+    doc = corpus[7]
+    both = attribute(client, response=response, k=5, where={"source": doc["source"], "position": doc["position"]})
+    assert [x["id"] for x in both["results"]] == [doc["id"]]
+    assert attribute(client, response=response, where={"source": "nowhere"})["results"] == []
+    assert attribute(client, response=response, where={"licence": "mit"})["results"] == []
+    for bad in ({"source": ["web"]}, {"source": {"$ne": "web"}}, {f"f{i}": 1 for i in range(9)}):
+        r = client.post("/attribute", json={"response": response, "where": bad})
+        assert r.status_code == 422 and "where" in r.text

@@ -715,3 +715,15 @@ def test_append_refuses_another_model(tmp_path, gpt2_dir, llama_dir, capsys):
     new = write_jsonl(tmp_path / "b.jsonl", [{"id": "x1", "text": "river stone cloud"}])
     code, _, err = run(["append", "--index", idx, "--data", new, "--model", llama_dir, "--no-progress"], capsys)
     assert code != 0 and "is not the model that built" in err
+
+
+def test_manifest_records_a_local_model_folder_absolutely(tmp_path, gpt2_dir, monkeypatch):
+    from indexer.build import model_reference
+    data = write_jsonl(tmp_path / "d.jsonl", synthetic_corpus(6, seed=3))
+    monkeypatch.chdir(Path(gpt2_dir).parent)
+    manifest = build_index(BuildConfig(model=Path(gpt2_dir).name, data=[data], out=str(tmp_path / "idx"), progress=False))
+    assert manifest["model"]["name_or_path"] == str(Path(gpt2_dir).resolve())
+    monkeypatch.chdir(tmp_path)  # served from elsewhere, the recorded model still loads
+    hits, _, _ = Attributor(tmp_path / "idx").attribute("", synthetic_corpus(6, seed=3)[2]["text"], 1, "cosine")
+    assert hits[0].row == 2
+    assert model_reference("meta-llama/Meta-Llama-3-8B-Instruct") == "meta-llama/Meta-Llama-3-8B-Instruct"
