@@ -7,10 +7,9 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
-
-from fastapi.middleware.cors import CORSMiddleware
 
 from .limits import RequestLimits
 from .metrics import Metrics, MetricsMiddleware
@@ -48,7 +47,7 @@ def create_app(index_dir: str | Path, model: str | None = None, device: str = "c
                   description="Which training documents made the model produce this response?")
     app.state.attributor, app.state.settings = attributor, settings
     app.state.metrics = Metrics(n_documents=lambda: len(attributor.index),
-                                index_bytes=lambda: sum(p.stat().st_size for p in Path(index_dir).rglob("*") if p.is_file()),
+                                index_bytes=lambda: sum(p.stat().st_size for p in attributor.root.rglob("*") if p.is_file()),
                                 batch_stats=lambda: attributor.batch_stats)
     app.add_exception_handler(RequestValidationError, _invalid_request)
     app.add_exception_handler(IndexUnavailable, _unavailable)

@@ -96,6 +96,16 @@ def _stamp(root: Path) -> tuple[int, int] | None:
         return None
 
 
+def exact_scores(vectors: np.ndarray, norms: np.ndarray, rows: np.ndarray, q: np.ndarray, mode: str) -> np.ndarray:
+    """Exact float64 scores of `rows` for query q; cosine divides by both norms (0 for a zero vector)."""
+    q64 = np.asarray(q, dtype=np.float64).ravel()
+    scores = vectors[rows].astype(np.float64) @ q64
+    if mode == "cosine":
+        denom = norms[rows].astype(np.float64) * float(np.linalg.norm(q64))
+        scores = np.divide(scores, denom, out=np.zeros_like(scores), where=denom > 0)
+    return scores
+
+
 def rerank_search(index: faiss.Index, vectors: np.ndarray, norms: np.ndarray, q: np.ndarray, k: int, mode: str,
                   rerank_factor: int = 1, direction: str = "proponents") -> list[Hit]:
     """Top-k rows of `vectors` for query q: `index` (over vectors, or their unit rows for cosine)
@@ -108,10 +118,7 @@ def rerank_search(index: faiss.Index, vectors: np.ndarray, norms: np.ndarray, q:
     probe = sign * (unit_rows(q) if mode == "cosine" else q)
     _, cand = index.search(probe, min(n, max(4 * k, k + 64) * rerank_factor))
     cand = np.unique(cand[0][cand[0] >= 0])
-    exact = vectors[cand].astype(np.float64) @ q[0].astype(np.float64)
-    if mode == "cosine":
-        denom = norms[cand].astype(np.float64) * float(np.linalg.norm(q))
-        exact = np.divide(exact, denom, out=np.zeros_like(exact), where=denom > 0)
+    exact = exact_scores(vectors, norms, cand, q[0], mode)
     order = np.lexsort((cand, -sign * exact))[:k]  # best first; ties broken by row for reproducibility
     return [Hit(int(cand[i]), float(exact[i])) for i in order]
 
@@ -269,15 +276,10 @@ def exact_search(index: Index, rows: np.ndarray, q: np.ndarray, k: int, mode: st
     """Top-k of `rows` (ascending) by exact float64 score, read from the stored vectors in blocks: the
     search behind metadata filters, whose cost grows with the number of matching rows."""
     sign = {"proponents": 1.0, "opponents": -1.0}[direction]
-    q64 = q.astype(np.float64)
-    q_norm = float(np.linalg.norm(q64))
     kept_rows, kept = np.empty(0, np.int64), np.empty(0)
     for s in range(0, len(rows), block):
         r = rows[s : s + block]
-        scores = index.vectors[r].astype(np.float64) @ q64
-        if mode == "cosine":
-            denom = index.norms[r].astype(np.float64) * q_norm
-            scores = np.divide(scores, denom, out=np.zeros_like(scores), where=denom > 0)
+        scores = exact_scores(index.vectors, index.norms, r, q, mode)
         kept_rows, kept = np.concatenate([kept_rows, r]), np.concatenate([kept, scores])
         if len(kept) > k:  # the best k so far (an exact tie at the k-th score keeps either row)
             top = np.argpartition(-sign * kept, k - 1)[:k]
