@@ -9,7 +9,7 @@ import uvicorn
 from indexer.store import IndexFormatError
 
 from .app import create_app
-from .search import ModelMismatchError
+from .search import HIGH_DEPTH, ModelMismatchError
 from .settings import ServerSettings
 
 
@@ -27,15 +27,17 @@ def main(argv: list[str] | None = None) -> int:
                     help="allow browser pages from this origin (repeatable; default none; LOGRA_CORS_ORIGINS)")
     ap.add_argument("--max-batch", type=int, default=16,
                     help="at most this many concurrent /attribute queries share one gradient pass (1: no batching)")
+    ap.add_argument("--high-depth", type=int, default=HIGH_DEPTH,
+                    help="precision high rescores the compact vectors' top max(k, this) documents")
     args = ap.parse_args(argv)
-    if args.max_batch < 1:
-        ap.error("--max-batch must be at least 1")
+    if args.max_batch < 1 or args.high_depth < 1:
+        ap.error("--max-batch and --high-depth must be at least 1")
     try:
         # The API key comes only from LOGRA_API_KEY: a command line is visible to every user of the machine.
         settings = ServerSettings.from_env(max_body_bytes=args.max_body_bytes, request_timeout_s=args.request_timeout,
                                            cors_origins=args.cors_origins)
         app = create_app(args.index, model=args.model, device=args.device, settings=settings,
-                         max_batch=args.max_batch)
+                         max_batch=args.max_batch, high_depth=args.high_depth)
     except (IndexFormatError, ModelMismatchError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

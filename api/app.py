@@ -14,7 +14,7 @@ from fastapi.staticfiles import StaticFiles
 from .limits import RequestLimits
 from .metrics import Metrics, MetricsMiddleware
 from .routes import STATIC, admin, data, router
-from .search import Attributor, IndexUnavailable
+from .search import HIGH_DEPTH, Attributor, IndexUnavailable
 from .settings import ServerSettings
 
 
@@ -36,13 +36,14 @@ async def _unavailable(request: Request, exc: IndexUnavailable) -> JSONResponse:
 
 
 def create_app(index_dir: str | Path, model: str | None = None, device: str = "cpu",
-               settings: ServerSettings | None = None, max_batch: int = 16) -> FastAPI:
+               settings: ServerSettings | None = None, max_batch: int = 16, high_depth: int = HIGH_DEPTH) -> FastAPI:
     """Open the index and load its model now, so a bad index or the wrong model fails at start-up,
     not on the first request. `model` overrides the manifest's model (e.g. a local copy).
     `settings`: limits, API key and CORS (default: from the LOGRA_* environment variables).
-    `max_batch`: concurrent /attribute queries sharing one gradient pass, at most (1: no batching)."""
+    `max_batch`: concurrent /attribute queries sharing one gradient pass, at most (1: no batching).
+    `high_depth`: precision "high" rescores the compact vectors' top max(k, high_depth) documents."""
     settings = settings or ServerSettings.from_env()
-    attributor = Attributor(index_dir, model=model, device=device, max_batch=max_batch)
+    attributor = Attributor(index_dir, model=model, device=device, max_batch=max_batch, high_depth=high_depth)
     app = FastAPI(title="logra-search", version="0.1.0",
                   description="Which training documents made the model produce this response?")
     app.state.attributor, app.state.settings = attributor, settings

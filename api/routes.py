@@ -29,13 +29,15 @@ def get_attributor(request: Request) -> Attributor:
 def attribute(body: AttributeRequest, att: Attributor = Depends(get_attributor)) -> AttributeResponse:
     started = time.perf_counter()
     try:
-        hits, docs, info = att.attribute(body.prompt, body.response, body.k, body.mode, body.direction, body.where)
+        hits, docs, info = att.attribute(body.prompt, body.response, body.k, body.mode, body.direction, body.where,
+                                         body.precision)
     except QueryError as e:
         raise HTTPException(status_code=422, detail=str(e)) from e
-    n_documents = info.pop("n_documents")
-    results = [AttributeResult(rank=i + 1, id=d["id"], score=h.score, text=d["text"], metadata=d["metadata"],
+    n_documents, precision = info.pop("n_documents"), info.pop("precision")
+    results = [AttributeResult(rank=i + 1, id=d["id"], score=h.score, stage=h.stage, text=d["text"], metadata=d["metadata"],
                                source=d["source"], line=d["line"]) for i, (h, d) in enumerate(zip(hits, docs))]
-    return AttributeResponse(results=results, mode=body.mode, direction=body.direction, k=body.k, n_documents=n_documents,
+    return AttributeResponse(results=results, mode=body.mode, precision=precision, direction=body.direction, k=body.k,
+                             n_documents=n_documents,
                              query=QueryInfo(**info), took_ms=round((time.perf_counter() - started) * 1000, 2))
 
 
@@ -43,7 +45,7 @@ def attribute(body: AttributeRequest, att: Attributor = Depends(get_attributor))
 def attribute_tokens(body: TokenRequest, att: Attributor = Depends(get_attributor)) -> TokenResponse:
     """Split one document's score over the response's tokens."""
     try:
-        ts = att.token_scores(body.prompt, body.response, body.id, body.mode)
+        ts = att.token_scores(body.prompt, body.response, body.id, body.mode, precision=body.precision)
     except UnknownDocument:
         raise HTTPException(status_code=404, detail=f"no document with id {body.id!r}") from None
     except QueryError as e:

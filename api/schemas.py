@@ -16,6 +16,9 @@ class _Query(BaseModel):
     response: str = Field(..., min_length=1, max_length=MAX_TEXT_CHARS, description="the text to attribute")
     mode: Literal["influence", "cosine"] = Field("cosine", description="inner product of preconditioned "
                                                  "gradients, or the same divided by both norms")
+    precision: Literal["fast", "high"] = Field(
+        "high", description="fast: the compact vectors alone; high: the compact vectors' best candidates rescored "
+        "by the high-fidelity stage (gradients recomputed, larger projections, EK-FAC)")
 
     @field_validator("response")
     @classmethod
@@ -67,6 +70,7 @@ class DocumentFields(BaseModel):
 class AttributeResult(DocumentFields):
     rank: int
     score: float
+    stage: Literal["fast", "high"] = Field(description="the stage whose score this is (and which ranked it)")
 
 
 class QueryInfo(BaseModel):
@@ -78,6 +82,7 @@ class QueryInfo(BaseModel):
 class AttributeResponse(BaseModel):
     results: list[AttributeResult]
     mode: str
+    precision: Literal["fast", "high"] = Field(description="as asked, or fast when the index has no high-fidelity stage")
     direction: str
     k: int
     n_documents: int

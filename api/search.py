@@ -24,7 +24,8 @@ from typing import Callable, TypeVar
 import faiss
 import numpy as np
 
-from engine import MAX_TOKENS_SCORED, LoGra, Preconditioner, load_model, query_vectors, token_texts, token_vectors
+from engine import (MAX_TOKENS_SCORED, LoGra, Preconditioner, load_model, pair_vectors, query_vectors, token_texts,
+                    token_vectors)
 from indexer.store import MANIFEST, Index, IndexFormatError, ModelMismatchError, unit_rows
 
 from .batching import MicroBatcher
@@ -48,10 +49,17 @@ class IndexUnavailable(RuntimeError):
     """The index folder was replaced by one this server cannot serve (answered with 503)."""
 
 
+# The high-fidelity stage rescores this many of the compact vectors' best candidates (or k, if more):
+# benchmarks/quality measures how many of the top 10 over every document this keeps (README).
+HIGH_DEPTH = 100
+PRECISIONS = ("fast", "high")
+
+
 @dataclass
 class Hit:
     row: int
     score: float
+    stage: str = "fast"  # which stage's score this is (and ranked it): "fast" or "high"
 
 
 @dataclass
@@ -71,6 +79,7 @@ class Served:
     logra: LoGra
     preconditioner: Preconditioner
     stamp: tuple[int, int] | None  # the folder's identity when it was opened (see _stamp)
+    high: tuple[LoGra, Preconditioner] | None = None  # the high-fidelity stage, when the index has one
     # metadata field -> value -> rows, built on a field's first filter (one table scan), kept with the index
     _by_field: dict = field(default_factory=dict, compare=False, repr=False)
     _by_field_lock: threading.Lock = field(default_factory=threading.Lock, compare=False, repr=False)
@@ -128,20 +137,25 @@ class Attributor:
     `batch_wait_ms`: how long a pass waits for more queries once one is queued."""
 
     def __init__(self, index_dir: str | Path, model: str | None = None, device: str = "cpu", max_batch: int = 16,
-                 batch_wait_ms: float = 2.0):
+                 batch_wait_ms: float = 2.0, high_depth: int = HIGH_DEPTH):
         self.root = Path(index_dir)
         stamp = _stamp(self.root)  # before opening: a swap during the open is seen by the next request
         index = Index.open(self.root)
         m = index.manifest
         self.model_name = model or m["model"]["name_or_path"]
         self.model, self.tokenizer = load_model(self.model_name, device=device, dtype=m["model"].get("dtype", "float32"))
-        self._served = Served(index, *index.engine(self.model, self.model_name), stamp)
+        self.high_depth = high_depth
+        self._served = self._serve(index, stamp)
         self._refused_stamp = None  # a replacement that could not be served; not retried until it changes
         self._refusal = ""
         self._reload_lock = threading.Lock()
         # Hooks live on shared modules: one gradient computation at a time.
         self._lock = threading.Lock()
         self._batcher = MicroBatcher(self._query_batch, max_batch=max_batch, max_wait_s=batch_wait_ms / 1000)
+
+    def _serve(self, index: Index, stamp) -> Served:
+        return Served(index, *index.engine(self.model, self.model_name), stamp,
+                      high=index.high_engine(self.model, self.model_name))
 
     @property
     def batch_stats(self) -> dict:
@@ -174,7 +188,7 @@ class Attributor:
             if self._served.stamp != stamp:
                 try:
                     index = Index.open(self.root)
-                    self._served = Served(index, *index.engine(self.model, self.model_name), stamp)
+                    self._served = self._serve(index, stamp)
                     log.warning("reloaded %s: %d documents", self.root, len(index))
                 except (IndexFormatError, ModelMismatchError, OSError) as e:
                     self._refused_stamp, self._refusal = stamp, str(e)
@@ -201,10 +215,14 @@ class Attributor:
                                    f"({self._refusal}); restart it with the right model") from None
 
     def attribute(self, prompt: str, response: str, k: int, mode: str, direction: str = "proponents",
-                  where: dict | None = None) -> tuple[list[Hit], list[dict], dict]:
+                  where: dict | None = None, precision: str = "high") -> tuple[list[Hit], list[dict], dict]:
         """The top-k hits (among documents matching `where`, if given), their documents, and what was
-        scored (tokens, truncation, index size)."""
-        return self._answer(lambda s: self._attribute(s, prompt, response, k, mode, direction, where))
+        scored (tokens, truncation, index size, the precision used). `precision` "high" rescores the
+        compact vectors' top max(k, high_depth) with the high-fidelity stage (the same as "fast" for
+        an index built without one)."""
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        return self._answer(lambda s: self._attribute(s, prompt, response, k, mode, direction, where, precision))
 
     def _query_batch(self, s: Served, pairs: list[tuple[str, str]]) -> list:
         """(vector, encoding) per pair: one forward and backward pass with this index's engine."""
@@ -213,40 +231,66 @@ class Attributor:
         return list(zip(vectors, encoded))
 
     def _attribute(self, s: Served, prompt: str, response: str, k: int, mode: str, direction: str,
-                   where: dict | None = None):
+                   where: dict | None = None, precision: str = "high"):
         vector, enc = self._batcher.submit(s, (prompt, response))
+        high = precision == "high" and s.high is not None
         info = {"n_tokens": len(enc.input_ids), "n_response_tokens": enc.n_loss_tokens, "truncated": enc.truncated,
-                "n_documents": len(s.index)}
+                "n_documents": len(s.index), "precision": "high" if high else "fast"}
         if enc.n_loss_tokens == 0:
             raise QueryError("the response has no token to score: with an empty prompt it needs at least two tokens")
+        depth = max(k, self.high_depth) if high else k
         if where:
-            hits = exact_search(s.index, s.rows_where(where), vector.numpy(), k, mode, direction)
+            hits = exact_search(s.index, s.rows_where(where), vector.numpy(), depth, mode, direction)
         else:
-            hits = search(s.index, vector.numpy(), k, mode, direction)
+            hits = search(s.index, vector.numpy(), depth, mode, direction)
+        if high:
+            hits = self._rescore(s, prompt, response, hits, mode, direction)[:k]
         return hits, s.index.documents([h.row for h in hits]), info
 
+    def _rescore(self, s: Served, prompt: str, response: str, hits: list[Hit], mode: str, direction: str) -> list[Hit]:
+        """The candidates' scores from the high-fidelity stage: their gradients recomputed with its
+        larger projections and preconditioner, against the query's, best first (ties by row)."""
+        if not hits:
+            return hits
+        logra, pre = s.high
+        rows = np.array([h.row for h in hits])
+        with self._lock:
+            vectors = pair_vectors(logra, pre, self.tokenizer, [(prompt, response)] + s.index.pairs(rows.tolist()))
+        vectors = vectors.double().numpy()
+        scores = exact_scores(vectors[1:], np.linalg.norm(vectors[1:], axis=1), np.arange(len(rows)), vectors[0], mode)
+        sign = {"proponents": 1.0, "opponents": -1.0}[direction]
+        order = np.lexsort((rows, -sign * scores))
+        return [Hit(int(rows[i]), float(scores[i]), "high") for i in order]
+
     def token_scores(self, prompt: str, response: str, doc_id: str, mode: str,
-                     max_tokens_scored: int = MAX_TOKENS_SCORED) -> TokenScores:
+                     max_tokens_scored: int = MAX_TOKENS_SCORED, precision: str = "high") -> TokenScores:
         """How much each response token contributes to the document's score: v_j . v_d, with v_j the
         query vector of token j's loss alone. In cosine mode each is divided by both full norms, so the
         contributions still sum to the cosine score (when no token is left out by the cap)."""
-        return self._answer(lambda s: self._token_scores(s, prompt, response, doc_id, mode, max_tokens_scored))
+        return self._answer(lambda s: self._token_scores(s, prompt, response, doc_id, mode, max_tokens_scored, precision))
 
     def _token_scores(self, s: Served, prompt: str, response: str, doc_id: str, mode: str,
-                      max_tokens_scored: int) -> TokenScores:
+                      max_tokens_scored: int, precision: str = "high") -> TokenScores:
+        """With precision "high" (and an index that has the stage), the same split of the document's
+        high-fidelity score: the document's vector recomputed, the query's per token at the same sizes."""
         row = s.index.row_of_id.get(doc_id)
         if row is None:
             raise UnknownDocument(doc_id)
+        high = precision == "high" and s.high is not None
+        logra, pre = s.high if high else (s.logra, s.preconditioner)
         with self._lock:
-            tv = token_vectors(s.logra, s.preconditioner, self.tokenizer, prompt, response, max_tokens_scored)
+            tv = token_vectors(logra, pre, self.tokenizer, prompt, response, max_tokens_scored)
+            # token_vectors works in the original basis: the document too
+            d_high = pair_vectors(logra, pre, self.tokenizer, s.index.pairs([row]), eigenbasis=False)[0] if high else None
         enc = tv.encoded
         if not tv.positions:
             raise QueryError("the response has no token to score: with an empty prompt it needs at least two tokens")
-        d = np.asarray(s.index.vectors[row], dtype=np.float64)
+        d = d_high.double().numpy() if high else np.asarray(s.index.vectors[row], dtype=np.float64)
+        d_norm = float(np.linalg.norm(d)) if high else float(s.index.norms[row])
         contrib = tv.tokens.double().numpy() @ d
         score = float(tv.query.double().numpy() @ d)
         if mode == "cosine":
-            denom = float(s.index.norms[row]) * float(np.linalg.norm(tv.query.double().numpy()))
+            denom = d_norm * float(np.linalg.norm(tv.query.double().numpy()))
             scale = 1.0 / denom if denom > 0 else 0.0
             contrib, score = contrib * scale, score * scale
         by_pos = dict(zip(tv.positions, contrib.tolist()))

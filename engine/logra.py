@@ -22,11 +22,29 @@ from .model import effective_max_tokens
 
 @dataclass(frozen=True)
 class LoGraConfig:
-    rank: int = 8  # r_in = r_out per layer, clamped to the layer's own dimensions
+    """Which layers, and each layer's r_out x r_in, by the first of these that is set:
+    `rank` (r_in = r_out = rank everywhere: the explicit override), `max_side` (each side kept whole
+    up to max_side features, projected to max_side beyond: the high-fidelity stage), else `budget`
+    dimensions per document spread over the layers by `engine.budget.allocate`. A side kept whole is
+    not projected at all (the exact gradient), whatever the mode."""
+    rank: int | None = None
+    budget: int = 2048
+    head_share: float = 0.5  # of the budget, to the LM head when it is tracked (engine.budget)
+    max_side: int | None = None
+    head: bool = True  # track the LM head (output embedding) besides the blocks' linear layers
     seed: int = 0
     include: str | None = None  # regex over layer names
     exclude: str | None = None
     max_tokens: int = 512  # clamped to the model's context length
+
+    def shapes(self, layers: list[TrackedLayer], head_name: str | None) -> dict[str, tuple[int, int]]:
+        """layer -> (r_out, r_in)."""
+        from .budget import allocate, clamp
+        if self.rank is not None:
+            return {l.name: clamp(l, self.rank, self.rank) for l in layers}
+        if self.max_side is not None:
+            return {l.name: clamp(l, self.max_side, self.max_side) for l in layers}
+        return allocate(layers, self.budget, self.head_share, head_name)
 
 
 def projection_matrix(seed: int, layer: str, role: str, rank: int, dim: int) -> torch.Tensor:
@@ -49,21 +67,42 @@ class ProjectedGradients:
 class LoGra:
     """Projected per-example gradients for one model. Hooks are attached only inside `gradients`."""
 
-    def __init__(self, model: nn.Module, config: LoGraConfig = LoGraConfig(), layers: list[TrackedLayer] | None = None):
+    def __init__(self, model: nn.Module, config: LoGraConfig = LoGraConfig(), layers: list[TrackedLayer] | None = None,
+                 shapes: dict[str, tuple[int, int]] | None = None):
+        """`shapes` (layer -> (r_out, r_in), in vector order) fixes the layers and their sizes, as an
+        index's manifest records them; otherwise `config` chooses both."""
         self.model = model
         self.config = config
         self.max_tokens = effective_max_tokens(model, config.max_tokens)  # never past the model's context
-        self.layers = layers if layers is not None else find_tracked_layers(model, config.include, config.exclude)
+        if layers is None:
+            found = find_tracked_layers(model, config.include, config.exclude, include_embeddings=config.head)
+            if shapes is not None:
+                by_name = {l.name: l for l in find_tracked_layers(model, include_embeddings=True)}
+                missing = [n for n in shapes if n not in by_name]
+                if missing:
+                    raise ValueError(f"{type(model).__name__} has no trackable layer {missing[0]!r}")
+                found = [by_name[n] for n in shapes]
+            layers = found
+        self.layers = layers
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        self.head_name = next((l.name for l in layers if head is not None and l.module is head), None)
+        self.shapes: dict[str, tuple[int, int]] = dict(shapes) if shapes is not None else config.shapes(layers, self.head_name)
         device = next(model.parameters()).device
-        self.projections: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.shapes: dict[str, tuple[int, int]] = {}
+        # None: that side is kept whole (r = features), so it is not multiplied by anything
+        self.projections: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
         for layer in self.layers:
-            r_in, r_out = min(config.rank, layer.in_features), min(config.rank, layer.out_features)
-            p_in = projection_matrix(config.seed, layer.name, "in", r_in, layer.in_features).to(device)
-            p_out = projection_matrix(config.seed, layer.name, "out", r_out, layer.out_features).to(device)
+            r_out, r_in = self.shapes[layer.name]
+            p_in = None if r_in == layer.in_features else projection_matrix(config.seed, layer.name, "in", r_in, layer.in_features).to(device)
+            p_out = None if r_out == layer.out_features else projection_matrix(config.seed, layer.name, "out", r_out, layer.out_features).to(device)
             self.projections[layer.name] = (p_in, p_out)
-            self.shapes[layer.name] = (r_out, r_in)
         self.dim = sum(o * i for o, i in self.shapes.values())
+
+    def projection(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(P_in, P_out) of a layer as matrices (an identity for a side kept whole)."""
+        layer = next(l for l in self.layers if l.name == name)
+        p_in, p_out = self.projections[name]
+        eye = lambda n: torch.eye(n, device=next(self.model.parameters()).device)
+        return (eye(layer.in_features) if p_in is None else p_in), (eye(layer.out_features) if p_out is None else p_out)
 
     def layer_spec(self) -> list[dict]:
         return [
@@ -92,14 +131,14 @@ class LoGra:
                 if x.shape[:2] != mask.shape:
                     raise RuntimeError(f"layer {name} sees input of shape {tuple(x.shape)}, not (batch, tokens, features); "
                                        "exclude it with a layer filter")
-                xp = (x.float() @ p_in.T) * mask[..., None]  # padding contributes nothing
+                xp = (x.float() if p_in is None else x.float() @ p_in.T) * mask[..., None]  # padding contributes nothing
                 if token_stats is not None:
                     _add(token_stats, name, 0, torch.einsum("bti,btj->ij", xp, xp))
                 if output.requires_grad:
                     output.register_hook(lambda g: _on_grad(g, xp))
 
             def _on_grad(g, xp):
-                gp = g.float() @ p_out.T
+                gp = g.float() if p_out is None else g.float() @ p_out.T
                 # A module called twice in one forward contributes both calls' terms, as autograd would.
                 _add(grads, name, None, torch.einsum("bto,bti->boi", gp, xp))
                 if token_stats is not None:
@@ -119,7 +158,7 @@ class LoGra:
     def gradients(self, batch: dict[str, torch.Tensor], token_stats: bool = False) -> ProjectedGradients:
         """Projected gradients of each example's summed loss over its labelled tokens.
         `batch` comes from `engine.encoding.collate` (labels -100 on prompt and padding)."""
-        device = self.projections[self.layers[0].name][0].device
+        device = next(self.model.parameters()).device
         ids, mask, labels = (_to_device(batch[k], device) for k in ("input_ids", "attention_mask", "labels"))
         grads: dict[str, torch.Tensor] = {}
         stats: dict | None = {} if token_stats else None

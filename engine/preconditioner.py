@@ -169,25 +169,29 @@ class Preconditioner:
                 self.update_second(grads)
         return self.finalize()
 
-    def apply(self, grads) -> torch.Tensor:
-        """Whitened vectors v = H^{-1/2} g, concatenated over layers: (batch, dim), float32."""
+    def apply(self, grads, eigenbasis: bool = False, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """Whitened vectors v = H^{-1/2} g, concatenated over layers: (batch, dim), float32.
+        `eigenbasis` (kfac, ekfac): v in the layer's K-FAC eigenbasis instead, an orthogonal change
+        of basis that keeps every inner product and norm and skips the rotation back (half the work;
+        the high-fidelity stage's query-time path). `dtype`: the arithmetic's precision."""
         grads = self.split(grads)
         if not self.finalized:
             raise RuntimeError("preconditioner is not fitted: call finalize() first")
         parts = []
         for name in self.shapes:
-            g = grads[name].detach().to("cpu", torch.float64)
+            g = grads[name].detach().to("cpu", dtype)
             n = g.shape[0]
             if self.kind == "none":
                 v = g.reshape(n, -1)
             elif self.kind == "raw":
-                v = g.reshape(n, -1) @ self.state[name]["inv_sqrt"]
+                v = g.reshape(n, -1) @ self.state[name]["inv_sqrt"].to(dtype)
             else:
                 st = self.state[name]
-                rot = st["qs"].T @ g @ st["qa"]
-                v = (st["qs"] @ (rot * st["scale"]) @ st["qa"].T).reshape(n, -1)
-            parts.append(v)
-        return torch.cat(parts, dim=1).float()
+                qs, qa = st["qs"].to(dtype), st["qa"].to(dtype)
+                rot = (qs.T @ g @ qa) * st["scale"].to(dtype)
+                v = (rot if eigenbasis else qs @ rot @ qa.T).reshape(n, -1)
+            parts.append(v.float())
+        return torch.cat(parts, dim=1)
 
     def state_dict(self) -> dict:
         return {"kind": self.kind, "damping_ratio": self.damping_ratio, "n_docs": self.n_docs,

@@ -31,6 +31,22 @@ def query_vectors(logra: LoGra, preconditioner: Preconditioner, tokenizer: PreTr
     return preconditioner.apply(out.grads), encoded
 
 
+def pair_vectors(logra: LoGra, preconditioner: Preconditioner, tokenizer: PreTrainedTokenizerBase,
+                 pairs: Sequence[tuple[str, str]], batch_size: int = 16, eigenbasis: bool = True) -> torch.Tensor:
+    """(len(pairs), dim) preconditioned vectors, in the pairs' order, computed in batches of similar
+    length (a vector does not depend on its batch): how the high-fidelity stage recomputes the
+    vectors of a query and its candidate documents. Inner products and norms only, so by default
+    in the preconditioner's eigenbasis, in float32 (Preconditioner.apply)."""
+    encoded = encode_pairs(tokenizer, pairs, logra.max_tokens)
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
+    out = torch.zeros(len(encoded), logra.dim)
+    for s in range(0, len(order), batch_size):
+        idx = order[s : s + batch_size]
+        grads = projected_gradients(logra, tokenizer, [encoded[i] for i in idx]).grads
+        out[idx] = preconditioner.apply(grads, eigenbasis=eigenbasis, dtype=torch.float32 if eigenbasis else torch.float64)
+    return out
+
+
 MAX_TOKENS_SCORED = 256
 
 

@@ -22,7 +22,7 @@ from engine.encoding import Encoded
 
 from .distributed import Processes, is_input_error, world_size
 from .records import ReadStats, Record, read_records
-from .store import INDEX_TYPES, Index, IndexWriter
+from .store import INDEX_TYPES, Index, IndexWriter, document_pair
 
 
 @dataclass
@@ -37,10 +37,21 @@ class BuildConfig:
     max_tokens: int = 512
     batch_size: int = 8  # documents per pass at most
     batch_tokens: int | None = None  # padded tokens per pass at most (None: batch_size alone decides)
-    rank: int = 8
+    rank: int | None = None  # explicit r_in = r_out for every layer; None: spread `budget` (engine.budget)
+    budget: int = 2048  # dimensions per document of the compact (ANN) vectors
+    head_share: float = 0.5  # of the budget, to the LM head
+    head: bool = True  # track the LM head (output embedding)
     seed: int = 0
     preconditioner: str = "raw"
     damping: float = 0.1
+    # The high-fidelity stage (api: precision "high"): preconditioner factors of each layer's gradient
+    # with sides up to high_max_side kept whole, fitted on the first high_sample documents; the
+    # candidates' gradients are recomputed at query time (README "Two stages").
+    high: bool = True
+    high_max_side: int = 256
+    high_preconditioner: str = "ekfac"
+    high_damping: float = 0.1
+    high_sample: int = 4096
     include: str | None = None
     exclude: str | None = None
     device: str = "cpu"
@@ -54,13 +65,26 @@ class BuildConfig:
     extra: dict = field(default_factory=dict)  # recorded in the manifest (e.g. the demo's provenance)
 
     def __post_init__(self):
-        for name in ("max_tokens", "batch_size", "rank", "shard_size", "batch_tokens"):
+        for name in ("max_tokens", "batch_size", "rank", "shard_size", "batch_tokens", "budget", "high_max_side",
+                     "high_sample"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.index_type not in INDEX_TYPES:
             raise ValueError(f"index_type must be one of {INDEX_TYPES}, got {self.index_type!r}")
-        if self.damping < 0:
-            raise ValueError(f"damping must be >= 0, got {self.damping}")
+        if self.damping < 0 or self.high_damping < 0:
+            raise ValueError(f"damping must be >= 0, got {min(self.damping, self.high_damping)}")
+        if not 0 <= self.head_share <= 1:
+            raise ValueError(f"head_share must be between 0 and 1, got {self.head_share}")
+        if self.high_preconditioner not in HIGH_PRECONDITIONERS:
+            raise ValueError(f"high_preconditioner must be one of {HIGH_PRECONDITIONERS}, got {self.high_preconditioner!r}")
+
+    def logra_config(self) -> LoGraConfig:
+        return LoGraConfig(rank=self.rank, budget=self.budget, head_share=self.head_share, head=self.head, seed=self.seed,
+                           include=self.include, exclude=self.exclude, max_tokens=self.max_tokens)
+
+
+# raw would need a (r_out r_in)^2 covariance per layer: too large at the high stage's sizes
+HIGH_PRECONDITIONERS = ("none", "kfac", "ekfac")
 
 
 def _chunks(it: Iterator, n: int) -> Iterator[list]:
@@ -231,8 +255,7 @@ def _load(cfg: BuildConfig):
 
 def _build(cfg: BuildConfig, model, tokenizer, writer: IndexWriter, started: float,
            procs: Processes = Processes()) -> dict | None:
-    logra = LoGra(model, LoGraConfig(rank=cfg.rank, seed=cfg.seed, include=cfg.include, exclude=cfg.exclude,
-                                     max_tokens=cfg.max_tokens))
+    logra = LoGra(model, cfg.logra_config())
     max_tokens = logra.max_tokens
     pre = Preconditioner(cfg.preconditioner, logra.shapes, damping_ratio=cfg.damping)
     stats = ReadStats()  # every process reads every record, so every one counts the same skipped records
@@ -263,6 +286,7 @@ def _build(cfg: BuildConfig, model, tokenizer, writer: IndexWriter, started: flo
     n_done_before, tokens_at_start = done["before"], done["tokens_at_start"]
     pre.finalize()
     faiss_info = _write_vectors(cfg, pre, writer, logra.dim)
+    high, high_state = _fit_high(cfg, model, tokenizer, logra) if cfg.high else (None, None)
 
     total_seconds = time.time() - started
     manifest = {
@@ -270,6 +294,7 @@ def _build(cfg: BuildConfig, model, tokenizer, writer: IndexWriter, started: flo
                   "dtype": cfg.dtype},
         "layers": logra.layer_spec(),
         "rank": cfg.rank,
+        "budget": None if cfg.rank is not None else {"dims": cfg.budget, "head_share": cfg.head_share},
         "seed": cfg.seed,
         "include": cfg.include,
         "exclude": cfg.exclude,
@@ -278,6 +303,7 @@ def _build(cfg: BuildConfig, model, tokenizer, writer: IndexWriter, started: flo
         "preconditioner": {"kind": cfg.preconditioner, "damping_ratio": cfg.damping},
         "faiss": faiss_info,
         "index_type": cfg.index_type,
+        **({"high": {k: v for k, v in high.items() if k != "fit_seconds"}} if high else {}),
         "data": {"files": [str(p) for p in cfg.data], "text_field": cfg.text_field, "prompt_field": cfg.prompt_field,
                  "response_field": cfg.response_field, "id_field": cfg.id_field},
         "stats": {**counts, "documents": writer.n_rows, "skipped": stats.skipped,
@@ -285,12 +311,45 @@ def _build(cfg: BuildConfig, model, tokenizer, writer: IndexWriter, started: flo
         "build": {"seconds": round(total_seconds, 2), "gradient_seconds": round(gradient_seconds, 2),
                   "tokens_per_s": round((counts["tokens"] - tokens_at_start) / max(gradient_seconds, 1e-9), 1),
                   "docs_per_s": round((writer.n_rows - n_done_before) / max(gradient_seconds, 1e-9), 2),
-                  "resumed_at_document": n_done_before, "device": cfg.device, "processes": procs.world},
+                  "resumed_at_document": n_done_before, "device": cfg.device, "processes": procs.world,
+                  **({"high_fit_seconds": high["fit_seconds"]} if high else {})},
         **({"extra": cfg.extra} if cfg.extra else {}),
     }
-    state = {"projections": {name: {"in": p_in.cpu(), "out": p_out.cpu()} for name, (p_in, p_out) in logra.projections.items()},
-             "preconditioner": pre.state_dict()}
+    state = {**_engine_state(logra, pre), **({"high": high_state} if high else {})}
     return writer.commit(manifest, state)
+
+
+def _engine_state(logra: LoGra, pre: Preconditioner) -> dict:
+    cpu = lambda t: None if t is None else t.cpu()  # None: a side kept whole
+    return {"projections": {name: {"in": cpu(p_in), "out": cpu(p_out)} for name, (p_in, p_out) in logra.projections.items()},
+            "preconditioner": pre.state_dict()}
+
+
+def _fit_high(cfg: BuildConfig, model, tokenizer, fast: LoGra) -> tuple[dict, dict]:
+    """The high-fidelity stage's preconditioner, fitted on the first `high_sample` documents (read
+    again; bounded, so it is simply redone if the build is killed here): K-FAC factors in one pass,
+    EK-FAC's eigenvalues in a second. Same layers as the compact vectors, larger sides."""
+    t0 = time.time()
+    logra = LoGra(model, replace(fast.config, rank=None, max_side=cfg.high_max_side), layers=fast.layers)
+    pre = Preconditioner(cfg.high_preconditioner, logra.shapes, damping_ratio=cfg.high_damping)
+    records = read_records(cfg.data, text_field=cfg.text_field, prompt_field=cfg.prompt_field,
+                           response_field=cfg.response_field, id_field=cfg.id_field, skip_bad=True, stats=ReadStats())
+    sample = list(islice(records, cfg.high_sample))
+    encoded = encode_pairs(tokenizer, [document_pair(r.prompt, r.text) for r in sample], logra.max_tokens)
+    batches = list(_batches(encoded, cfg.batch_size, cfg.batch_tokens))
+    passes = (["factors", "eigenvalues"] if pre.needs_second_pass else ["factors"]) if pre.kind != "none" else []
+    for what in passes:
+        for idx in tqdm(batches, unit="batch", desc=f"high-fidelity {what}", disable=not cfg.progress, dynamic_ncols=True):
+            out = projected_gradients(logra, tokenizer, [encoded[i] for i in idx], token_stats=what == "factors")
+            if what == "factors":
+                pre.update(out.grads, out.token_stats)
+            else:
+                pre.update_second(out.grads)
+    pre.finalize()
+    info = {"layers": logra.layer_spec(), "dim": logra.dim, "max_side": cfg.high_max_side,
+            "preconditioner": {"kind": pre.kind, "damping_ratio": cfg.high_damping},
+            "sample_documents": len(sample), "fit_seconds": round(time.time() - t0, 2)}
+    return info, _engine_state(logra, pre)
 
 
 def _gradient_pass(cfg: BuildConfig, records, logra: LoGra, tokenizer, pre: Preconditioner, writer: IndexWriter,
@@ -342,7 +401,7 @@ def _shard_gradients(cfg: BuildConfig, shard: list[Record], logra: LoGra, tokeni
                      counts: dict, progress) -> tuple[np.ndarray, list[Encoded]]:
     """Raw projected gradients of one shard (and statistics with `fit`); `counts` updated in place,
     `progress(n)` called after each batch of n documents. Returns the gradients and the encodings."""
-    encoded = encode_pairs(tokenizer, [(r.prompt, r.text[len(r.prompt):]) for r in shard], logra.max_tokens)
+    encoded = encode_pairs(tokenizer, [document_pair(r.prompt, r.text) for r in shard], logra.max_tokens)
     raw = np.zeros((len(shard), logra.dim), dtype=np.float32)
     for idx in _batches(encoded, cfg.batch_size, cfg.batch_tokens):
         out = projected_gradients(logra, tokenizer, [encoded[i] for i in idx], token_stats=fit and pre.needs_token_stats)

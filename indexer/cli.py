@@ -27,7 +27,20 @@ def _add_build_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="documents per pass at most")
     p.add_argument("--batch-tokens", type=positive_int, default=d.batch_tokens,
                    help="padded tokens per pass at most: batches of short documents grow up to --batch-size")
-    p.add_argument("--rank", type=positive_int, default=d.rank, help="projection rank r_in = r_out per layer")
+    p.add_argument("--rank", type=positive_int, default=d.rank,
+                   help="projection rank r_in = r_out for every layer (overrides --budget)")
+    p.add_argument("--budget", type=positive_int, default=d.budget,
+                   help="dimensions per document of the compact vectors, spread over the layers")
+    p.add_argument("--head-share", type=float, default=d.head_share, help="fraction of --budget given to the LM head")
+    p.add_argument("--no-head", dest="head", action="store_false", help="do not track the LM head (output embedding)")
+    p.add_argument("--no-high", dest="high", action="store_false",
+                   help="build no high-fidelity stage (queries then always use the compact vectors alone)")
+    p.add_argument("--high-max-side", type=positive_int, default=d.high_max_side,
+                   help="high-fidelity stage: layer sides up to this many features are kept whole, larger ones projected to it")
+    p.add_argument("--high-preconditioner", choices=("none", "kfac", "ekfac"), default=d.high_preconditioner)
+    p.add_argument("--high-damping", type=float, default=d.high_damping)
+    p.add_argument("--high-sample", type=positive_int, default=d.high_sample,
+                   help="documents the high-fidelity preconditioner is fitted on (the first ones)")
     p.add_argument("--seed", type=int, default=d.seed, help="projection seed")
     p.add_argument("--preconditioner", choices=PRECONDITIONERS, default=d.preconditioner)
     p.add_argument("--damping", type=float, default=d.damping, help="damping as a fraction of the mean eigenvalue")

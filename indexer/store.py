@@ -89,8 +89,8 @@ def faiss_path(root: Path, mode: str) -> Path:
 
 
 # Keys every reader relies on, with their types.
-MANIFEST_KEYS = {"format_version": int, "n_documents": int, "dim": int, "model": dict, "layers": list, "rank": int,
-                 "seed": int, "max_tokens": int, "preconditioner": dict}
+MANIFEST_KEYS = {"format_version": int, "n_documents": int, "dim": int, "model": dict, "layers": list,
+                 "rank": (int, type(None)), "seed": int, "max_tokens": int, "preconditioner": dict}
 
 
 def read_manifest(root: str | Path) -> dict:
@@ -110,6 +110,12 @@ def read_manifest(root: str | Path) -> dict:
         if not isinstance(manifest["model"].get(key), str):
             raise IndexFormatError(f"{path} is corrupt: model.{key} missing")
     return manifest
+
+
+def document_pair(prompt: str, text: str) -> tuple[str, str]:
+    """A document is stored as its whole text and the prompt that begins it; the response (the part
+    whose tokens carry the loss) is the rest."""
+    return prompt, text[len(prompt):]
 
 
 def unit_rows(x: np.ndarray) -> np.ndarray:
@@ -468,21 +474,38 @@ class Index:
         """The LoGra projector and fitted preconditioner this index was built with, for `model`
         (called `name` in errors), which must be the model that built it: same weights, same layers.
         The stored projections are used, whatever this torch's random generator would make."""
-        from engine import LoGra, LoGraConfig, Preconditioner, model_fingerprint
+        from engine import model_fingerprint
         m = self.manifest
         name = name or m["model"]["name_or_path"]
         fingerprint = model_fingerprint(model)
         if fingerprint != m["model"]["fingerprint"]:
             raise ModelMismatchError(f"model {name!r} (fingerprint {fingerprint}) is not the model that built "
                                      f"{self.root} ({m['model']['name_or_path']!r}, fingerprint {m['model']['fingerprint']})")
-        logra = LoGra(model, LoGraConfig(rank=m["rank"], seed=m["seed"], include=m.get("include"),
-                                         exclude=m.get("exclude"), max_tokens=m["max_tokens"]))
-        if [l["name"] for l in logra.layer_spec()] != [l["name"] for l in m["layers"]]:
+        return self._engine(model, name, m["layers"], self.state)
+
+    def high_engine(self, model, name: str | None = None) -> tuple["LoGra", "Preconditioner"] | None:
+        """The high-fidelity stage's projector and preconditioner (None for an index built without
+        one); `model` must already have passed `engine`'s check."""
+        high = self.manifest.get("high")
+        if not high:
+            return None
+        return self._engine(model, name or self.manifest["model"]["name_or_path"], high["layers"], self.state["high"])
+
+    def _engine(self, model, name: str, layers: list[dict], state: dict) -> tuple["LoGra", "Preconditioner"]:
+        from engine import LoGra, LoGraConfig, Preconditioner
+        m = self.manifest
+        shapes = {l["name"]: (l["r_out"], l["r_in"]) for l in layers}
+        try:
+            logra = LoGra(model, LoGraConfig(seed=m["seed"], max_tokens=m["max_tokens"]), shapes=shapes)
+        except ValueError as e:
+            raise ModelMismatchError(f"model {name!r} does not have the layers recorded in {self.root}: {e}") from None
+        if [(l.name, l.in_features, l.out_features) for l in logra.layers] != [
+                (l["name"], l["in_features"], l["out_features"]) for l in layers]:
             raise ModelMismatchError(f"model {name!r} does not have the layers recorded in {self.root}")
-        for name_, p in self.state["projections"].items():
-            device = logra.projections[name_][0].device
-            logra.projections[name_] = (p["in"].to(device), p["out"].to(device))
-        return logra, Preconditioner.from_state_dict(self.state["preconditioner"])
+        device = next(model.parameters()).device
+        for name_, p in state["projections"].items():  # None: a side kept whole
+            logra.projections[name_] = tuple(None if t is None else t.to(device) for t in (p["in"], p["out"]))
+        return logra, Preconditioner.from_state_dict(state["preconditioner"])
 
     def rows_by_value(self, field: str) -> dict[str, np.ndarray]:
         """For one metadata field: each value (as JSON text) -> the rows holding it, ascending. One
@@ -494,6 +517,12 @@ class Index:
                 if value is not _MISSING:
                     groups.setdefault(json.dumps(value, sort_keys=True), []).append(row)
         return {v: np.sort(np.asarray(r, dtype=np.int64)) for v, r in groups.items()}
+
+    def pairs(self, rows: list[int]) -> list[tuple[str, str]]:
+        """(prompt, response) of documents by row, as the indexer encoded them (document_pair)."""
+        by_row = {r["row"]: document_pair(r["prompt"] or "", r["text"])
+                  for r in self.table.take_offsets(list(rows)).select(["row", "prompt", "text"]).to_list()} if rows else {}
+        return [by_row[r] for r in rows]
 
     def documents(self, rows: list[int]) -> list[dict]:
         """Documents by row, in the order asked, metadata decoded."""

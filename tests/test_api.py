@@ -58,8 +58,8 @@ def reference(index_dir, gpt2_dir):
     idx = Index.open(index_dir)
     m = idx.manifest
     model, tok = load_model(gpt2_dir)
-    logra = LoGra(model, LoGraConfig(rank=m["rank"], seed=m["seed"], include=m["include"], exclude=m["exclude"],
-                                     max_tokens=m["max_tokens"]))
+    logra = LoGra(model, LoGraConfig(seed=m["seed"], max_tokens=m["max_tokens"]),
+                  shapes={l["name"]: (l["r_out"], l["r_in"]) for l in m["layers"]})
     for name, p in idx.state["projections"].items():
         logra.projections[name] = (p["in"], p["out"])
     pre = Preconditioner.from_state_dict(idx.state["preconditioner"])
@@ -89,7 +89,9 @@ def post_ok(client, path: str, body: dict) -> dict:
 
 
 def attribute(client, **body):
-    return post_ok(client, "/attribute", body)
+    # The references here score the stored compact vectors: precision fast. The high-fidelity stage
+    # (the default) has its own references in test_precision.py.
+    return post_ok(client, "/attribute", {"precision": "fast", **body})
 
 
 # -- 1. scores against brute force ---------------------------------------------------------------
@@ -305,7 +307,7 @@ def test_health_index_and_page(client, index_dir, gpt2_dir, reference):
 def test_concurrent_requests_equal_lone_requests(client, corpus):
     # Hooks live on shared modules; without the lock concurrent backward passes would mix.
     bodies = [{"prompt": "" if i % 2 else corpus[i + 1]["text"][:20], "response": corpus[i]["text"], "k": 5,
-               "mode": "cosine" if i % 3 else "influence"} for i in range(64)]
+               "mode": "cosine" if i % 3 else "influence", "precision": "high" if i % 4 == 0 else "fast"} for i in range(64)]
     alone = [attribute(client, **b)["results"] for b in bodies]
 
     def one_thread(t):
@@ -415,7 +417,7 @@ def server(index_dir, cli_missing_index, tmp_path_factory):
 
 def test_real_server(server, client, corpus):
     base, proc, err = server
-    body = {"prompt": "", "response": corpus[20]["text"], "k": 5, "mode": "cosine"}
+    body = {"prompt": "", "response": corpus[20]["text"], "k": 5, "mode": "cosine", "precision": "high"}
     r = httpx.post(base + "/attribute", json=body, timeout=30)
     assert r.status_code == 200
     res = r.json()["results"]
@@ -452,7 +454,7 @@ def test_cli_refuses_missing_index(cli_missing_index):
 # -- 9. per-token scores -------------------------------------------------------------------------
 
 def tokens(client, **body):
-    return post_ok(client, "/attribute/tokens", body)
+    return post_ok(client, "/attribute/tokens", {"precision": "fast", **body})
 
 
 @pytest.mark.parametrize("mode", ["influence", "cosine"])
@@ -486,8 +488,8 @@ def test_token_scores_against_brute_force_single_token_vectors(client, reference
     enc = encode(tok, "", response, idx.manifest["max_tokens"])
     m = idx.manifest
     model, _ = load_model(m["model"]["name_or_path"])
-    logra = LoGra(model, LoGraConfig(rank=m["rank"], seed=m["seed"], include=m["include"], exclude=m["exclude"],
-                                     max_tokens=m["max_tokens"]))
+    logra = LoGra(model, LoGraConfig(seed=m["seed"], max_tokens=m["max_tokens"]),
+                  shapes={l["name"]: (l["r_out"], l["r_in"]) for l in m["layers"]})
     for name, p in idx.state["projections"].items():
         logra.projections[name] = (p["in"], p["out"])
     pre = Preconditioner.from_state_dict(idx.state["preconditioner"])

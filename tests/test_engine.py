@@ -17,16 +17,19 @@ PAIRS = [("", "river stone cloud lamp orbit signal"),
          ("", "lantern meadow cipher anchor quartz ember willow canyon socket prism tundra beacon")]
 
 
-def autograd_gradient(model, layer, enc: Encoded, pad_id: int) -> torch.Tensor:
-    """G = dL/dW for one example alone, from plain autograd, in (out, in) orientation."""
+def autograd_gradient(model, layer, enc: Encoded, pad_id: int, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """G = dL/dW for one example alone, from plain autograd, in (out, in) orientation. The LM head's
+    weight is usually tied to the input embedding: it gets a weight of its own for the duration, so
+    that G is the gradient of the head's use alone (what LoGra tracks), not of the embedding lookup."""
     batch = collate([enc], pad_id)
-    w = layer.module.weight
-    w.requires_grad_(True)
+    shared = layer.module.weight
+    w = torch.nn.Parameter(shared.detach().clone())
+    layer.module.weight = w
     try:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        (g,) = torch.autograd.grad(per_example_loss(logits, batch["labels"]).sum(), w)
+        (g,) = torch.autograd.grad(per_example_loss(logits, batch["labels"] if labels is None else labels).sum(), w)
     finally:
-        w.requires_grad_(False)
+        layer.module.weight = shared
     return g.T if isinstance(layer.module, Conv1D) else g
 
 
@@ -42,7 +45,7 @@ def test_projected_gradient_equals_projection_of_autograd_gradient(loaded):
     out = projected_gradients(logra, tok, encoded)
     for i, enc in enumerate(encoded):
         for layer in logra.layers:
-            p_in, p_out = logra.projections[layer.name]
+            p_in, p_out = logra.projection(layer.name)
             ref = p_out @ autograd_gradient(model, layer, enc, tok.pad_token_id) @ p_in.T
             torch.testing.assert_close(out.grads[layer.name][i], ref, rtol=1e-4, atol=1e-6 * ref.abs().max().item())
     # no parameter gradient was ever created or requested
@@ -200,26 +203,16 @@ def test_token_vectors_sum_to_query_and_match_single_token_losses(loaded, prompt
     torch.testing.assert_close(contrib.sum(0), score, rtol=1e-4, atol=1e-5 * score.abs().max().item())
     assert len({round(c, 6) for c in contrib[:, 0].tolist()}) > 1  # tokens differ
     # each equals a direct computation: plain autograd through a one-token label mask
-    weights = [layer.module.weight for layer in logra.layers]
     n = len(tv.positions)
     for i in sorted({0, 1, n // 2, n - 1}):
         j = tv.positions[i]
         batch = collate([enc], tok.pad_token_id)
         labels = torch.full_like(batch["labels"], -100)
         labels[0, j] = batch["input_ids"][0, j]
-        for w in weights:
-            w.requires_grad_(True)
-        try:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            gws = torch.autograd.grad(per_example_loss(logits, labels).sum(), weights)
-        finally:
-            for w in weights:
-                w.requires_grad_(False)
         g = {}
-        for layer, gw in zip(logra.layers, gws):
-            p_in, p_out = logra.projections[layer.name]
-            gw = gw.T if isinstance(layer.module, Conv1D) else gw
-            g[layer.name] = (p_out @ gw @ p_in.T)[None]
+        for layer in logra.layers:
+            p_in, p_out = logra.projection(layer.name)
+            g[layer.name] = (p_out @ autograd_gradient(model, layer, enc, tok.pad_token_id, labels) @ p_in.T)[None]
         direct = pre.apply(g)[0]
         torch.testing.assert_close(tv.tokens[i], direct, rtol=1e-3, atol=1e-4 * direct.abs().max().item())
 

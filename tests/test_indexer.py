@@ -154,8 +154,16 @@ def test_cli_info_manifest_fields(cli, model, request, capsys):
     assert printed == json.loads((d / f"idx-{model}" / store.MANIFEST).read_text())
     assert printed["n_documents"] == N_SELF
     assert printed["format_version"] == store.FORMAT_VERSION
-    assert printed["rank"] == 8 and printed["seed"] == 0
+    assert printed["rank"] is None and printed["seed"] == 0
+    assert printed["budget"] == {"dims": 2048, "head_share": 0.5}
     assert printed["preconditioner"]["kind"] == "raw"
+    # the LM head is tracked by default, and the allocation is recorded layer by layer
+    assert printed["layers"][-1]["name"] == "lm_head" and printed["dim"] <= 2048
+    high = printed["high"]
+    assert high["preconditioner"] == {"kind": "ekfac", "damping_ratio": 0.1} and high["sample_documents"] == N_SELF
+    assert [l["name"] for l in high["layers"]] == [l["name"] for l in printed["layers"]]
+    assert high["dim"] == sum(l["r_out"] * l["r_in"] for l in high["layers"])
+    assert all(l["r_in"] == min(l["in_features"], 256) and l["r_out"] == min(l["out_features"], 256) for l in high["layers"])
     assert printed["layers"] and printed["dim"] == sum(l["r_out"] * l["r_in"] for l in printed["layers"])
     # the fingerprint is the model's own, so the API can refuse a different checkpoint
     loaded, _ = load_model(request.getfixturevalue(f"{model}_dir"))

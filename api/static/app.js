@@ -5,7 +5,7 @@
 
 const $ = (id) => document.getElementById(id);
 const SNIPPET_CHARS = 280;
-const QUERY_KEYS = ["prompt", "response", "k", "mode", "direction"];
+const QUERY_KEYS = ["prompt", "response", "k", "mode", "precision", "direction"];
 
 function el(tag, props = {}, ...children) {
   const e = document.createElement(tag);
@@ -37,6 +37,7 @@ function queryFromURL() {
     response: p.get("response") || "",
     k: Number.isFinite(k) ? k : 10,
     mode: p.get("mode") === "influence" ? "influence" : "cosine",
+    precision: p.get("precision") === "fast" ? "fast" : "high",
     direction: p.get("direction") === "opponents" ? "opponents" : "proponents",
     tok: p.get("tok") || "",  // the document whose token view is open
     id: p.get("id") || "",    // the document page's document
@@ -49,6 +50,7 @@ function queryParams(q, extra = {}) {
   p.set("response", q.response);
   p.set("k", String(q.k));
   p.set("mode", q.mode);
+  if (q.precision === "fast") p.set("precision", q.precision);
   if (q.direction === "opponents") p.set("direction", q.direction);
   for (const [k, v] of Object.entries(extra)) if (v) p.set(k, v);
   return p;
@@ -63,7 +65,7 @@ function documentURL(id, q) {
 
 function formQuery() {
   return { prompt: $("prompt").value, response: $("response").value, k: parseInt($("k").value, 10), mode: $("mode").value,
-           direction: $("direction").value };
+           precision: $("precision").value, direction: $("direction").value };
 }
 
 function fillForm(q) {
@@ -71,6 +73,7 @@ function fillForm(q) {
   $("response").value = q.response;
   $("k").value = String(q.k);
   $("mode").value = q.mode;
+  $("precision").value = q.precision;
   $("direction").value = q.direction;
 }
 
@@ -159,7 +162,8 @@ async function renderTokenView(container, q, id) {
   container.append(status);
   let t;
   try {
-    t = await api("POST", "/attribute/tokens", { prompt: q.prompt, response: q.response, id, mode: q.mode });
+    t = await api("POST", "/attribute/tokens", { prompt: q.prompt, response: q.response, id, mode: q.mode,
+                                                       precision: q.precision });
   } catch (e) {
     setStatus(status, "error", "Token view failed: " + e.message);
     return;
@@ -289,7 +293,7 @@ async function runSearch(q) {
   document.body.dataset.state = "loading";
   try {
     const data = await api("POST", "/attribute", { prompt: q.prompt, response: q.response, k: q.k, mode: q.mode,
-                                                  direction: q.direction });
+                                                  precision: q.precision, direction: q.direction });
     if (seq !== searchSeq) return;
     if (!data.results.length) {
       setStatus(status, "empty", "No documents: the index returned no results for this query.");
@@ -299,7 +303,7 @@ async function runSearch(q) {
     const groups = groupDuplicates(data.results);
     const top = Math.max(...data.results.map((r) => Math.abs(r.score))) || 1;
     const dupNote = groups.length < data.results.length ? ` (${data.results.length - groups.length} duplicate texts collapsed)` : "";
-    setStatus(status, "", `${data.results.length} of ${data.n_documents} documents by ${data.mode} score${data.direction === "opponents" ? ", lowest first (opponents)" : ""}${dupNote} · ` +
+    setStatus(status, "", `${data.results.length} of ${data.n_documents} documents by ${data.mode} score (${data.precision} precision)${data.direction === "opponents" ? ", lowest first (opponents)" : ""}${dupNote} · ` +
       `${data.query.n_response_tokens} response tokens scored${data.query.truncated ? " (query truncated)" : ""} · ${data.took_ms} ms`);
     for (const g of groups) list.append(renderResult(g, q, top, q.tok));
     document.body.dataset.state = "results";

@@ -1,0 +1,117 @@
+"""Precision "high": the compact vectors' candidates rescored by the high-fidelity stage, against an
+independent brute force (each document's high-stage vector computed alone, in float64, in the
+original basis), and the response's account of which stage scored what."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from api import create_app
+from engine import load_model, pair_vectors
+from indexer.store import Index
+
+from .conftest import build_corpus_index, synthetic_corpus
+
+N_DOCS = 60
+QUERIES = [("", "river stone cloud lamp orbit signal garden copper"), ("winter engine", " paper violet harbor needle")]
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return synthetic_corpus(N_DOCS, seed=11)
+
+
+@pytest.fixture(scope="module")
+def index_dir(tmp_path_factory, gpt2_dir, corpus):
+    return build_corpus_index(tmp_path_factory.mktemp("precision"), gpt2_dir, corpus)
+
+
+@pytest.fixture(scope="module")
+def high_reference(index_dir):
+    """Every document's high-stage vector, one document per pass, in float64 and the original basis."""
+    idx = Index.open(index_dir)
+    model, tok = load_model(idx.manifest["model"]["name_or_path"])
+    logra, pre = idx.high_engine(model)
+    pairs = idx.pairs(list(range(len(idx))))
+    docs = np.stack([pair_vectors(logra, pre, tok, [p], eigenbasis=False)[0].double().numpy() for p in pairs])
+    ids = [d["id"] for d in idx.documents(list(range(len(idx))))]
+
+    def scores(prompt, response, mode):
+        q = pair_vectors(logra, pre, tok, [(prompt, response)], eigenbasis=False)[0].double().numpy()
+        s = docs @ q
+        return s / (np.linalg.norm(docs, axis=1) * np.linalg.norm(q)) if mode == "cosine" else s
+
+    return {"scores": scores, "ids": ids}
+
+
+def post(client, path, body):
+    r = client.post(path, json=body)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+@pytest.mark.parametrize("mode", ["influence", "cosine"])
+@pytest.mark.parametrize("prompt,response", QUERIES)
+def test_high_scores_every_document_when_k_covers_the_index(index_dir, high_reference, mode, prompt, response):
+    with TestClient(create_app(index_dir)) as c:
+        out = post(c, "/attribute", {"prompt": prompt, "response": response, "k": 1000, "mode": mode})
+    assert out["precision"] == "high" and len(out["results"]) == N_DOCS
+    assert {r["stage"] for r in out["results"]} == {"high"}
+    s = high_reference["scores"](prompt, response, mode)
+    order = np.argsort(-s, kind="stable")
+    assert [r["id"] for r in out["results"]] == [high_reference["ids"][i] for i in order]
+    np.testing.assert_allclose([r["score"] for r in out["results"]], s[order], rtol=1e-4, atol=1e-6 * np.abs(s).max())
+
+
+def test_high_rescores_the_fast_stage_candidates_to_the_configured_depth(index_dir, high_reference):
+    prompt, response = QUERIES[0]
+    s = high_reference["scores"](prompt, response, "cosine")
+    by_id = dict(zip(high_reference["ids"], s))
+    with TestClient(create_app(index_dir, high_depth=8)) as c:
+        fast = post(c, "/attribute", {"prompt": prompt, "response": response, "k": 8, "precision": "fast"})
+        high = post(c, "/attribute", {"prompt": prompt, "response": response, "k": 3})
+        # k past the depth: every returned document is still rescored (max(k, depth) candidates)
+        wide = post(c, "/attribute", {"prompt": prompt, "response": response, "k": 12})
+    assert fast["precision"] == "fast" and {r["stage"] for r in fast["results"]} == {"fast"}
+    candidates = [r["id"] for r in fast["results"]]
+    expected = sorted(candidates, key=lambda i: -by_id[i])[:3]
+    assert [r["id"] for r in high["results"]] == expected
+    assert [r["score"] for r in high["results"]] == pytest.approx([by_id[i] for i in expected], rel=1e-4)
+    assert len(wide["results"]) == 12 and {r["stage"] for r in wide["results"]} == {"high"}
+    assert [r["score"] for r in wide["results"]] == sorted((r["score"] for r in wide["results"]), reverse=True)
+
+
+def test_opponents_and_filters_go_through_the_high_stage(index_dir, high_reference, corpus):
+    prompt, response = QUERIES[1]
+    s = high_reference["scores"](prompt, response, "influence")
+    with TestClient(create_app(index_dir, high_depth=N_DOCS)) as c:
+        opp = post(c, "/attribute", {"prompt": prompt, "response": response, "k": 4, "mode": "influence",
+                                     "direction": "opponents"})
+        web = post(c, "/attribute", {"prompt": prompt, "response": response, "k": 4, "mode": "influence",
+                                     "where": {"source": "web"}})
+    order = np.argsort(s, kind="stable")
+    assert [r["id"] for r in opp["results"]] == [high_reference["ids"][i] for i in order[:4]]
+    web_ids = {d["id"] for d in corpus if d["source"] == "web"}
+    expected = [high_reference["ids"][i] for i in np.argsort(-s, kind="stable") if high_reference["ids"][i] in web_ids][:4]
+    assert [r["id"] for r in web["results"]] == expected
+
+
+@pytest.mark.parametrize("mode", ["influence", "cosine"])
+def test_high_token_view_sums_to_the_high_score(index_dir, corpus, mode):
+    prompt, response = QUERIES[0]
+    with TestClient(create_app(index_dir)) as c:
+        top = post(c, "/attribute", {"prompt": prompt, "response": response, "k": 1, "mode": mode})["results"][0]
+        t = post(c, "/attribute/tokens", {"prompt": prompt, "response": response, "id": top["id"], "mode": mode})
+    assert t["document_score"] == pytest.approx(top["score"], rel=1e-4)
+    assert t["total"] == pytest.approx(t["document_score"], rel=1e-3, abs=1e-6)
+
+
+def test_an_index_without_the_high_stage_answers_fast(tmp_path, gpt2_dir, corpus):
+    idx = build_corpus_index(tmp_path, gpt2_dir, corpus[:20], high=False)
+    assert "high" not in Index.open(idx).manifest and Index.open(idx).high_engine(None) is None
+    with TestClient(create_app(idx)) as c:
+        out = post(c, "/attribute", {"response": corpus[3]["text"], "k": 3})
+    assert out["precision"] == "fast" and {r["stage"] for r in out["results"]} == {"fast"}
+    assert out["results"][0]["id"] == corpus[3]["id"]
