@@ -31,6 +31,9 @@ class LoGraConfig:
     budget: int = 2048
     head_share: float = 0.5  # of the budget, to the LM head when it is tracked (engine.budget)
     max_side: int | None = None
+    # max_side mode: the LM head's output (vocabulary) side kept whole whatever its size; its
+    # output-gradient statistics are then only the diagonal (a vocabulary-square factor is too big)
+    head_whole: bool = False
     head: bool = True  # track the LM head (output embedding) besides the blocks' linear layers
     seed: int = 0
     include: str | None = None  # regex over layer names
@@ -43,7 +46,8 @@ class LoGraConfig:
         if self.rank is not None:
             return {l.name: clamp(l, self.rank, self.rank) for l in layers}
         if self.max_side is not None:
-            return {l.name: clamp(l, self.max_side, self.max_side) for l in layers}
+            return {l.name: clamp(l, l.out_features if self.head_whole and l.name == head_name else self.max_side,
+                                  self.max_side) for l in layers}
         return allocate(layers, self.budget, self.head_share, head_name)
 
 
@@ -87,6 +91,9 @@ class LoGra:
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         self.head_name = next((l.name for l in layers if head is not None and l.module is head), None)
         self.shapes: dict[str, tuple[int, int]] = dict(shapes) if shapes is not None else config.shapes(layers, self.head_name)
+        # layers whose token statistics keep only the diagonal of sum g g^T (Preconditioner reads it so)
+        self.diagonal_out = frozenset({self.head_name} if config.head_whole and config.max_side is not None
+                                      and self.head_name else ())
         device = next(model.parameters()).device
         # None: that side is kept whole (r = features), so it is not multiplied by anything
         self.projections: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
@@ -142,7 +149,8 @@ class LoGra:
                 # A module called twice in one forward contributes both calls' terms, as autograd would.
                 _add(grads, name, None, torch.einsum("bto,bti->boi", gp, xp))
                 if token_stats is not None:
-                    _add(token_stats, name, 1, torch.einsum("bto,btp->op", gp, gp))
+                    _add(token_stats, name, 1, (gp * gp).sum(dim=(0, 1)) if name in self.diagonal_out
+                         else torch.einsum("bto,btp->op", gp, gp))
 
             return forward_hook
 
@@ -177,7 +185,8 @@ class LoGra:
             for layer in self.layers:
                 r_out, r_in = self.shapes[layer.name]
                 xx = stats.get(layer.name, {}).get(0, torch.zeros(r_in, r_in, device=device))
-                gg = stats.get(layer.name, {}).get(1, torch.zeros(r_out, r_out, device=device))
+                empty = torch.zeros(r_out, device=device) if layer.name in self.diagonal_out else torch.zeros(r_out, r_out, device=device)
+                gg = stats.get(layer.name, {}).get(1, empty)
                 out_stats[layer.name] = (xx, gg, n)
         return ProjectedGradients(grads, losses.detach(), n_loss_tokens=n_tok, token_stats=out_stats)
 

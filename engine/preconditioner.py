@@ -8,6 +8,8 @@ kinds:
 - `ekfac`: K-FAC's eigenbasis with the eigenvalues replaced by the gradients' own second moments
   in that basis (George et al. 2018); needs a second pass over the gradients.
 Damping: lambda = damping_ratio x mean eigenvalue of H, per layer. All fitting in float64.
+A layer whose output-gradient statistics come as a vector (LoGra.diagonal_out: the LM head's
+vocabulary side kept whole) has a diagonal S: its K-FAC eigenbasis is the identity on that side.
 """
 from __future__ import annotations
 
@@ -22,11 +24,13 @@ class Preconditioner:
     """Accumulate statistics batch by batch (`update`, and `update_second` for ekfac), then
     `finalize`, then `apply` maps {layer: (B, r_out, r_in)} gradients to (B, dim) whitened vectors."""
 
-    def __init__(self, kind: str, shapes: dict[str, tuple[int, int]], damping_ratio: float = 0.1):
+    def __init__(self, kind: str, shapes: dict[str, tuple[int, int]], damping_ratio: float = 0.1,
+                 diagonal_out: frozenset[str] = frozenset()):
         if kind not in KINDS:
             raise ValueError(f"preconditioner must be one of {KINDS}, got {kind!r}")
         self.kind = kind
         self.shapes = dict(shapes)  # layer -> (r_out, r_in), in vector order
+        self.diagonal_out = frozenset(diagonal_out)  # layers with a diagonal output factor (kfac, ekfac)
         self.damping_ratio = damping_ratio
         self.n_docs = 0
         self.n_tokens = 0
@@ -95,7 +99,8 @@ class Preconditioner:
         else:
             keys = {"none": (), "raw": ("gg",), "kfac": ("A", "S"), "ekfac": ("A", "S")}[self.kind]
         for name, (r_out, r_in) in self.shapes.items():
-            shapes = {"gg": (r_out * r_in, r_out * r_in), "A": (r_in, r_in), "S": (r_out, r_out), "E": (r_out, r_in)}
+            s_shape = (r_out,) if name in self.diagonal_out else (r_out, r_out)
+            shapes = {"gg": (r_out * r_in, r_out * r_in), "A": (r_in, r_in), "S": s_shape, "E": (r_out, r_in)}
             s = self.sums[name]
             for key in keys:
                 s[key] = total(s[key] if key in s else torch.zeros(shapes[key], dtype=torch.float64))
@@ -111,7 +116,7 @@ class Preconditioner:
             A = self.sums[name]["A"] / max(self.n_tokens, 1)
             S = self.sums[name]["S"] / max(self.n_docs, 1)
             la, qa = torch.linalg.eigh(A)
-            ls, qs = torch.linalg.eigh(S)
+            ls, qs = (S, None) if S.dim() == 1 else torch.linalg.eigh(S)  # None: the identity
             out[name] = (qs, ls.clamp_min(0), qa, la.clamp_min(0))
         return out
 
@@ -128,7 +133,7 @@ class Preconditioner:
         self._second_docs += n
         for name, g in grads.items():
             st = self.state[name]
-            rot = st["qs"].T @ g.detach().to("cpu", torch.float64) @ st["qa"]
+            rot = _rotate(g.detach().to("cpu", torch.float64), st["qs"], st["qa"])
             self._acc(name, "E", (rot**2).sum(dim=0))
 
     def finalize(self) -> "Preconditioner":
@@ -187,21 +192,31 @@ class Preconditioner:
                 v = g.reshape(n, -1) @ self.state[name]["inv_sqrt"].to(dtype)
             else:
                 st = self.state[name]
-                qs, qa = st["qs"].to(dtype), st["qa"].to(dtype)
-                rot = (qs.T @ g @ qa) * st["scale"].to(dtype)
-                v = (rot if eigenbasis else qs @ rot @ qa.T).reshape(n, -1)
+                qs = None if st["qs"] is None else st["qs"].to(dtype)
+                qa = st["qa"].to(dtype)
+                rot = _rotate(g, qs, qa) * st["scale"].to(dtype)
+                v = (rot if eigenbasis else _rotate(rot, qs, qa, back=True)).reshape(n, -1)
             parts.append(v.float())
         return torch.cat(parts, dim=1)
 
     def state_dict(self) -> dict:
         return {"kind": self.kind, "damping_ratio": self.damping_ratio, "n_docs": self.n_docs,
-                "shapes": {k: list(v) for k, v in self.shapes.items()},
-                "state": {n: {k: t.clone() for k, t in st.items()} for n, st in self.state.items()}}
+                "shapes": {k: list(v) for k, v in self.shapes.items()}, "diagonal_out": sorted(self.diagonal_out),
+                "state": {n: {k: None if t is None else t.clone() for k, t in st.items()} for n, st in self.state.items()}}
 
     @classmethod
     def from_state_dict(cls, sd: dict) -> "Preconditioner":
-        pre = cls(sd["kind"], {k: tuple(v) for k, v in sd["shapes"].items()}, sd["damping_ratio"])
+        pre = cls(sd["kind"], {k: tuple(v) for k, v in sd["shapes"].items()}, sd["damping_ratio"],
+                  frozenset(sd.get("diagonal_out", ())))
         pre.n_docs = sd["n_docs"]
         pre.state = sd["state"]
         pre.finalized = True
         return pre
+
+
+def _rotate(g: torch.Tensor, qs: torch.Tensor | None, qa: torch.Tensor, back: bool = False) -> torch.Tensor:
+    """Q_S^T g Q_A (or, `back`, Q_S g Q_A^T); qs None is the identity."""
+    qa = qa.T if back else qa
+    if qs is None:
+        return g @ qa
+    return (qs if back else qs.T) @ g @ qa

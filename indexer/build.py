@@ -45,10 +45,12 @@ class BuildConfig:
     preconditioner: str = "raw"
     damping: float = 0.1
     # The high-fidelity stage (api: precision "high"): preconditioner factors of each layer's gradient
-    # with sides up to high_max_side kept whole, fitted on the first high_sample documents; the
-    # candidates' gradients are recomputed at query time (README "Two stages").
+    # with sides up to high_max_side kept whole (and the LM head's vocabulary side, with a diagonal
+    # factor, unless not high_head_whole), fitted on the first high_sample documents; the candidates'
+    # gradients are recomputed at query time (README "Two stages").
     high: bool = True
     high_max_side: int = 256
+    high_head_whole: bool = True
     high_preconditioner: str = "ekfac"
     high_damping: float = 0.1
     high_sample: int = 4096
@@ -330,8 +332,10 @@ def _fit_high(cfg: BuildConfig, model, tokenizer, fast: LoGra) -> tuple[dict, di
     again; bounded, so it is simply redone if the build is killed here): K-FAC factors in one pass,
     EK-FAC's eigenvalues in a second. Same layers as the compact vectors, larger sides."""
     t0 = time.time()
-    logra = LoGra(model, replace(fast.config, rank=None, max_side=cfg.high_max_side), layers=fast.layers)
-    pre = Preconditioner(cfg.high_preconditioner, logra.shapes, damping_ratio=cfg.high_damping)
+    logra = LoGra(model, replace(fast.config, rank=None, max_side=cfg.high_max_side, head_whole=cfg.high_head_whole),
+                  layers=fast.layers)
+    pre = Preconditioner(cfg.high_preconditioner, logra.shapes, damping_ratio=cfg.high_damping,
+                         diagonal_out=logra.diagonal_out)
     records = read_records(cfg.data, text_field=cfg.text_field, prompt_field=cfg.prompt_field,
                            response_field=cfg.response_field, id_field=cfg.id_field, skip_bad=True, stats=ReadStats())
     sample = list(islice(records, cfg.high_sample))
@@ -347,6 +351,7 @@ def _fit_high(cfg: BuildConfig, model, tokenizer, fast: LoGra) -> tuple[dict, di
                 pre.update_second(out.grads)
     pre.finalize()
     info = {"layers": logra.layer_spec(), "dim": logra.dim, "max_side": cfg.high_max_side,
+            "head_whole": cfg.high_head_whole, "diagonal_out": sorted(logra.diagonal_out),
             "preconditioner": {"kind": pre.kind, "damping_ratio": cfg.high_damping},
             "sample_documents": len(sample), "fit_seconds": round(time.time() - t0, 2)}
     return info, _engine_state(logra, pre)

@@ -37,6 +37,9 @@ def _add_build_args(p: argparse.ArgumentParser) -> None:
                    help="build no high-fidelity stage (queries then always use the compact vectors alone)")
     p.add_argument("--high-max-side", type=positive_int, default=d.high_max_side,
                    help="high-fidelity stage: layer sides up to this many features are kept whole, larger ones projected to it")
+    p.add_argument("--no-high-head-whole", dest="high_head_whole", action="store_false",
+                   help="high-fidelity stage: project the LM head's vocabulary side like any other instead of keeping it "
+                        "whole with a diagonal factor (for very large vocabularies)")
     p.add_argument("--high-preconditioner", choices=("none", "kfac", "ekfac"), default=d.high_preconditioner)
     p.add_argument("--high-damping", type=float, default=d.high_damping)
     p.add_argument("--high-sample", type=positive_int, default=d.high_sample,

@@ -163,7 +163,9 @@ def test_cli_info_manifest_fields(cli, model, request, capsys):
     assert high["preconditioner"] == {"kind": "ekfac", "damping_ratio": 0.1} and high["sample_documents"] == N_SELF
     assert [l["name"] for l in high["layers"]] == [l["name"] for l in printed["layers"]]
     assert high["dim"] == sum(l["r_out"] * l["r_in"] for l in high["layers"])
-    assert all(l["r_in"] == min(l["in_features"], 256) and l["r_out"] == min(l["out_features"], 256) for l in high["layers"])
+    assert all(l["r_in"] == min(l["in_features"], 256) for l in high["layers"])
+    assert all(l["r_out"] == (l["out_features"] if l["name"] == "lm_head" else min(l["out_features"], 256)) for l in high["layers"])
+    assert high["head_whole"] and high["diagonal_out"] == ["lm_head"]
     assert printed["layers"] and printed["dim"] == sum(l["r_out"] * l["r_in"] for l in printed["layers"])
     # the fingerprint is the model's own, so the API can refuse a different checkpoint
     loaded, _ = load_model(request.getfixturevalue(f"{model}_dir"))

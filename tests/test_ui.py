@@ -368,3 +368,28 @@ def test_error_and_empty_states(page, server):
     held[0].continue_()
     page.wait_for_selector("body[data-state=results]")
     page.watch.assert_clean(page)
+
+
+def test_precision_fast_and_high_are_the_apis_and_stay_in_the_url(page, server):
+    response = "river stone cloud lamp orbit signal"
+    for precision in ("fast", "high"):
+        page.goto(server + "/")
+        page.fill("#response", response)
+        page.fill("#k", "5")
+        page.select_option("#precision", precision)
+        page.click("#submit")
+        page.wait_for_selector("body[data-state=results]")
+        api = httpx.post(server + "/attribute", json={"response": response, "k": 5, "precision": precision},
+                         timeout=30).json()
+        assert api["precision"] == precision and {r["stage"] for r in api["results"]} == {precision}
+        first_of_text = list({r["text"]: r for r in reversed(api["results"])}.values())[::-1]
+        shown = sorted(first_of_text, key=lambda r: r["rank"])
+        res = results(page)
+        assert [r["id"] for r in res] == [r["id"] for r in shown]
+        assert [r["score"] for r in res] == pytest.approx([r["score"] for r in shown], rel=1e-6)
+        assert f"({precision} precision)" in page.inner_text("#status")
+        assert parse_qs(urlparse(page.url).query).get("precision", ["high"]) == [precision]
+        page.reload()
+        page.wait_for_selector("body[data-state=results]")
+        assert page.input_value("#precision") == precision
+    page.watch.assert_clean(page)
