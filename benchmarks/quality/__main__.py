@@ -23,19 +23,28 @@ BRITTLE_METHODS = ("full-ekfac", DEFAULT, "full-dot", "bm25")
 
 
 def cmd_generate(args) -> None:
-    gt = Path(args.ground_truth)
-    generate.stage_base(gt)
-    generate.stage_finetuned(gt)
-    generate.stage_lds(gt, workers=args.workers, n_subsets=args.subsets)
-    generate.stage_brittle_random(gt, workers=args.workers)
-    wanted = args.brittle_methods.split(",") if args.brittle_methods else list(BRITTLE_METHODS)
-    todo = [m for m in wanted if not (gt / "brittle" / f"{m.replace(' ', '_')}.npz").exists()]
-    if todo:
-        scores = methods.all_scores(gt, Path(args.work), only=todo)
-        for m in todo:
-            print(f"brittleness retrains for {m}", flush=True)
-            generate.stage_brittle_method(gt, m, scores[m]["scores"], n_queries=args.brittle_queries,
-                                          workers=args.workers)
+    from .specs import SPECS, ground_truth
+    names = args.bench or list(SPECS)
+    custom = Path(args.ground_truth) != generate.GT  # --ground-truth given: one benchmark into that folder
+    if custom and len(names) != 1:
+        raise SystemExit("--ground-truth needs exactly one --bench")
+    for name in names:
+        gt, spec = (Path(args.ground_truth) if custom else ground_truth(name)), SPECS[name]
+        print(f"## {name}: {gt}", flush=True)
+        generate.stage_base(gt, spec)
+        generate.stage_finetuned(gt, spec)
+        generate.stage_lds(gt, workers=args.workers, n_subsets=args.subsets, spec=spec)
+        generate.stage_brittle_random(gt, workers=args.workers, spec=spec)
+        if args.brittle_methods == "none":
+            continue
+        wanted = args.brittle_methods.split(",") if args.brittle_methods else list(BRITTLE_METHODS)
+        todo = [m for m in wanted if not (gt / "brittle" / f"{m.replace(' ', '_')}.npz").exists()]
+        if todo:
+            scores = methods.all_scores(gt, Path(args.work), only=todo)
+            for m in todo:
+                print(f"brittleness retrains for {m}", flush=True)
+                generate.stage_brittle_method(gt, m, scores[m]["scores"], n_queries=args.brittle_queries,
+                                              workers=args.workers, spec=spec)
 
 
 def summarize(results: dict, gt: Path, default: str) -> dict:
@@ -124,8 +133,9 @@ def main(argv=None) -> None:
     sub = p.add_subparsers(dest="cmd", required=True)
     g = sub.add_parser("generate", help="(re)build the ground truth; existing stages are kept")
     g.add_argument("--workers", type=int, default=2)
-    g.add_argument("--subsets", type=int, default=generate.N_SUBSETS)
-    g.add_argument("--brittle-methods", default=None, help="comma-separated method names")
+    g.add_argument("--subsets", type=int, default=None, help="LDS subsets (default: the benchmark's spec)")
+    g.add_argument("--brittle-methods", default=None, help="comma-separated method names, or none")
+    g.add_argument("--bench", action="append", default=None, help="a benchmark (specs.SPECS) to generate; repeatable; default all")
     g.add_argument("--brittle-queries", type=int, default=generate.BRITTLE_QUERIES)
     r = sub.add_parser("run", help="score every method against the ground truth")
     r.add_argument("--default", default=DEFAULT)

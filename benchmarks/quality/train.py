@@ -1,14 +1,20 @@
-"""The fine-tuning recipe every ground-truth model follows, and query losses.
+"""The models' recipes: pretraining a spec's base model, the fine-tuning recipe every ground-truth
+model follows, and query losses.
 
-Fine-tune = the base model, AdamW at a fixed learning rate, batches of BATCH documents in a
-data-order seed's shuffled, length-bucketed order, EPOCHS epochs, mean token loss. Query loss =
-the summed token loss of each query, as the engine defines it (`engine.per_example_loss`).
+Pretrain (`pretrain`) = the spec's architecture from scratch on the pretraining split: GPT-2 through
+`indexer.demo_corpus.train_tiny_gpt2`, Llama through `train_tiny_llama` (AdamW, warmup then cosine
+decay, gradient clipping), each text followed by eos and cut to max_tokens.
+Fine-tune = the base model, AdamW at a fixed learning rate, batches of `batch` documents in a
+data-order seed's shuffled, length-bucketed order, `epochs` epochs, mean token loss (the spec's
+recipe; the module constants are benchmark 1's). Query loss = the summed token loss of each query,
+as the engine defines it (`engine.per_example_loss`).
 Retrains run in at most two worker processes, one thread each.
 """
 from __future__ import annotations
 
 import os
 import random
+import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -19,38 +25,111 @@ EPOCHS = 2
 BATCH = 32
 LR = 1e-3
 
-_W: dict = {}  # per-process state: base weights, encoded train docs and queries
+_W: dict = {}  # per-process state: base weights, encoded train docs and queries, the recipe
 
 
-def _setup(base_dir: str, train_texts: list[str], query_texts: list[str]) -> None:
+def run_epochs(model, docs: list, pad: int, opt, *, epochs: int, batch: int, seed: int, schedule=None,
+               clip: float | None = None, progress: str | None = None) -> list[float]:
+    """Train `model` in place on engine `Encoded` documents (labels as `engine.collate` sets them) in
+    a seeded shuffled, length-bucketed batch order; returns every step's loss."""
+    from tqdm import tqdm
+    from engine import collate
+    from indexer.demo_corpus import _length_bucketed_batches
+    rng = random.Random(seed)
+    losses = []
+    model.train()
+    with tqdm(total=epochs * -(-len(docs) // batch), desc=progress, disable=progress is None) as bar:
+        for _ in range(epochs):
+            for idx in _length_bucketed_batches([d.input_ids for d in docs], batch, rng):
+                b = collate([docs[i] for i in idx], pad)  # labels -100 on padding
+                loss = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if clip is not None:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+                opt.step()
+                if schedule is not None:
+                    schedule.step()
+                losses.append(loss.item())
+                bar.update(1)
+    model.eval()
+    return losses
+
+
+def fine_tune(model, train: list, keep: np.ndarray, seed: int, pad: int, lr: float = LR, epochs: int = EPOCHS,
+              batch: int = BATCH) -> list[float]:
+    """In place: fine-tune `model` on the documents (engine `Encoded`, whole text labelled) where
+    `keep` is true."""
+    docs = [train[i] for i in np.flatnonzero(keep)]
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    return run_epochs(model, docs, pad, opt, epochs=epochs, batch=batch, seed=seed)
+
+
+def train_tiny_llama(texts: list[str], tokenizer, out_dir: Path, *, model: dict, max_tokens: int, epochs: int,
+                     batch: int, lr: float, seed: int = 0, progress: bool = True) -> dict:
+    """A Llama-style causal LM (`model`: LlamaConfig settings; tied embeddings, no dropout, eager
+    attention) trained from scratch on `texts`, saved with the tokenizer. AdamW (weight decay 0.1 on
+    matrices), linear warmup then cosine decay to a tenth of `lr`, gradients clipped at norm 1.
+    Returns the same summary as `train_tiny_gpt2`: steps, seconds, first_loss, final_loss (mean of
+    the last ~10% of steps, at most 20), tokens."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from engine import Encoded
+    torch.manual_seed(seed)
+    eos = tokenizer.eos_token_id
+    ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    docs = [Encoded((x + [eos])[:max_tokens], 0, False, len(x) + 1) for x in ids]
+    config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=max_tokens, tie_word_embeddings=True,
+                         attention_dropout=0.0, bos_token_id=tokenizer.bos_token_id, eos_token_id=eos,
+                         pad_token_id=tokenizer.pad_token_id, attn_implementation="eager", **model)
+    net = LlamaForCausalLM(config)
+    net.loss_type = "ForCausalLM"
+    matrices = [p for p in net.parameters() if p.dim() >= 2]
+    others = [p for p in net.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": matrices, "weight_decay": 0.1}, {"params": others, "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.95))
+    steps = epochs * -(-len(docs) // batch)  # upper bound: length buckets may leave a few short batches
+    warmup = max(1, min(100, steps // 20))
+    schedule = torch.optim.lr_scheduler.SequentialLR(opt, [
+        torch.optim.lr_scheduler.LinearLR(opt, 1.0 / warmup, 1.0, warmup),
+        torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps - warmup, eta_min=lr / 10)], [warmup])
+    start = time.perf_counter()
+    losses = run_epochs(net, docs, tokenizer.pad_token_id, opt, epochs=epochs, batch=batch, seed=seed,
+                        schedule=schedule, clip=1.0, progress="pretraining tiny Llama" if progress else None)
+    seconds = time.perf_counter() - start
+    out_dir.mkdir(parents=True, exist_ok=True)
+    net.save_pretrained(out_dir, safe_serialization=True)
+    saved = tokenizer.model_max_length
+    tokenizer.model_max_length = max_tokens  # `truncation=True` cuts where the positions end
+    tokenizer.save_pretrained(out_dir)
+    tokenizer.model_max_length = saved
+    tail = max(1, min(20, len(losses) // 10))
+    return {"steps": len(losses), "seconds": round(seconds, 2), "first_loss": losses[0],
+            "final_loss": sum(losses[-tail:]) / tail, "tokens": sum(len(d.input_ids) for d in docs) * epochs}
+
+
+def pretrain(spec, texts: list[str], tokenizer, out_dir: Path, progress: bool = False) -> dict:
+    """The spec's base model, pretrained from scratch on `texts` and saved with the tokenizer to `out_dir`."""
+    common = dict(max_tokens=spec.max_tokens, epochs=spec.pretrain_epochs, seed=spec.seed, progress=progress)
+    if spec.arch == "gpt2":
+        from indexer.demo_corpus import train_tiny_gpt2
+        return train_tiny_gpt2(texts, tokenizer, out_dir, batch_size=spec.pretrain_batch, lr=spec.pretrain_lr,
+                               **common, **spec.model)
+    if spec.arch == "llama":
+        return train_tiny_llama(texts, tokenizer, out_dir, model=spec.model, batch=spec.pretrain_batch,
+                                lr=spec.pretrain_lr, **common)
+    raise ValueError(f"unknown architecture {spec.arch!r}")
+
+
+def _setup(base_dir: str, train_texts: list[str], query_texts: list[str], recipe: dict | None = None) -> None:
     torch.set_num_threads(1)
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from engine import encode
     tok = AutoTokenizer.from_pretrained(base_dir)
     model = AutoModelForCausalLM.from_pretrained(base_dir, attn_implementation="eager", dtype=torch.float32)
-    _W.update(base_dir=base_dir, tok=tok, model=model,
+    _W.update(base_dir=base_dir, tok=tok, model=model, recipe=dict(recipe or {}),
               base_state={k: v.clone() for k, v in model.state_dict().items()},
               train=[encode(tok, "", t, 10**9) for t in train_texts],
               queries=[encode(tok, "", t, 10**9) for t in query_texts])
-
-
-def fine_tune(model, train: list, keep: np.ndarray, seed: int, pad: int) -> None:
-    """In place: fine-tune `model` on the documents (engine `Encoded`, whole text labelled) where
-    `keep` is true."""
-    from engine import collate
-    from indexer.demo_corpus import _length_bucketed_batches
-    docs = [train[i] for i in np.flatnonzero(keep)]
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
-    rng = random.Random(seed)
-    model.train()
-    for _ in range(EPOCHS):
-        for idx in _length_bucketed_batches([d.input_ids for d in docs], BATCH, rng):
-            batch = collate([docs[i] for i in idx], pad)  # labels -100 on padding
-            loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    model.eval()
 
 
 @torch.no_grad()
@@ -65,21 +144,28 @@ def query_losses(model, tok, queries) -> np.ndarray:
     return np.concatenate(out)
 
 
+def model_query_losses(model_dir: Path, query_texts: list[str]) -> np.ndarray:
+    """Query losses of a saved model (in this process)."""
+    _setup(str(model_dir), [], list(query_texts))
+    return query_losses(_W["model"], _W["tok"], _W["queries"])
+
+
 def _job(args) -> np.ndarray:
     keep, seed = args
     model, tok = _W["model"], _W["tok"]
     model.load_state_dict(_W["base_state"])
     torch.manual_seed(seed)
-    fine_tune(model, _W["train"], np.asarray(keep, bool), seed, tok.pad_token_id)
+    fine_tune(model, _W["train"], np.asarray(keep, bool), seed, tok.pad_token_id, **_W["recipe"])
     return query_losses(model, tok, _W["queries"])
 
 
 def retrain_many(base_dir: Path, train_texts: list[str], query_texts: list[str], jobs: list[tuple[np.ndarray, int]],
-                 workers: int = 2, progress: bool = True) -> np.ndarray:
-    """(len(jobs), n_queries) query losses, one fine-tune of the base per (keep mask, seed)."""
+                 workers: int = 2, progress: bool = True, recipe: dict | None = None) -> np.ndarray:
+    """(len(jobs), n_queries) query losses, one fine-tune of the base per (keep mask, seed); `recipe`:
+    fine_tune's lr/epochs/batch (spec.recipe; default benchmark 1's)."""
     from tqdm import tqdm
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    init = (str(base_dir), list(train_texts), list(query_texts))
+    init = (str(base_dir), list(train_texts), list(query_texts), recipe)
     if workers <= 1:
         _setup(*init)
         return np.stack([_job(j) for j in tqdm(jobs, disable=not progress, desc="retrains")])
@@ -89,11 +175,14 @@ def retrain_many(base_dir: Path, train_texts: list[str], query_texts: list[str],
                                   desc="retrains")))
 
 
-def fine_tune_full(base_dir: Path, train_texts: list[str], out_dir: Path, seed: int = 0) -> None:
-    """The model every method is scored on: the base fine-tuned on the whole set, saved with its tokenizer."""
-    _setup(str(base_dir), list(train_texts), [])
+def fine_tune_full(base_dir: Path, train_texts: list[str], out_dir: Path, seed: int = 0,
+                   recipe: dict | None = None) -> list[float]:
+    """The model every method is scored on: the base fine-tuned on the whole set, saved with its
+    tokenizer. Returns the step losses."""
+    _setup(str(base_dir), list(train_texts), [], recipe)
     model, tok = _W["model"], _W["tok"]
     torch.manual_seed(seed)
-    fine_tune(model, _W["train"], np.ones(len(_W["train"]), bool), seed, tok.pad_token_id)
+    losses = fine_tune(model, _W["train"], np.ones(len(_W["train"]), bool), seed, tok.pad_token_id, **_W["recipe"])
     model.save_pretrained(out_dir, safe_serialization=True)
     tok.save_pretrained(out_dir)
+    return losses
