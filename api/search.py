@@ -23,10 +23,9 @@ from typing import Callable, TypeVar
 
 import faiss
 import numpy as np
-import torch
 
-from engine import (MAX_TOKENS_SCORED, LoGra, Preconditioner, load_model, pair_vectors, query_vectors, token_texts,
-                    token_vectors)
+from engine import (MAX_TOKENS_SCORED, LoGra, Preconditioner, load_model, pair_scores, pair_vectors, query_vectors,
+                    token_texts, token_vectors)
 from indexer.store import MANIFEST, Index, IndexFormatError, ModelMismatchError, unit_rows
 
 from .batching import MicroBatcher
@@ -256,14 +255,8 @@ class Attributor:
         logra, pre = s.high
         rows = np.array([h.row for h in hits])
         with self._lock:
-            vectors = pair_vectors(logra, pre, self.tokenizer, [(prompt, response)] + s.index.pairs(rows.tolist()))
-        # float32 products: the vectors are float32 already, and copying a few hundred thousand
-        # dimensions per candidate to float64 cost more than the rest of the scoring
-        q, docs = vectors[0], vectors[1:]
-        scores = (docs @ q).double().numpy()
-        if mode == "cosine":
-            denom = torch.linalg.vector_norm(docs, dim=1).double().numpy() * float(torch.linalg.vector_norm(q))
-            scores = np.divide(scores, denom, out=np.zeros_like(scores), where=denom > 0)
+            scores = pair_scores(logra, pre, self.tokenizer, (prompt, response), s.index.pairs(rows.tolist()),
+                                 mode == "cosine")
         sign = {"proponents": 1.0, "opponents": -1.0}[direction]
         order = np.lexsort((rows, -sign * scores))
         return [Hit(int(rows[i]), float(scores[i]), "high") for i in order]

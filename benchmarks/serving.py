@@ -15,7 +15,7 @@ covariance, colour with the demo's): real queries see them as they see real docu
 
 Queries are real: (prompt, response) pairs cut from demo docstrings (the first words the prompt,
 the next ones the response), their vectors computed by `engine.query_vectors` as the server does.
-- Latency: sequential POST /attribute (k=10, influence) from one client to a real `python -m api`
+- Latency: sequential POST /attribute (k=10, cosine, precision fast and high alternated) from one client to a real `python -m api`
   process on loopback, client-side wall time; the search alone (`api.search.search`) in-process;
   and, in the same run, exact brute force over the same vectors held in RAM (float32 matmul +
   argpartition), what the search would cost without the ANN index.
@@ -54,7 +54,7 @@ from tests.conftest import running_api  # noqa: E402
 
 K = 10
 SHARD = 100_000  # synthetic documents per IndexWriter shard
-SYNTHETIC = 1  # bump when the synthetic rows change: cached enlarged indexes of another version are rebuilt
+SYNTHETIC = 2  # bump when the synthetic rows change: cached enlarged indexes of another version are rebuilt
 
 
 # -- queries ------------------------------------------------------------------------------------
@@ -114,8 +114,11 @@ def enlarged_index(base_dir: Path, out: Path, n: int, work: Path) -> dict:
     writer = store.IndexWriter(out, overwrite=True, key=f"serving-benchmark/{n}", base=base)
     if writer.n_rows > extra:
         raise RuntimeError(f"{writer.tmp} holds more rows than asked: remove it")
+    # Synthetic rows carry real demo texts (cycled), so that the high-fidelity stage, which recomputes
+    # its candidates' gradients from their text, costs what it costs on real documents.
+    texts = [d["text"] for d in base.documents(list(range(len(base))))]
     for s in range(writer.n_rows, extra, SHARD):  # a killed build resumes after its last checkpointed shard
-        rows = [{"id": f"synthetic-{i}", "text": f"synthetic document {i}", "prompt": None, "metadata": "{}",
+        rows = [{"id": f"synthetic-{i}", "text": texts[i % len(texts)], "prompt": None, "metadata": "{}",
                  "source": "synthetic", "line": i, "n_tokens": 0, "truncated": False}
                 for i in range(s, min(extra, s + SHARD))]
         # raw (unpreconditioned) gradients only feed a preconditioner fit, which this build skips
@@ -185,18 +188,30 @@ def server(index_dir: Path, log_dir: Path, max_batch: int = 16):
         yield base
 
 
-def http_latency(base: str, pairs: list[tuple[str, str]], mode: str = "influence") -> dict:
-    times, took = [], []
+PRECISIONS = ("fast", "high")
+
+
+def http_latency(base: str, pairs: list[tuple[str, str]], mode: str = "cosine") -> dict:
+    """Per precision: client-side latency of POST /attribute (k = 10, the API's default mode), the two
+    precisions alternated query by query in the same run, and the ratio of their medians."""
+    times, took = {p: [] for p in PRECISIONS}, {p: [] for p in PRECISIONS}
     with httpx.Client(base_url=base, timeout=120) as c:
         for p, r in pairs[:5]:  # warm
-            c.post("/attribute", json={"prompt": p, "response": r, "k": K, "mode": mode}).raise_for_status()
+            for precision in PRECISIONS:
+                c.post("/attribute", json={"prompt": p, "response": r, "k": K, "mode": mode,
+                                           "precision": precision}).raise_for_status()
         for p, r in pairs:
-            t = time.perf_counter()
-            resp = c.post("/attribute", json={"prompt": p, "response": r, "k": K, "mode": mode})
-            times.append(1000 * (time.perf_counter() - t))
-            resp.raise_for_status()
-            took.append(resp.json()["took_ms"])
-    return {**pct(times), "server_took_ms_p50": round(float(np.median(took)), 2), "requests": len(times)}
+            for precision in PRECISIONS:
+                t = time.perf_counter()
+                resp = c.post("/attribute", json={"prompt": p, "response": r, "k": K, "mode": mode, "precision": precision})
+                times[precision].append(1000 * (time.perf_counter() - t))
+                resp.raise_for_status()
+                took[precision].append(resp.json()["took_ms"])
+    out = {precision: {**pct(times[precision]), "server_took_ms_p50": round(float(np.median(took[precision])), 2),
+                       "requests": len(times[precision])} for precision in PRECISIONS}
+    out["mode"] = mode
+    out["high_over_fast_p50"] = round(out["high"]["p50_ms"] / out["fast"]["p50_ms"], 2)
+    return out
 
 
 def throughput(base: str, pairs: list[tuple[str, str]], clients: int, seconds: float) -> dict:
@@ -209,7 +224,9 @@ def throughput(base: str, pairs: list[tuple[str, str]], clients: int, seconds: f
             start.wait()
             while time.perf_counter() < stop_at:
                 p, r = rng.choice(pairs)
-                resp = c.post("/attribute", json={"prompt": p, "response": r, "k": K, "mode": "influence"})
+                # precision fast: what the micro-batcher shares is the compact vectors' pass
+                resp = c.post("/attribute", json={"prompt": p, "response": r, "k": K, "mode": "influence",
+                                                  "precision": "fast"})
                 if resp.status_code == 200:
                     done[i] += 1
                 else:

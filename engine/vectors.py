@@ -4,7 +4,9 @@ encoded by exactly the same code."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
+
+import numpy as np
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -31,20 +33,45 @@ def query_vectors(logra: LoGra, preconditioner: Preconditioner, tokenizer: PreTr
     return preconditioner.apply(out.grads), encoded
 
 
-def pair_vectors(logra: LoGra, preconditioner: Preconditioner, tokenizer: PreTrainedTokenizerBase,
-                 pairs: Sequence[tuple[str, str]], batch_size: int = 16, eigenbasis: bool = True) -> torch.Tensor:
-    """(len(pairs), dim) preconditioned vectors, in the pairs' order, computed in batches of similar
-    length (a vector does not depend on its batch): how the high-fidelity stage recomputes the
-    vectors of a query and its candidate documents. Inner products and norms only, so by default
-    in the preconditioner's eigenbasis, in float32 (Preconditioner.apply)."""
+def pair_vector_batches(logra: LoGra, preconditioner: Preconditioner, tokenizer: PreTrainedTokenizerBase,
+                        pairs: Sequence[tuple[str, str]], batch_size: int = 16,
+                        eigenbasis: bool = True) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """(indices into `pairs`, their (len(indices), dim) preconditioned vectors), batch by batch, in
+    batches of similar length (a vector does not depend on its batch). Inner products and norms
+    only need them in the preconditioner's eigenbasis, in float32 (Preconditioner.apply): the default."""
     encoded = encode_pairs(tokenizer, pairs, logra.max_tokens)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
-    out = torch.zeros(len(encoded), logra.dim)
     for s in range(0, len(order), batch_size):
         idx = order[s : s + batch_size]
         grads = projected_gradients(logra, tokenizer, [encoded[i] for i in idx]).grads
-        out[idx] = preconditioner.apply(grads, eigenbasis=eigenbasis, dtype=torch.float32 if eigenbasis else torch.float64)
+        yield idx, preconditioner.apply(grads, eigenbasis=eigenbasis, dtype=torch.float32 if eigenbasis else torch.float64)
+
+
+def pair_vectors(logra: LoGra, preconditioner: Preconditioner, tokenizer: PreTrainedTokenizerBase,
+                 pairs: Sequence[tuple[str, str]], batch_size: int = 16, eigenbasis: bool = True) -> torch.Tensor:
+    """(len(pairs), dim) preconditioned vectors, in the pairs' order (pair_vector_batches)."""
+    out = torch.zeros(len(pairs), logra.dim)
+    for idx, v in pair_vector_batches(logra, preconditioner, tokenizer, pairs, batch_size, eigenbasis):
+        out[idx] = v
     return out
+
+
+def pair_scores(logra: LoGra, preconditioner: Preconditioner, tokenizer: PreTrainedTokenizerBase,
+                query: tuple[str, str], pairs: Sequence[tuple[str, str]], cosine: bool,
+                batch_size: int = 16) -> np.ndarray:
+    """Scores of `pairs` (documents) for `query`: v_q . v_d, divided by both norms when `cosine` (0
+    for a zero vector). The documents' vectors are scored batch by batch and never all held: how the
+    high-fidelity stage rescores a query's candidates."""
+    q = pair_vectors(logra, preconditioner, tokenizer, [query])[0]
+    q_norm = float(torch.linalg.vector_norm(q))
+    scores = np.zeros(len(pairs))
+    for idx, v in pair_vector_batches(logra, preconditioner, tokenizer, pairs, batch_size):
+        s = (v @ q).double().numpy()  # float32 products: copying the vectors to float64 cost more than the rest
+        if cosine:
+            denom = torch.linalg.vector_norm(v, dim=1).double().numpy() * q_norm
+            s = np.divide(s, denom, out=np.zeros_like(s), where=denom > 0)
+        scores[idx] = s
+    return scores
 
 
 MAX_TOKENS_SCORED = 256

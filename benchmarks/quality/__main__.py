@@ -17,9 +17,11 @@ import torch  # noqa: E402
 from . import evaluate, generate, methods  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
-# The engine's shipped defaults (indexer BuildConfig, api schemas): the method every other is paired against.
-DEFAULT = "logra r8 raw cosine"
-BRITTLE_METHODS = ("full-ekfac", DEFAULT, "full-dot", "bm25")
+# The shipped defaults (indexer BuildConfig, api schemas: precision high, mode cosine) and their fast
+# stage alone (precision fast): the methods every other is paired against.
+DEFAULT = "default high cosine"
+DEFAULT_FAST = "default fast cosine"
+BRITTLE_METHODS = ("full-ekfac", DEFAULT, DEFAULT_FAST, "full-dot", "bm25")
 
 
 def cmd_generate(args) -> None:
@@ -57,7 +59,7 @@ def summarize(results: dict, gt: Path, default: str) -> dict:
     out = {}
     for name, r in results.items():
         m, se = evaluate.mean_se(per_query[name])
-        row = {k: v for k, v in r.items() if k != "scores"}
+        row = {k: v for k, v in r.items() if k not in ("scores", "layers", "api_k10_top")}
         row.update(lds=m, lds_se=se)
         if default in per_query and name != default:
             d = per_query[name] - per_query[default]
@@ -74,7 +76,50 @@ def summarize(results: dict, gt: Path, default: str) -> dict:
             "seed_sd_median": float(np.median(sd)),
             "setting": {"subsets": int(masks.shape[0]), "seeds": int(losses.shape[1]), "train_docs": int(masks.shape[1]),
                         "queries": int(losses.shape[2]), "meta": json.loads((gt / "meta.json").read_text())},
-            "methods": out}
+            "methods": out, "targets": targets(results, per_query)}
+
+
+def paired(per_query: dict, a: str, b: str) -> dict | None:
+    if a not in per_query or b not in per_query:
+        return None
+    m, se = evaluate.mean_se(per_query[a] - per_query[b])
+    return {"diff": m, "se": se, "z": m / se if se > 0 else None}
+
+
+def top10_agreement(fast: np.ndarray, high: np.ndarray, depth: int, k: int = 10) -> float:
+    """Mean share of the top k by `high` over every document that the top k by `high` among the
+    top `depth` by `fast` keeps (what precision high answers at that depth)."""
+    best = np.argsort(-high, axis=1, kind="stable")[:, :k]
+    cand = np.argsort(-fast, axis=1, kind="stable")[:, :depth]
+    got = np.take_along_axis(cand, np.argsort(-np.take_along_axis(high, cand, 1), axis=1, kind="stable")[:, :k], 1)
+    return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(best, got)]))
+
+
+def targets(results: dict, per_query: dict) -> dict:
+    """The issue's targets on this benchmark (README "Attribution you can trust")."""
+    lds = {n: float(np.nanmean(v)) for n, v in per_query.items()}
+    refs = [n for n in lds if n.startswith("full-ekfac") or n.startswith("high sfull")]
+    out = {}
+    if DEFAULT in lds and refs:
+        best = max(refs, key=lambda n: lds[n])
+        out["default_vs_ekfac"] = {"default": lds[DEFAULT], "full_ekfac": lds.get("full-ekfac"),
+                                   "ratio_to_full_ekfac": lds[DEFAULT] / lds["full-ekfac"] if "full-ekfac" in lds else None,
+                                   "best_reference": best, "best_reference_lds": lds[best],
+                                   "ratio_to_best_reference": lds[DEFAULT] / lds[best]}
+    for other in ("full-dot", "full-cosine", "bm25"):
+        d = paired(per_query, DEFAULT_FAST, other)
+        if d:
+            out[f"fast_vs_{other}"] = d
+    if DEFAULT_FAST in results and DEFAULT in results:
+        fast, high = results[DEFAULT_FAST]["scores"], results[DEFAULT]["scores"]
+        out["top10_agreement_by_depth"] = {d: top10_agreement(fast, high, d) for d in methods.DEPTHS}
+        api = results[DEFAULT].get("api_k10_top")
+        if api is not None:
+            best = np.argsort(-high, axis=1, kind="stable")[:, :10]
+            out["api_k10_agreement"] = {"depth": results[DEFAULT].get("high_depth"),
+                                        "mean": float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(best, api)])),
+                                        "max_rel_error_vs_engine": results[DEFAULT].get("api_max_rel_error")}
+    return out
 
 
 def _fmt(x, digits=3):
@@ -82,27 +127,43 @@ def _fmt(x, digits=3):
 
 
 # The rows README shows (quality.md has every method).
-README_ROWS = ("logra r4 raw cosine", "logra r8 raw cosine", "logra r8 raw influence", "logra r8 none influence",
-               "logra r8 kfac cosine", "logra r8 ekfac cosine", "logra-pca r8 raw cosine", "logra r16 raw cosine",
-               "logra r32 raw cosine", "full-ekfac", "full-ekfac-cosine", "full-ekfac d0.01-cosine", "full-dot",
-               "full-cosine", "bm25", "random")
+README_ROWS = (DEFAULT, DEFAULT_FAST, "default high influence", "default fast influence", "logra r8 raw cosine",
+               "fast b512 h0.5 raw cosine", "fast b1024 h0.5 raw cosine", "fast b4096 h0.5 raw cosine",
+               "fast b2048 nohead raw cosine", "fast b2048 h1 raw cosine", "fast b2048 h0.5 ekfac cosine",
+               "high sfull ekfac cosine", "high sfull ekfac influence", "high s64 ekfac cosine",
+               "full-ekfac", "full-ekfac-cosine", "full-dot", "full-cosine", "bm25", "random")
 
 
 def table(summary: dict, names=None) -> str:
     rows = sorted(((n, r) for n, r in summary["methods"].items() if names is None or n in names),
                   key=lambda kv: -kv[1]["lds"])
     lines = ["| method | dim | LDS ± SE | vs default (paired SE) | brittleness (seed sd) | self@1 | vector bytes/doc "
-             "| index bytes/doc | s/query |", "|---|---|---|---|---|---|---|---|---|"]
+             "| s/query |", "|---|---|---|---|---|---|---|---|"]
     for name, r in rows:
         vs = "(default)" if name == summary["default"] else (
             f"{r['vs_default']:+.3f} ({r['vs_default_se']:.3f})" if "vs_default" in r else "-")
         b = r.get("brittleness")
         bs = f"{b['mean']:.2f} ± {b['se']:.2f}" if b else "-"
         lines.append(f"| {name} | {r.get('dim') or '-'} | {r['lds']:.3f} ± {r['lds_se']:.3f} | {vs} | {bs} | "
-                     f"{_fmt(r['self_at1'])} | {r.get('vector_bytes_per_doc') or '-'} | "
-                     f"{_fmt(r.get('index_bytes_per_doc'), 0)} | {_fmt(r['seconds_per_query'], 4)} |")
+                     f"{_fmt(r['self_at1'])} | {r.get('vector_bytes_per_doc') or '-'} | {_fmt(r['seconds_per_query'], 4)} |")
     c = summary["noise_ceiling"]
     lines.append(f"\nNoise ceiling (seed-vs-seed Spearman across subsets): {c['mean']:.3f} ± {c['se']:.3f}.")
+    t = summary.get("targets", {})
+    if "default_vs_ekfac" in t:
+        e = t["default_vs_ekfac"]
+        lines.append(f"Default (k = all) / full-gradient EK-FAC: {_fmt(e['ratio_to_full_ekfac'])}; / best reference "
+                     f"({e['best_reference']}, {e['best_reference_lds']:.3f}): {e['ratio_to_best_reference']:.3f}.")
+    for other in ("full-dot", "full-cosine", "bm25"):
+        if f"fast_vs_{other}" in t:
+            d = t[f"fast_vs_{other}"]
+            lines.append(f"Fast vs {other}: {d['diff']:+.3f} ± {d['se']:.3f} paired ({_fmt(d['z'], 1)} SE).")
+    if "top10_agreement_by_depth" in t:
+        lines.append("Top-10 agreement with k = all, by rescoring depth: " + ", ".join(
+            f"{d}: {v:.2f}" for d, v in t["top10_agreement_by_depth"].items()) + ".")
+    if "api_k10_agreement" in t:
+        a = t["api_k10_agreement"]
+        lines.append(f"API k = 10 at depth {a['depth']}: {a['mean']:.2f} of the k = all top 10 "
+                     f"(API vs engine scores, max relative error {_fmt(a['max_rel_error_vs_engine'], 2)}).")
     brittle = [(n, r["brittleness"]) for n, r in summary["methods"].items() if r.get("brittleness")]
     if brittle:
         ks = brittle[0][1]["k"]
@@ -115,16 +176,23 @@ def table(summary: dict, names=None) -> str:
 
 
 def cmd_run(args) -> None:
-    gt = Path(args.ground_truth)
-    t = time.time()
-    results = methods.all_scores(gt, Path(args.work), grid=not args.quick, pca=not args.quick)
-    summary = summarize(results, gt, args.default)
-    summary["seconds"] = round(time.time() - t, 1)
+    from .specs import SPECS, ground_truth
+    names = args.bench or list(SPECS)
+    previous = json.loads((RESULTS / "quality.json").read_text()) if (RESULTS / "quality.json").exists() else {}
+    benchmarks = previous.get("benchmarks", {}) if args.bench else {}
+    for name in names:
+        gt = ground_truth(name)
+        t = time.time()
+        results = methods.all_scores(gt, Path(args.work), quick=args.quick, log=lambda m: print(f"[{name}] {m}", flush=True))
+        summary = summarize(results, gt, args.default)
+        summary["seconds"] = round(time.time() - t, 1)
+        summary["quick"] = args.quick
+        benchmarks[name] = summary
+        print(f"\n## {name}\n" + table(summary, README_ROWS), flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "quality.json").write_text(json.dumps(summary, indent=1, default=float) + "\n")
-    md = table(summary)
-    (RESULTS / "quality.md").write_text(md + "\n")
-    print(table(summary, README_ROWS))
+    (RESULTS / "quality.json").write_text(json.dumps({"default": args.default, "benchmarks": benchmarks}, indent=1,
+                                                     default=float) + "\n")
+    (RESULTS / "quality.md").write_text("\n\n".join(f"## {n}\n\n{table(b)}" for n, b in benchmarks.items()) + "\n")
 
 
 def main(argv=None) -> None:
@@ -139,7 +207,8 @@ def main(argv=None) -> None:
     g.add_argument("--brittle-queries", type=int, default=generate.BRITTLE_QUERIES)
     r = sub.add_parser("run", help="score every method against the ground truth")
     r.add_argument("--default", default=DEFAULT)
-    r.add_argument("--quick", action="store_true", help="logra at the default rank and preconditioner only (no grid, PCA or damping sweep)")
+    r.add_argument("--quick", action="store_true", help="the shipped defaults and the baselines only (no grids)")
+    r.add_argument("--bench", action="append", default=None, help="a benchmark (specs.SPECS) to run; repeatable; default all")
     for s in (g, r):
         s.add_argument("--ground-truth", default=str(generate.GT))
         s.add_argument("--work", default="/tmp/logra-quality", help="scratch folder for the indexes")

@@ -1,13 +1,11 @@
 """Every method's scores on the fine-tuned model: a (queries x documents) matrix per method, plus
 its self-retrieval@1 (each fine-tune document as the query), bytes per document and seconds per query.
 
-- `logra`: the engine's public path: `indexer.build_index` writes an index of the fine-tune set,
-  `api.search.Attributor.attribute` answers each query with exact scores for every document
-  (k = number of documents); self-retrieval goes through `engine.query_vectors` with the index's
-  own projections and preconditioner.
-- `logra-pca`: the engine API with PCA projections (top eigenvectors of each layer's input and
-  output-gradient covariances, from the reference pass) put in place of the random ones: the
-  indexer has no PCA option, so these configurations do not go through build_index.
+- `default fast` / `default high`: the shipped defaults end to end (`indexer.build_index`, then
+  `api.search.Attributor.attribute`; see default_scores).
+- `fast ...`: compact-vector settings (dimension budget, head share, preconditioner) through the
+  engine functions the indexer and API use; `logra rR`: the previous default (rank R, no head).
+- `high ...`: high-fidelity stage settings, every document scored (k = all).
 - `full-dot`, `full-cosine`, `full-ekfac`, `full-ekfac-cosine`: reference.py on unprojected gradients.
 - `bm25` on the text, `random`.
 """
@@ -25,16 +23,31 @@ import torch
 from . import data
 from .reference import EKFAC, bm25_scores, dot_scores, full_gradients
 
-RANKS = (4, 8, 16, 32)
-PRECONDITIONERS = ("none", "raw", "kfac", "ekfac")
 MODES = ("influence", "cosine")
 DAMPING = 0.1  # the engine's default (fraction of the mean eigenvalue)
-# A damping sweep beside the grid, for the engine's default preconditioner at two ranks, and for
-# full-gradient EK-FAC (so neither side of the comparison is left at an untuned damping).
+# A damping sweep for full-gradient EK-FAC, so the reference is not left at an untuned damping.
 DAMPING_SWEEP = (0.01, 0.03, 0.3, 1.0)
-SWEEP_SETTINGS = ((8, "raw"), (16, "raw"))
-QUICK_SETTING = (8, "raw")  # the engine's default: the one logra setting `run --quick` scores
 TIMED_QUERIES = 20
+# Where the compact vectors' dimensions go (engine.budget): (budget, head_share, preconditioner, damping).
+# head_share None: the LM head untracked. The first is the shipped default (BuildConfig).
+FAST_GRID = ((2048, 0.5, "raw", 0.1),
+             (512, 0.5, "raw", 0.1), (1024, 0.5, "raw", 0.1), (4096, 0.5, "raw", 0.1),
+             (2048, None, "raw", 0.1), (2048, 0.25, "raw", 0.1), (2048, 0.75, "raw", 0.1), (2048, 1.0, "raw", 0.1),
+             (2048, 0.5, "none", 0.1), (2048, 0.5, "ekfac", 0.1), (2048, 0.5, "ekfac", 0.01), (2048, 0.5, "raw", 0.01),
+             (2048, 0.25, "ekfac", 0.1), (2048, 0.25, "ekfac", 0.01), (1024, 0.25, "ekfac", 0.01), (4096, 0.25, "ekfac", 0.01),
+             (2048, 0.125, "raw", 0.1), (2048, 0.5, "ekfac", 0.03), (4096, 0.5, "ekfac", 0.01), (1024, 0.5, "ekfac", 0.01),
+             (2048, 0.75, "ekfac", 0.01))
+QUICK_FAST = FAST_GRID[:1]
+LEGACY = ((8, "raw"),)  # the previous default: rank 8 on the blocks' layers, no head
+# The high-fidelity stage: (max_side, preconditioner, damping, head, head_whole). max_side None: every
+# side whole (exact full-gradient EK-FAC). head_whole: the head's vocabulary side kept whole with a
+# diagonal factor. The first is the shipped default (BuildConfig.high_*).
+HIGH_GRID = ((256, "ekfac", 0.1, True, True), (None, "ekfac", 0.1, True, False), (None, "ekfac", 0.1, False, False),
+             (256, "ekfac", 0.1, True, False), (256, "ekfac", 0.01, True, False), (256, "kfac", 0.1, True, False),
+             (64, "ekfac", 0.1, True, False), (128, "ekfac", 0.1, True, True), (256, "ekfac", 0.01, True, True),
+             (64, "ekfac", 0.1, True, True), (256, "kfac", 0.1, True, True))
+QUICK_HIGH = HIGH_GRID[:1]
+DEPTHS = (10, 25, 50, 100, 200, 400)  # high-stage rescoring depths whose top-10 agreement is measured
 
 
 def _self_at1(q: np.ndarray, d: np.ndarray, cosine: bool) -> float:
@@ -52,96 +65,129 @@ def _tag(damping: float) -> str:
     return "" if damping == DAMPING else f" d{damping:g}"
 
 
-def logra_index(gt: Path, work: Path, rank: int, pre: str, rows: list[dict], damping: float = DAMPING) -> Path:
+def fast_name(budget: int, head_share: float | None, pre: str, damping: float) -> str:
+    return f"fast b{budget} {'nohead' if head_share is None else f'h{head_share:g}'} {pre}{_tag(damping)}"
+
+
+def high_name(side: int | None, pre: str, damping: float, head: bool, head_whole: bool = False) -> str:
+    return f"high s{side or 'full'}{' headwhole' if head_whole else ''} {pre}{_tag(damping)}{'' if head else ' nohead'}"
+
+
+def _fit(logra, tokenizer, kind: str, damping: float, encoded: list, batch: int = 32):
+    """A preconditioner fitted on the documents as the indexer fits it (statistics, then EK-FAC's
+    eigenvalues in a second pass)."""
+    from engine import Preconditioner, projected_gradients
+    pre = Preconditioner(kind, logra.shapes, damping_ratio=damping, diagonal_out=logra.diagonal_out)
+    chunks = [encoded[i : i + batch] for i in range(0, len(encoded), batch)]
+    for c in chunks:
+        out = projected_gradients(logra, tokenizer, c, token_stats=pre.needs_token_stats)
+        pre.update(out.grads, out.token_stats)
+    if pre.needs_second_pass:
+        for c in chunks:
+            pre.update_second(projected_gradients(logra, tokenizer, c).grads)
+    return pre.finalize()
+
+
+def engine_scores(model, tokenizer, config, pres: list[tuple[str, float]], name, train_texts: list[str],
+                  queries: list[str], self_retrieval: bool = True) -> dict:
+    """One LoGra configuration (engine.LoGraConfig), every (preconditioner, damping) in `pres`, both
+    modes: document and query vectors through the engine, as the indexer and the API compute them."""
+    from engine import LoGra, encode_pairs, pair_vectors
+    logra = LoGra(model, config)
+    enc = encode_pairs(tokenizer, [("", t) for t in train_texts], logra.max_tokens)
+    out = {}
+    for kind, damping in pres:
+        t = time.perf_counter()
+        pre = _fit(logra, tokenizer, kind, damping, enc)
+        fit_sec = time.perf_counter() - t
+        docs = pair_vectors(logra, pre, tokenizer, [("", x) for x in train_texts], batch_size=32).numpy()
+        t = time.perf_counter()
+        qv = pair_vectors(logra, pre, tokenizer, [("", q) for q in queries], batch_size=32).numpy()
+        sec = (time.perf_counter() - t) / len(queries)
+        for mode in MODES:
+            out[f"{name(kind, damping)} {mode}"] = {
+                "family": name(kind, damping).split()[0], "preconditioner": kind, "damping": damping, "mode": mode,
+                "dim": logra.dim, "layers": logra.layer_spec(), "scores": dot_scores(qv, docs, mode == "cosine"),
+                "self_at1": _self_at1(docs, docs, mode == "cosine") if self_retrieval else None,
+                "vector_bytes_per_doc": logra.dim * 4, "index_bytes_per_doc": None, "seconds_per_query": sec,
+                "fit_seconds": fit_sec}
+    return out
+
+
+def defaults_tag() -> str:
+    """A digest of the shipped build defaults: cached default indexes and scores follow them."""
+    from dataclasses import asdict
+
+    from indexer import BuildConfig
+    d = {k: v for k, v in asdict(BuildConfig(model="", data=[], out="")).items() if k not in ("model", "data", "out")}
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def default_index(gt: Path, work: Path, rows: list[dict]) -> Path:
+    """An index of the fine-tune set built by `indexer.build_index` with the shipped defaults."""
     from indexer import BuildConfig, build_index
     data_file = work / "train.jsonl"
     if not data_file.exists():
         _write_jsonl(rows, data_file)
-    out = work / f"index-r{rank}-{pre}{_tag(damping).replace(' ', '-')}"
+    out = work / f"index-default-{defaults_tag()}"
     if not (out / "manifest.json").exists():
         build_index(BuildConfig(model=str(gt / "finetuned"), data=[str(data_file)], out=str(out), max_tokens=data.MAX_TOKENS,
-                                batch_size=32, rank=rank, preconditioner=pre, damping=damping, progress=False,
-                                overwrite=True))
+                                batch_size=32, progress=False, overwrite=True))
     return out
 
 
-def logra_scores(gt: Path, work: Path, rank: int, pre: str, train_rows: list[dict], queries: list[str],
-                 damping: float = DAMPING) -> dict:
-    """Both modes of one (rank, preconditioner, damping) index, through build_index + Attributor."""
-    from api.search import Attributor
-    from engine import query_vectors
-    index_dir = logra_index(gt, work, rank, pre, train_rows, damping)
+def default_scores(gt: Path, work: Path, train_rows: list[dict], queries: list[str], spot_check: int = 3) -> dict:
+    """The shipped defaults end to end: `build_index`, then `api.search.Attributor.attribute`.
+    "default fast": k = every document, precision fast. "default high": every document scored by the
+    high stage, computed once for all documents with the engine functions the API uses
+    (`pair_vectors` with the index's high-stage projections and preconditioner), and checked against
+    the API's own answer (k = all, precision high) on `spot_check` queries. Also every query's
+    default answer (k = 10, precision high) and its time, for the top-10 agreement."""
+    from api.search import Attributor, exact_scores
+    from engine import pair_vectors
+    index_dir = default_index(gt, work, train_rows)
     attr = Attributor(index_dir)
-    n = len(attr.index)
-    row_of = np.array([attr.index.row_of_id[r["id"]] for r in train_rows])
+    s = attr.current()
+    n = len(s.index)
+    row_of = np.array([s.index.row_of_id[r["id"]] for r in train_rows])
     size = sum(p.stat().st_size for p in index_dir.rglob("*") if p.is_file())
-    tq, _ = query_vectors(attr.logra, attr.preconditioner, attr.tokenizer, [("", r["text"]) for r in train_rows])
-    stored = np.asarray(attr.index.vectors)[row_of]
+    high_logra, high_pre = s.high
+    hd = pair_vectors(high_logra, high_pre, attr.tokenizer, [("", r["text"]) for r in train_rows], batch_size=32).double().numpy()
+    hq = pair_vectors(high_logra, high_pre, attr.tokenizer, [("", q) for q in queries], batch_size=32).double().numpy()
     out = {}
     for mode in MODES:
-        scores = np.zeros((len(queries), n))
+        fast = np.zeros((len(queries), n))
         for qi, text in enumerate(queries):
-            hits, _ = attr.attribute("", text, n, mode)
+            hits, _, _ = attr.attribute("", text, n, mode, precision="fast")
             by_row = {h.row: h.score for h in hits}
-            scores[qi] = [by_row[r] for r in row_of]
-        t = time.perf_counter()
-        for text in queries[:TIMED_QUERIES]:
-            attr.attribute("", text, 10, mode)
-        sec = (time.perf_counter() - t) / TIMED_QUERIES
-        out[f"logra r{rank} {pre}{_tag(damping)} {mode}"] = {
-            "family": "logra", "rank": rank, "init": "random", "preconditioner": pre, "damping": damping, "mode": mode,
-            "dim": attr.index.manifest["dim"], "scores": scores,
-            "self_at1": _self_at1(tq.numpy(), stored, mode == "cosine"),
-            "vector_bytes_per_doc": attr.index.manifest["dim"] * 4, "index_bytes_per_doc": size / n,
-            "seconds_per_query": sec}
-    return out
-
-
-def pca_projections(ref, rank: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """(P_in, P_out) per layer: the top-`rank` eigenvectors (as rows) of E[x x^T] and E[g g^T]."""
-    out = {}
-    for name in ref.names:
-        proj = []
-        for cov in (ref.A[name], ref.S[name]):
-            _, vecs = torch.linalg.eigh(cov)
-            r = min(rank, cov.shape[0])
-            proj.append(vecs[:, -r:].flip(1).T.float().contiguous())
-        out[name] = tuple(proj)
-    return out
-
-
-def logra_pca_scores(model, tokenizer, ref, rank: int, train_texts: list[str], queries: list[str]) -> dict:
-    """Every preconditioner and mode at one rank, PCA projections, through the engine API."""
-    from engine import LoGra, LoGraConfig, Preconditioner, encode_pairs, projected_gradients, query_vectors
-    logra = LoGra(model, LoGraConfig(rank=rank, max_tokens=data.MAX_TOKENS))
-    for name, (p_in, p_out) in pca_projections(ref, rank).items():
-        assert p_in.shape == logra.projections[name][0].shape and p_out.shape == logra.projections[name][1].shape
-        logra.projections[name] = (p_in, p_out)
-    enc = encode_pairs(tokenizer, [("", t) for t in train_texts], logra.max_tokens)
-    raw, stats = [], []
-    for i in range(0, len(enc), 32):
-        o = projected_gradients(logra, tokenizer, enc[i : i + 32], token_stats=True)
-        raw.append(logra.flatten(o.grads))
-        stats.append(o.token_stats)
-    raw_all = torch.cat(raw)
-    out = {}
-    for pre_kind in PRECONDITIONERS:
-        pre = Preconditioner(pre_kind, logra.shapes)
-        for g, st in zip(raw, stats):
-            pre.update(g, st)
-        if pre.needs_second_pass:
-            pre.update_second(raw_all)
-        pre.finalize()
-        docs = pre.apply(raw_all).numpy()
-        t = time.perf_counter()
-        qv = np.concatenate([query_vectors(logra, pre, tokenizer, [("", q)])[0].numpy() for q in queries])
-        sec = (time.perf_counter() - t) / len(queries)
-        for mode in MODES:
-            out[f"logra-pca r{rank} {pre_kind} {mode}"] = {
-                "family": "logra-pca", "rank": rank, "init": "pca", "preconditioner": pre_kind, "mode": mode,
-                "dim": logra.dim, "scores": dot_scores(qv, docs, mode == "cosine"),
-                "self_at1": _self_at1(docs, docs, mode == "cosine"), "vector_bytes_per_doc": logra.dim * 4,
-                "index_bytes_per_doc": None, "seconds_per_query": sec}
+            fast[qi] = [by_row[r] for r in row_of]
+        high = np.stack([exact_scores(hd, np.linalg.norm(hd, axis=1), np.arange(n), q, mode) for q in hq])
+        worst = 0.0
+        for qi in range(min(spot_check, len(queries))):
+            hits, _, _ = attr.attribute("", queries[qi], n, mode, precision="high")
+            by_row = {h.row: h.score for h in hits}
+            api = np.array([by_row[r] for r in row_of])
+            worst = max(worst, float(np.abs(api - high[qi]).max() / np.abs(high[qi]).max()))
+        top10, secs = [], {}
+        for prec in ("fast", "high"):
+            t = time.perf_counter()
+            for qi, text in enumerate(queries):
+                hits, _, _ = attr.attribute("", text, 10, mode, precision=prec)
+                if prec == "high":
+                    pos = {r: i for i, r in enumerate(row_of)}
+                    top10.append([pos[h.row] for h in hits])
+            secs[prec] = (time.perf_counter() - t) / len(queries)
+        common = {"family": "default", "mode": mode, "index_bytes_per_doc": size / n}
+        # self-retrieval: a document sent as the query encodes exactly as it was indexed, so its query
+        # vector is its stored vector (tests/test_api.py checks this through the API)
+        stored = np.asarray(s.index.vectors)[row_of]
+        out[f"default fast {mode}"] = {**common, "dim": s.index.manifest["dim"], "scores": fast,
+                                       "self_at1": _self_at1(stored, stored, mode == "cosine"),
+                                       "vector_bytes_per_doc": s.index.manifest["dim"] * 4, "seconds_per_query": secs["fast"]}
+        out[f"default high {mode}"] = {**common, "dim": s.high[0].dim, "scores": high, "api_k10_top": np.array(top10),
+                                       "self_at1": _self_at1(hd, hd, mode == "cosine"),
+                                       "api_max_rel_error": worst, "high_depth": attr.high_depth,
+                                       "vector_bytes_per_doc": s.index.manifest["dim"] * 4, "seconds_per_query": secs["high"]}
     return out
 
 
@@ -227,10 +273,10 @@ def _cached(work: Path, key: str, compute) -> dict:
     return out
 
 
-def all_scores(gt: Path, work: Path, grid: bool = True, pca: bool = True, only: list[str] | None = None,
-               log=print) -> dict:
-    """Every method's results (see module doc). `only`: restrict to these method names (for the
-    brittleness stage, which needs a few methods' scores)."""
+def all_scores(gt: Path, work: Path, quick: bool = False, only: list[str] | None = None, log=print) -> dict:
+    """Every method's results (see module doc). `quick`: the shipped defaults, the first fast and high
+    settings and the baselines only. `only`: restrict to these method names (the brittleness stage)."""
+    from engine import LoGraConfig
     tr, qr = data.load_rows(gt)
     train_texts, queries = [r["text"] for r in tr], [r["text"] for r in qr]
     digest = hashlib.sha256((gt / "finetuned" / "model.safetensors").read_bytes()).hexdigest()[:12]
@@ -238,33 +284,45 @@ def all_scores(gt: Path, work: Path, grid: bool = True, pca: bool = True, only: 
     work.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_finetuned(gt)
     want = (lambda name: only is None or name in only)
+    wants = (lambda prefix: only is None or any(n.startswith(prefix + " ") for n in only))
     results = {}
-    t = time.time()
-    ref = full_gradients(model, tokenizer, train_texts, data.MAX_TOKENS, factors=True)
-    log(f"full gradients of {len(train_texts)} documents: {time.time() - t:.0f} s")
+    if wants("default fast") or wants("default high"):
+        t = time.time()
+        results.update(_cached(work, f"default-{defaults_tag()}", lambda: default_scores(gt, work, tr, queries)))
+        log(f"defaults: {time.time() - t:.0f} s")
     if any(want(n) for n in ("full-dot", "full-cosine", "full-ekfac", "full-ekfac-cosine")):
-        results.update(_cached(work, "full-sweep" if only is None else "full-noself", lambda: reference_scores(model, tokenizer, ref, train_texts, queries,
-                                                                       self_retrieval=only is None)))
+        def full():
+            t = time.time()
+            ref = full_gradients(model, tokenizer, train_texts, data.MAX_TOKENS, factors=True)
+            log(f"full gradients of {len(train_texts)} documents: {time.time() - t:.0f} s")
+            return reference_scores(model, tokenizer, ref, train_texts, queries, self_retrieval=only is None)
+        results.update(_cached(work, "full-sweep" if only is None else "full-noself", full))
     if want("bm25") or want("random"):
         results.update(_cached(work, "text", lambda: text_scores(train_texts, queries)))
-    for rank in RANKS:
-        for pre in PRECONDITIONERS:
-            names = [f"logra r{rank} {pre} {m}" for m in MODES]
-            if (grid or only or (rank, pre) == QUICK_SETTING) and any(want(n) for n in names):
-                t = time.time()
-                results.update(_cached(work, f"logra r{rank} {pre}",
-                                       lambda: logra_scores(gt, work, rank, pre, tr, queries)))
-                log(f"logra r{rank} {pre}: {time.time() - t:.0f} s")
-        for r, p in SWEEP_SETTINGS:
-            if r == rank and grid and only is None:
-                for damping in DAMPING_SWEEP:
-                    results.update(_cached(work, f"logra r{rank} {p}{_tag(damping)}",
-                                           lambda: logra_scores(gt, work, rank, p, tr, queries, damping)))
-        if pca and any(want(f"logra-pca r{rank} {p} {m}") for p in PRECONDITIONERS for m in MODES):
+    max_tokens = data.MAX_TOKENS
+    for budget, share, pre, damping in (QUICK_FAST if quick else FAST_GRID):
+        name = fast_name(budget, share, pre, damping)
+        if wants(name):
+            cfg = LoGraConfig(budget=budget, head_share=share or 0.0, head=share is not None, max_tokens=max_tokens)
             t = time.time()
-            results.update(_cached(work, f"logra-pca r{rank}",
-                                   lambda: logra_pca_scores(model, tokenizer, ref, rank, train_texts, queries)))
-            log(f"logra-pca r{rank}: {time.time() - t:.0f} s")
+            results.update(_cached(work, name, lambda: engine_scores(
+                model, tokenizer, cfg, [(pre, damping)], lambda k, d: fast_name(budget, share, k, d), train_texts, queries)))
+            log(f"{name}: {time.time() - t:.0f} s")
+    for rank, pre in (() if quick else LEGACY):
+        name = f"logra r{rank} {pre}"
+        if wants(name):
+            cfg = LoGraConfig(rank=rank, head=False, max_tokens=max_tokens)
+            results.update(_cached(work, name, lambda: engine_scores(
+                model, tokenizer, cfg, [(pre, DAMPING)], lambda k, d: f"logra r{rank} {k}{_tag(d)}", train_texts, queries)))
+    for side, pre, damping, head, whole in (QUICK_HIGH if quick else HIGH_GRID):
+        name = high_name(side, pre, damping, head, whole)
+        if wants(name):
+            cfg = LoGraConfig(max_side=side or 10**9, head=head, head_whole=whole, max_tokens=max_tokens)
+            t = time.time()
+            results.update(_cached(work, name, lambda: engine_scores(
+                model, tokenizer, cfg, [(pre, damping)], lambda k, d: high_name(side, k, d, head, whole), train_texts, queries,
+                self_retrieval=False)))
+            log(f"{name}: {time.time() - t:.0f} s")
     if only is not None:
         results = {k: v for k, v in results.items() if k in only}
     return results
