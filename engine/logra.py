@@ -35,6 +35,7 @@ class LoGraConfig:
     # output-gradient statistics are then only the diagonal (a vocabulary-square factor is too big)
     head_whole: bool = False
     head: bool = True  # track the LM head (output embedding) besides the blocks' linear layers
+    head_only: bool = False  # track the LM head alone (then a forward pass and the head's gradient suffice)
     seed: int = 0
     include: str | None = None  # regex over layer names
     exclude: str | None = None
@@ -87,10 +88,16 @@ class LoGra:
                     raise ValueError(f"{type(model).__name__} has no trackable layer {missing[0]!r}")
                 found = [by_name[n] for n in shapes]
             layers = found
-        self.layers = layers
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if config.head_only and shapes is None:
+            layers = [l for l in find_tracked_layers(model, include_embeddings=True) if l.module is head]
+            if not layers:
+                raise ValueError(f"{type(model).__name__} has no linear LM head to track")
+        self.layers = layers
         self.head_name = next((l.name for l in layers if head is not None and l.module is head), None)
         self.shapes: dict[str, tuple[int, int]] = dict(shapes) if shapes is not None else config.shapes(layers, self.head_name)
+        # the LM head alone: the backward pass starts at its input (a forward pass and the head's gradient)
+        self.head_only = [l.name for l in layers] == [self.head_name]
         # layers whose token statistics keep only the diagonal of sum g g^T (Preconditioner reads it so)
         self.diagonal_out = frozenset({self.head_name} if config.head_whole and config.max_side is not None
                                       and self.head_name else ())
@@ -154,8 +161,15 @@ class LoGra:
 
             return forward_hook
 
+        def start_at_head(_module, args):
+            # Only the LM head is tracked: its input becomes the root, and nothing before it is differentiated
+            return (args[0].detach().requires_grad_(True),) + tuple(args[1:])
+
         try:
-            handles.append(input_embedding(self.model).register_forward_hook(start_backward))
+            if self.head_only:
+                handles.append(self.layers[0].module.register_forward_pre_hook(start_at_head))
+            else:
+                handles.append(input_embedding(self.model).register_forward_hook(start_backward))
             for layer in self.layers:
                 handles.append(layer.module.register_forward_hook(capture(layer.name)))
             yield

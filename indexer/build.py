@@ -51,6 +51,7 @@ class BuildConfig:
     high: bool = True
     high_max_side: int = 256
     high_head_whole: bool = True
+    high_head_only: bool = False  # the LM head alone: candidates cost a forward pass, no backward
     high_preconditioner: str = "ekfac"
     high_damping: float = 0.1
     high_sample: int = 4096
@@ -332,8 +333,9 @@ def _fit_high(cfg: BuildConfig, model, tokenizer, fast: LoGra) -> tuple[dict, di
     again; bounded, so it is simply redone if the build is killed here): K-FAC factors in one pass,
     EK-FAC's eigenvalues in a second. Same layers as the compact vectors, larger sides."""
     t0 = time.time()
-    logra = LoGra(model, replace(fast.config, rank=None, max_side=cfg.high_max_side, head_whole=cfg.high_head_whole),
-                  layers=fast.layers)
+    config = replace(fast.config, rank=None, max_side=cfg.high_max_side, head_whole=cfg.high_head_whole,
+                     head_only=cfg.high_head_only)
+    logra = LoGra(model, config, layers=None if cfg.high_head_only else fast.layers)
     pre = Preconditioner(cfg.high_preconditioner, logra.shapes, damping_ratio=cfg.high_damping,
                          diagonal_out=logra.diagonal_out)
     records = read_records(cfg.data, text_field=cfg.text_field, prompt_field=cfg.prompt_field,
@@ -351,7 +353,7 @@ def _fit_high(cfg: BuildConfig, model, tokenizer, fast: LoGra) -> tuple[dict, di
                 pre.update_second(out.grads)
     pre.finalize()
     info = {"layers": logra.layer_spec(), "dim": logra.dim, "max_side": cfg.high_max_side,
-            "head_whole": cfg.high_head_whole, "diagonal_out": sorted(logra.diagonal_out),
+            "head_whole": cfg.high_head_whole, "head_only": cfg.high_head_only, "diagonal_out": sorted(logra.diagonal_out),
             "preconditioner": {"kind": pre.kind, "damping_ratio": cfg.high_damping},
             "sample_documents": len(sample), "fit_seconds": round(time.time() - t0, 2)}
     return info, _engine_state(logra, pre)

@@ -40,6 +40,8 @@ def _add_build_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-high-head-whole", dest="high_head_whole", action="store_false",
                    help="high-fidelity stage: project the LM head's vocabulary side like any other instead of keeping it "
                         "whole with a diagonal factor (for very large vocabularies)")
+    p.add_argument("--high-head-only", action=argparse.BooleanOptionalAction, default=d.high_head_only,
+                   help="high-fidelity stage: the LM head alone (each candidate then costs a forward pass, no backward)")
     p.add_argument("--high-preconditioner", choices=("none", "kfac", "ekfac"), default=d.high_preconditioner)
     p.add_argument("--high-damping", type=float, default=d.high_damping)
     p.add_argument("--high-sample", type=positive_int, default=d.high_sample,

@@ -126,3 +126,15 @@ def test_whole_vocabulary_side_with_a_diagonal_factor_against_brute_force(llama_
     lam = (rot**2).mean(dim=0)
     v = (rot / (lam + 0.1 * lam.mean()).sqrt()) @ qa.T
     torch.testing.assert_close(engine, v.reshape(len(enc), -1), rtol=2e-3, atol=2e-3 * v.abs().max().item())
+
+
+def test_head_only_starts_the_backward_at_the_head_and_gives_its_exact_gradient(model_dir):
+    model, tok = load_model(model_dir)
+    logra = LoGra(model, LoGraConfig(max_side=10**6, head_whole=True, head_only=True))
+    assert logra.head_only and [l.module for l in logra.layers] == [model.get_output_embeddings()]
+    enc = [encode(tok, "garden copper", " engine paper violet harbor needle", 64), encode(tok, "", "river stone cloud", 64)]
+    out = logra.gradients(collate(enc, tok.pad_token_id))
+    for i, e in enumerate(enc):
+        ref = autograd_gradient(model, logra.layers[0], e, tok.pad_token_id)
+        torch.testing.assert_close(out.grads[logra.head_name][i], ref, rtol=1e-4, atol=1e-6 * ref.abs().max().item())
+    torch.testing.assert_close(out.losses, LoGra(model, LoGraConfig(rank=2)).gradients(collate(enc, tok.pad_token_id)).losses)

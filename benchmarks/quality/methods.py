@@ -45,7 +45,8 @@ LEGACY = ((8, "raw"),)  # the previous default: rank 8 on the blocks' layers, no
 HIGH_GRID = ((256, "ekfac", 0.1, True, True), (None, "ekfac", 0.1, True, False), (None, "ekfac", 0.1, False, False),
              (256, "ekfac", 0.1, True, False), (256, "ekfac", 0.01, True, False), (256, "kfac", 0.1, True, False),
              (64, "ekfac", 0.1, True, False), (128, "ekfac", 0.1, True, True), (256, "ekfac", 0.01, True, True),
-             (64, "ekfac", 0.1, True, True), (256, "kfac", 0.1, True, True))
+             (64, "ekfac", 0.1, True, True), (256, "kfac", 0.1, True, True), (256, "ekfac", 0.1, "only", True),
+             (256, "ekfac", 0.01, "only", True))
 QUICK_HIGH = HIGH_GRID[:1]
 DEPTHS = (10, 25, 50, 100, 200, 400)  # high-stage rescoring depths whose top-10 agreement is measured
 
@@ -70,7 +71,8 @@ def fast_name(budget: int, head_share: float | None, pre: str, damping: float) -
 
 
 def high_name(side: int | None, pre: str, damping: float, head: bool, head_whole: bool = False) -> str:
-    return f"high s{side or 'full'}{' headwhole' if head_whole else ''} {pre}{_tag(damping)}{'' if head else ' nohead'}"
+    which = {True: "", False: " nohead", "only": " headonly"}[head]
+    return f"high s{side or 'full'}{' headwhole' if head_whole else ''} {pre}{_tag(damping)}{which}"
 
 
 def _fit(logra, tokenizer, kind: str, damping: float, encoded: list, batch: int = 32):
@@ -317,7 +319,8 @@ def all_scores(gt: Path, work: Path, quick: bool = False, only: list[str] | None
     for side, pre, damping, head, whole in (QUICK_HIGH if quick else HIGH_GRID):
         name = high_name(side, pre, damping, head, whole)
         if wants(name):
-            cfg = LoGraConfig(max_side=side or 10**9, head=head, head_whole=whole, max_tokens=max_tokens)
+            cfg = LoGraConfig(max_side=side or 10**9, head=bool(head), head_only=head == "only", head_whole=whole,
+                              max_tokens=max_tokens)
             t = time.time()
             results.update(_cached(work, name, lambda: engine_scores(
                 model, tokenizer, cfg, [(pre, damping)], lambda k, d: high_name(side, k, d, head, whole), train_texts, queries,
