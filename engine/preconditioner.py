@@ -192,12 +192,32 @@ class Preconditioner:
                 v = g.reshape(n, -1) @ self.state[name]["inv_sqrt"].to(dtype)
             else:
                 st = self.state[name]
-                qs = None if st["qs"] is None else st["qs"].to(dtype)
-                qa = st["qa"].to(dtype)
+                qs, qa = (None if st[k] is None else st[k].to(dtype) for k in ("qs", "qa"))
                 rot = _rotate(g, qs, qa) * st["scale"].to(dtype)
                 v = (rot if eigenbasis else _rotate(rot, qs, qa, back=True)).reshape(n, -1)
             parts.append(v.float())
         return torch.cat(parts, dim=1)
+
+    def fold(self, projections: dict) -> tuple[dict, "Preconditioner"]:
+        """kfac / ekfac: the K-FAC eigenbases moved into the projections, P_in <- Q_A^T P_in and
+        P_out <- Q_S^T P_out, so that projected gradients come out in the eigenbasis and whitening is
+        a scaling. Returns the new projections (layer -> (P_in, P_out), None for an identity) and the
+        preconditioner that goes with them; the pair gives the vectors `apply(eigenbasis=True)` gives
+        with the old pair. The rotation then costs a small matmul per token instead of one per
+        document on the whole r_out x r_in gradient (the high-fidelity stage's query-time path)."""
+        if self.kind not in ("kfac", "ekfac") or not self.finalized:
+            raise ValueError(f"only a fitted kfac or ekfac preconditioner folds, not {self.kind!r}")
+        new_proj, new_state = {}, {}
+        for name in self.shapes:
+            st = self.state[name]
+            p_in, p_out = projections[name]
+            turn = lambda q, p: None if q is None else (q.T.float() if p is None else q.T.float() @ p.float())
+            new_proj[name] = (turn(st["qa"], p_in) if st["qa"] is not None else p_in,
+                              turn(st["qs"], p_out) if st["qs"] is not None else p_out)
+            new_state[name] = {"qs": None, "qa": None, "scale": st["scale"], "damping": st["damping"]}
+        folded = Preconditioner(self.kind, self.shapes, self.damping_ratio, self.diagonal_out)
+        folded.n_docs, folded.state, folded.finalized = self.n_docs, new_state, True
+        return new_proj, folded
 
     def state_dict(self) -> dict:
         return {"kind": self.kind, "damping_ratio": self.damping_ratio, "n_docs": self.n_docs,
@@ -214,9 +234,10 @@ class Preconditioner:
         return pre
 
 
-def _rotate(g: torch.Tensor, qs: torch.Tensor | None, qa: torch.Tensor, back: bool = False) -> torch.Tensor:
-    """Q_S^T g Q_A (or, `back`, Q_S g Q_A^T); qs None is the identity."""
-    qa = qa.T if back else qa
-    if qs is None:
-        return g @ qa
-    return (qs if back else qs.T) @ g @ qa
+def _rotate(g: torch.Tensor, qs: torch.Tensor | None, qa: torch.Tensor | None, back: bool = False) -> torch.Tensor:
+    """Q_S^T g Q_A (or, `back`, Q_S g Q_A^T); None is the identity."""
+    if qa is not None:
+        g = g @ (qa.T if back else qa)
+    if qs is not None:
+        g = (qs if back else qs.T) @ g
+    return g

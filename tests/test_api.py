@@ -541,7 +541,7 @@ def _hammer(client, docs, stop: threading.Event, seen: list) -> None:
     i = 0
     while not stop.is_set():
         doc = docs[i % len(docs)]
-        r = client.post("/attribute", json={"response": doc["text"], "k": 3, "mode": "cosine"})
+        r = client.post("/attribute", json={"response": doc["text"], "k": 3, "mode": "cosine", "precision": "fast"})
         seen.append((r.status_code, r.json().get("n_documents") if r.status_code == 200 else r.text))
         d = client.get("/documents", params={"id": doc["id"]})
         seen.append((d.status_code, None if d.status_code == 200 else d.text))

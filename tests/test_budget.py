@@ -138,3 +138,29 @@ def test_head_only_starts_the_backward_at_the_head_and_gives_its_exact_gradient(
         ref = autograd_gradient(model, logra.layers[0], e, tok.pad_token_id)
         torch.testing.assert_close(out.grads[logra.head_name][i], ref, rtol=1e-4, atol=1e-6 * ref.abs().max().item())
     torch.testing.assert_close(out.losses, LoGra(model, LoGraConfig(rank=2)).gradients(collate(enc, tok.pad_token_id)).losses)
+
+
+@pytest.mark.parametrize("kind", ["kfac", "ekfac"])
+def test_folding_the_eigenbases_into_the_projections_keeps_every_vector(gpt2_dir, kind):
+    import copy
+    model, tok = load_model(gpt2_dir)
+    logra = LoGra(model, LoGraConfig(max_side=16, head_whole=True, max_tokens=64))
+    texts = [d["text"] for d in synthetic_corpus(24, seed=8)]
+    enc = [encode(tok, "", t, 64) for t in texts]
+    pre = Preconditioner(kind, logra.shapes, diagonal_out=logra.diagonal_out)
+    outs = [logra.gradients(collate(enc[i:i + 8], tok.pad_token_id), token_stats=True) for i in range(0, 24, 8)]
+    for o in outs:
+        pre.update(o.grads, o.token_stats)
+    if pre.needs_second_pass:
+        for o in outs:
+            pre.update_second(o.grads)
+    pre.finalize()
+    folded = copy.copy(logra)
+    folded.projections, fpre = pre.fold(logra.projections)
+    pairs = [("", t) for t in texts[:6]] + [("river stone", " cloud lamp orbit")]
+    want = pair_vectors(logra, pre, tok, pairs, eigenbasis=True)
+    for eigenbasis in (True, False):  # a folded preconditioner has no basis left to rotate
+        got = pair_vectors(folded, fpre, tok, pairs, eigenbasis=eigenbasis)
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4 * want.abs().max().item())
+    head = logra.head_name
+    assert folded.projections[head][1] is None  # the vocabulary side stays whole and unrotated (diagonal)
