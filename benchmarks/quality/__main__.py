@@ -128,10 +128,11 @@ def _fmt(x, digits=3):
 
 # The rows README shows (quality.md has every method).
 README_ROWS = (DEFAULT, DEFAULT_FAST, "default high influence", "default fast influence", "logra r8 raw cosine",
-               "fast b512 h0.5 raw cosine", "fast b1024 h0.5 raw cosine", "fast b4096 h0.5 raw cosine",
-               "fast b2048 nohead raw cosine", "fast b2048 h1 raw cosine", "fast b2048 h0.5 ekfac cosine",
-               "high sfull ekfac cosine", "high sfull ekfac influence", "high s64 ekfac cosine",
-               "full-ekfac", "full-ekfac-cosine", "full-dot", "full-cosine", "bm25", "random")
+               "fast b2048 h0.5 raw cosine", "fast b512 h0.5 raw cosine", "fast b1024 h0.5 raw cosine",
+               "fast b4096 h0.5 raw cosine", "fast b4096 h0.5 ekfac d0.01 cosine", "fast b2048 nohead raw cosine",
+               "fast b2048 h0.25 raw cosine", "fast b2048 h1 raw cosine", "fast b2048 h0.5 none cosine",
+               "high sfull ekfac cosine", "high s256 ekfac cosine", "high s256 headwhole ekfac headonly cosine",
+               "full-ekfac", "full-ekfac-cosine", "full-ekfac d0.01-cosine", "full-dot", "full-cosine", "bm25", "random")
 
 
 def table(summary: dict, names=None) -> str:
@@ -178,6 +179,7 @@ def table(summary: dict, names=None) -> str:
 def cmd_run(args) -> None:
     from .specs import SPECS, ground_truth
     names = args.bench or list(SPECS)
+    methods.CACHED_ONLY = args.cached
     previous = json.loads((RESULTS / "quality.json").read_text()) if (RESULTS / "quality.json").exists() else {}
     benchmarks = previous.get("benchmarks", {}) if args.bench else {}
     for name in names:
@@ -209,6 +211,7 @@ def main(argv=None) -> None:
     r.add_argument("--default", default=DEFAULT)
     r.add_argument("--quick", action="store_true", help="the shipped defaults and the baselines only (no grids)")
     r.add_argument("--bench", action="append", default=None, help="a benchmark (specs.SPECS) to run; repeatable; default all")
+    r.add_argument("--cached", action="store_true", help="only the methods whose scores the scratch folder already holds")
     for s in (g, r):
         s.add_argument("--ground-truth", default=str(generate.GT))
         s.add_argument("--work", default="/tmp/logra-quality", help="scratch folder for the indexes")

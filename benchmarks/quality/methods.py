@@ -265,6 +265,9 @@ def load_finetuned(gt: Path):
     return load_model(str(gt / "finetuned"))
 
 
+CACHED_ONLY = False  # `run --cached`: tables from the scores already computed, nothing new
+
+
 def _cached(work: Path, key: str, compute) -> dict:
     """Scores are cached in the scratch folder (per fine-tuned model), so a rerun after an
     interruption redoes only what is missing."""
@@ -272,6 +275,8 @@ def _cached(work: Path, key: str, compute) -> dict:
     if path.exists():
         with path.open("rb") as f:
             return pickle.load(f)
+    if CACHED_ONLY:
+        return {}
     out = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("wb") as f:
