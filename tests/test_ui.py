@@ -154,7 +154,9 @@ def test_index_header_and_idle_state_under_the_pages_own_csp(csp_page, server, g
     page.goto(server + "/")
     page.wait_for_selector("#index-info b[data-field=documents]")
     info = page.inner_text("#index-info")
-    assert gpt2_dir in info and f"documents {len(corpus)}" in info and "preconditioner raw" in info
+    assert gpt2_dir in info and f"documents {len(corpus)}" in info and "preconditioner ekfac (damping 0.01)" in info
+    high = httpx.get(server + "/index", timeout=10).json()["high"]
+    assert f"high-fidelity ekfac, dim {high['dim']}" in info
     assert page.get_attribute("body", "data-state") == "idle"
     assert "press Attribute" in page.inner_text("#status")
     assert not page.is_disabled("#direction") and page.input_value("#direction") == "proponents"

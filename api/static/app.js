@@ -139,6 +139,7 @@ async function loadIndexInfo() {
       ["preconditioner", pre.kind + (pre.damping_ratio !== undefined && pre.kind !== "none" ? ` (damping ${pre.damping_ratio})` : "")],
       ["rank", m.rank],
       ["dim", m.dim],
+      ["high-fidelity", m.high ? `${m.high.preconditioner.kind}, dim ${m.high.dim}` : undefined],
       ["layers", Array.isArray(m.layers) ? m.layers.length : undefined],
     ];
     parts.forEach(([label, value], i) => {
