@@ -79,20 +79,19 @@ class LoGra:
         self.model = model
         self.config = config
         self.max_tokens = effective_max_tokens(model, config.max_tokens)  # never past the model's context
-        if layers is None:
-            found = find_tracked_layers(model, config.include, config.exclude, include_embeddings=config.head)
-            if shapes is not None:
-                by_name = {l.name: l for l in find_tracked_layers(model, include_embeddings=True)}
-                missing = [n for n in shapes if n not in by_name]
-                if missing:
-                    raise ValueError(f"{type(model).__name__} has no trackable layer {missing[0]!r}")
-                found = [by_name[n] for n in shapes]
-            layers = found
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        if config.head_only and shapes is None:
+        if layers is None and shapes is not None:  # as recorded, in that order
+            by_name = {l.name: l for l in find_tracked_layers(model, include_embeddings=True)}
+            missing = [n for n in shapes if n not in by_name]
+            if missing:
+                raise ValueError(f"{type(model).__name__} has no trackable layer {missing[0]!r}")
+            layers = [by_name[n] for n in shapes]
+        elif layers is None and config.head_only:
             layers = [l for l in find_tracked_layers(model, include_embeddings=True) if l.module is head]
             if not layers:
                 raise ValueError(f"{type(model).__name__} has no linear LM head to track")
+        elif layers is None:
+            layers = find_tracked_layers(model, config.include, config.exclude, include_embeddings=config.head)
         self.layers = layers
         self.head_name = next((l.name for l in layers if head is not None and l.module is head), None)
         self.shapes: dict[str, tuple[int, int]] = dict(shapes) if shapes is not None else config.shapes(layers, self.head_name)

@@ -33,6 +33,22 @@ def query_vectors(logra: LoGra, preconditioner: Preconditioner, tokenizer: PreTr
     return preconditioner.apply(out.grads), encoded
 
 
+def fit_preconditioner(logra: LoGra, preconditioner: Preconditioner, tokenizer: PreTrainedTokenizerBase,
+                       batches: Sequence[Sequence[Encoded]], progress=lambda what, batches: batches) -> Preconditioner:
+    """Fit `preconditioner` on documents held in memory, batch by batch: its statistics in one pass
+    (token statistics for kfac / ekfac), EK-FAC's eigenvalues in a second pass that recomputes the
+    gradients; returns it finalized. `progress(what, batches)` may wrap each pass (a progress bar).
+    The indexer's streaming gradient pass fits the compact vectors' preconditioner its own way."""
+    if preconditioner.kind != "none":
+        for batch in progress("statistics", batches):
+            out = projected_gradients(logra, tokenizer, batch, token_stats=preconditioner.needs_token_stats)
+            preconditioner.update(out.grads, out.token_stats)
+    if preconditioner.needs_second_pass:
+        for batch in progress("eigenvalues", batches):
+            preconditioner.update_second(projected_gradients(logra, tokenizer, batch).grads)
+    return preconditioner.finalize()
+
+
 def pair_vector_batches(logra: LoGra, preconditioner: Preconditioner, tokenizer: PreTrainedTokenizerBase,
                         pairs: Sequence[tuple[str, str]], batch_size: int = 16,
                         eigenbasis: bool = True) -> Iterator[tuple[list[int], torch.Tensor]]:

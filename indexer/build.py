@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from engine import LoGra, LoGraConfig, Preconditioner, encode_pairs, load_model, model_fingerprint, projected_gradients
+from engine import (LoGra, LoGraConfig, Preconditioner, encode_pairs, fit_preconditioner, load_model, model_fingerprint,
+                    projected_gradients)
 from engine.encoding import Encoded
 
 from .distributed import Processes, is_input_error, world_size
@@ -332,7 +333,8 @@ def _engine_state(logra: LoGra, pre: Preconditioner) -> dict:
 def _fit_high(cfg: BuildConfig, model, tokenizer, fast: LoGra) -> tuple[dict, dict]:
     """The high-fidelity stage's preconditioner, fitted on the first `high_sample` documents (read
     again; bounded, so it is simply redone if the build is killed here): K-FAC factors in one pass,
-    EK-FAC's eigenvalues in a second. Same layers as the compact vectors, larger sides."""
+    EK-FAC's eigenvalues in a second (engine.fit_preconditioner). Same layers as the compact vectors,
+    larger sides."""
     t0 = time.time()
     config = replace(fast.config, rank=None, max_side=cfg.high_max_side, head_whole=cfg.high_head_whole,
                      head_only=cfg.high_head_only)
@@ -343,16 +345,10 @@ def _fit_high(cfg: BuildConfig, model, tokenizer, fast: LoGra) -> tuple[dict, di
                            response_field=cfg.response_field, id_field=cfg.id_field, skip_bad=True, stats=ReadStats())
     sample = list(islice(records, cfg.high_sample))
     encoded = encode_pairs(tokenizer, [document_pair(r.prompt, r.text) for r in sample], logra.max_tokens)
-    batches = list(_batches(encoded, cfg.batch_size, cfg.batch_tokens))
-    passes = (["factors", "eigenvalues"] if pre.needs_second_pass else ["factors"]) if pre.kind != "none" else []
-    for what in passes:
-        for idx in tqdm(batches, unit="batch", desc=f"high-fidelity {what}", disable=not cfg.progress, dynamic_ncols=True):
-            out = projected_gradients(logra, tokenizer, [encoded[i] for i in idx], token_stats=what == "factors")
-            if what == "factors":
-                pre.update(out.grads, out.token_stats)
-            else:
-                pre.update_second(out.grads)
-    pre.finalize()
+    batches = [[encoded[i] for i in idx] for idx in _batches(encoded, cfg.batch_size, cfg.batch_tokens)]
+    progress = lambda what, it: tqdm(it, unit="batch", desc=f"high-fidelity {what}", disable=not cfg.progress,
+                                     dynamic_ncols=True)
+    pre = fit_preconditioner(logra, pre, tokenizer, batches, progress)
     folded = pre.kind in ("kfac", "ekfac")
     if folded:  # the eigenbases into the projections: query-time whitening becomes a scaling
         logra.projections, pre = pre.fold(logra.projections)

@@ -76,18 +76,10 @@ def high_name(side: int | None, pre: str, damping: float, head: bool, head_whole
 
 
 def _fit(logra, tokenizer, kind: str, damping: float, encoded: list, batch: int = 32):
-    """A preconditioner fitted on the documents as the indexer fits it (statistics, then EK-FAC's
-    eigenvalues in a second pass)."""
-    from engine import Preconditioner, projected_gradients
+    """A preconditioner fitted on the documents as the indexer's high stage fits it."""
+    from engine import Preconditioner, fit_preconditioner
     pre = Preconditioner(kind, logra.shapes, damping_ratio=damping, diagonal_out=logra.diagonal_out)
-    chunks = [encoded[i : i + batch] for i in range(0, len(encoded), batch)]
-    for c in chunks:
-        out = projected_gradients(logra, tokenizer, c, token_stats=pre.needs_token_stats)
-        pre.update(out.grads, out.token_stats)
-    if pre.needs_second_pass:
-        for c in chunks:
-            pre.update_second(projected_gradients(logra, tokenizer, c).grads)
-    return pre.finalize()
+    return fit_preconditioner(logra, pre, tokenizer, [encoded[i : i + batch] for i in range(0, len(encoded), batch)])
 
 
 def engine_scores(model, tokenizer, config, pres: list[tuple[str, float]], name, train_texts: list[str],
