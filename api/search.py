@@ -21,17 +21,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, TypeVar
 
-import faiss
 import numpy as np
 
-from engine import (MAX_TOKENS_SCORED, LoGra, Preconditioner, load_model, pair_scores, pair_vectors, query_vectors,
-                    token_texts, token_vectors)
-from indexer.store import MANIFEST, Index, IndexFormatError, ModelMismatchError, unit_rows
+from engine import (MAX_TOKENS_SCORED, LoGra, Preconditioner, load_model, pair_vectors, query_vectors, token_texts,
+                    token_vectors)
+from indexer.ranking import HIGH_DEPTH, Hit, rank
+from indexer.store import MANIFEST, Index, IndexFormatError, ModelMismatchError
 
 from .batching import MicroBatcher
 
-__all__ = ["Attributor", "Hit", "IndexUnavailable", "ModelMismatchError", "QueryError", "TokenScores",
-           "UnknownDocument", "rerank_search"]
+__all__ = ["HIGH_DEPTH", "Attributor", "Hit", "IndexUnavailable", "ModelMismatchError", "QueryError", "TokenScores",
+           "UnknownDocument"]
 
 log = logging.getLogger("logra_search.api")
 T = TypeVar("T")
@@ -49,18 +49,7 @@ class IndexUnavailable(RuntimeError):
     """The index folder was replaced by one this server cannot serve (answered with 503)."""
 
 
-# The high-fidelity stage rescores this many of the compact vectors' best candidates (or k, if more):
-# on both quality benchmarks the k = 10 answers then share 0.89 and 0.83 of their documents with the
-# top 10 over every document (0.86 / 0.78 at 100; README "Two stages").
-HIGH_DEPTH = 150
 PRECISIONS = ("fast", "high")
-
-
-@dataclass
-class Hit:
-    row: int
-    score: float
-    stage: str = "fast"  # which stage's score this is (and ranked it): "fast" or "high"
 
 
 @dataclass
@@ -104,33 +93,6 @@ def _stamp(root: Path) -> tuple[int, int] | None:
         return os.stat(root).st_ino, os.stat(root / MANIFEST).st_mtime_ns
     except FileNotFoundError:
         return None
-
-
-def exact_scores(vectors: np.ndarray, norms: np.ndarray, rows: np.ndarray, q: np.ndarray, mode: str) -> np.ndarray:
-    """Exact float64 scores of `rows` for query q; cosine divides by both norms (0 for a zero vector)."""
-    q64 = np.asarray(q, dtype=np.float64).ravel()
-    scores = vectors[rows].astype(np.float64) @ q64
-    if mode == "cosine":
-        denom = norms[rows].astype(np.float64) * float(np.linalg.norm(q64))
-        scores = np.divide(scores, denom, out=np.zeros_like(scores), where=denom > 0)
-    return scores
-
-
-def rerank_search(index: faiss.Index, vectors: np.ndarray, norms: np.ndarray, q: np.ndarray, k: int, mode: str,
-                  rerank_factor: int = 1, direction: str = "proponents") -> list[Hit]:
-    """Top-k rows of `vectors` for query q: `index` (over vectors, or their unit rows for cosine)
-    proposes rerank_factor x max(4k, k + 64) candidates, exact float64 scores rank them. Opponents
-    (the lowest scores) are the top rows for -q: the same index, probed the other way."""
-    n = len(vectors)
-    k = min(k, n)
-    sign = {"proponents": 1.0, "opponents": -1.0}[direction]
-    q = q.astype(np.float32)[None, :]
-    probe = sign * (unit_rows(q) if mode == "cosine" else q)
-    _, cand = index.search(probe, min(n, max(4 * k, k + 64) * rerank_factor))
-    cand = np.unique(cand[0][cand[0] >= 0])
-    exact = exact_scores(vectors, norms, cand, q[0], mode)
-    order = np.lexsort((cand, -sign * exact))[:k]  # best first; ties broken by row for reproducibility
-    return [Hit(int(cand[i]), float(exact[i])) for i in order]
 
 
 class Attributor:
@@ -239,28 +201,14 @@ class Attributor:
                 "n_documents": len(s.index), "precision": "high" if high else "fast"}
         if enc.n_loss_tokens == 0:
             raise QueryError("the response has no token to score: with an empty prompt it needs at least two tokens")
-        depth = max(k, self.high_depth) if high else k
-        if where:
-            hits = exact_search(s.index, s.rows_where(where), vector.numpy(), depth, mode, direction)
-        else:
-            hits = search(s.index, vector.numpy(), depth, mode, direction)
+        rows = s.rows_where(where) if where else None
+        high_q = None
         if high:
-            hits = self._rescore(s, prompt, response, hits, mode, direction)[:k]
+            logra, pre = s.high
+            with self._lock:
+                high_q = pair_vectors(logra, pre, self.tokenizer, [(prompt, response)])[0].numpy()
+        hits = rank(s.index, vector.numpy(), k, mode, direction, rows=rows, high_q=high_q, depth=self.high_depth)
         return hits, s.index.documents([h.row for h in hits]), info
-
-    def _rescore(self, s: Served, prompt: str, response: str, hits: list[Hit], mode: str, direction: str) -> list[Hit]:
-        """The candidates' scores from the high-fidelity stage: their gradients recomputed with its
-        larger projections and preconditioner, against the query's, best first (ties by row)."""
-        if not hits:
-            return hits
-        logra, pre = s.high
-        rows = np.array([h.row for h in hits])
-        with self._lock:
-            scores = pair_scores(logra, pre, self.tokenizer, (prompt, response), s.index.pairs(rows.tolist()),
-                                 mode == "cosine")
-        sign = {"proponents": 1.0, "opponents": -1.0}[direction]
-        order = np.lexsort((rows, -sign * scores))
-        return [Hit(int(rows[i]), float(scores[i]), "high") for i in order]
 
     def token_scores(self, prompt: str, response: str, doc_id: str, mode: str,
                      max_tokens_scored: int = MAX_TOKENS_SCORED, precision: str = "high") -> TokenScores:
@@ -272,21 +220,22 @@ class Attributor:
     def _token_scores(self, s: Served, prompt: str, response: str, doc_id: str, mode: str,
                       max_tokens_scored: int, precision: str = "high") -> TokenScores:
         """With precision "high" (and an index that has the stage), the same split of the document's
-        high-fidelity score: the document's vector recomputed, the query's per token at the same sizes."""
+        high-fidelity score: its stored vector against the query's per token at the same sizes."""
         row = s.index.row_of_id.get(doc_id)
         if row is None:
             raise UnknownDocument(doc_id)
         high = precision == "high" and s.high is not None
         logra, pre = s.high if high else (s.logra, s.preconditioner)
-        with self._lock:
-            tv = token_vectors(logra, pre, self.tokenizer, prompt, response, max_tokens_scored)
-            # token_vectors works in the original basis: the document too
-            d_high = pair_vectors(logra, pre, self.tokenizer, s.index.pairs([row]), eigenbasis=False)[0] if high else None
+        with self._lock:  # the stored high-fidelity vectors are in the preconditioner's eigenbasis
+            tv = token_vectors(logra, pre, self.tokenizer, prompt, response, max_tokens_scored, eigenbasis=high)
         enc = tv.encoded
         if not tv.positions:
             raise QueryError("the response has no token to score: with an empty prompt it needs at least two tokens")
-        d = d_high.double().numpy() if high else np.asarray(s.index.vectors[row], dtype=np.float64)
-        d_norm = float(np.linalg.norm(d)) if high else float(s.index.norms[row])
+        if high:
+            d_norm = float(s.index.high_norms[row])
+            d = np.asarray(s.index.high_vectors[row], dtype=np.float64) * d_norm
+        else:
+            d, d_norm = np.asarray(s.index.vectors[row], dtype=np.float64), float(s.index.norms[row])
         contrib = tv.tokens.double().numpy() @ d
         score = float(tv.query.double().numpy() @ d)
         if mode == "cosine":
@@ -299,9 +248,6 @@ class Attributor:
         scores = [by_pos.get(enc.loss_start + i) for i in range(len(resp_ids))]
         return TokenScores(texts, scores, float(contrib.sum()), score, tv.truncated or enc.truncated, len(tv.positions))
 
-    def search(self, q: np.ndarray, k: int, mode: str) -> list[Hit]:
-        return search(self.current().index, q, k, mode)
-
     def document(self, doc_id: str) -> dict | None:
         def get(s: Served) -> dict | None:
             row = s.index.row_of_id.get(doc_id)
@@ -309,24 +255,3 @@ class Attributor:
         return self._answer(get)
 
 
-def search(index: Index, q: np.ndarray, k: int, mode: str, direction: str = "proponents") -> list[Hit]:
-    """Top-k rows of an opened index for a query vector, with the candidate count its manifest asks."""
-    factor = (index.manifest.get("faiss") or {}).get("rerank_factor", 1)  # absent in older indexes
-    return rerank_search(index.faiss[mode], index.vectors, index.norms, q, k, mode, factor, direction)
-
-
-def exact_search(index: Index, rows: np.ndarray, q: np.ndarray, k: int, mode: str, direction: str = "proponents",
-                 block: int = 65536) -> list[Hit]:
-    """Top-k of `rows` (ascending) by exact float64 score, read from the stored vectors in blocks: the
-    search behind metadata filters, whose cost grows with the number of matching rows."""
-    sign = {"proponents": 1.0, "opponents": -1.0}[direction]
-    kept_rows, kept = np.empty(0, np.int64), np.empty(0)
-    for s in range(0, len(rows), block):
-        r = rows[s : s + block]
-        scores = exact_scores(index.vectors, index.norms, r, q, mode)
-        kept_rows, kept = np.concatenate([kept_rows, r]), np.concatenate([kept, scores])
-        if len(kept) > k:  # the best k so far (an exact tie at the k-th score keeps either row)
-            top = np.argpartition(-sign * kept, k - 1)[:k]
-            kept_rows, kept = kept_rows[top], kept[top]
-    order = np.lexsort((kept_rows, -sign * kept))[:k]
-    return [Hit(int(kept_rows[i]), float(kept[i])) for i in order]

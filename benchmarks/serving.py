@@ -16,7 +16,7 @@ covariance, colour with the demo's): real queries see them as they see real docu
 Queries are real: (prompt, response) pairs cut from demo docstrings (the first words the prompt,
 the next ones the response), their vectors computed by `engine.query_vectors` as the server does.
 - Latency: sequential POST /attribute (k=10, cosine, precision fast and high alternated) from one client to a real `python -m api`
-  process on loopback, client-side wall time; the search alone (`api.search.search`) in-process;
+  process on loopback, client-side wall time; the search alone (`indexer.ranking.search`) in-process;
   and, in the same run, exact brute force over the same vectors held in RAM (float32 matmul +
   argpartition), what the search would cost without the ANN index.
 - Recall@10: the search's top 10 against exact float64 top 10 (large_index.exact_top_k), both modes.
@@ -54,7 +54,7 @@ from tests.conftest import running_api  # noqa: E402
 
 K = 10
 SHARD = 100_000  # synthetic documents per IndexWriter shard
-SYNTHETIC = 2  # bump when the synthetic rows change: cached enlarged indexes of another version are rebuilt
+SYNTHETIC = 3  # bump when the synthetic rows change: cached enlarged indexes of another version are rebuilt
 
 
 # -- queries ------------------------------------------------------------------------------------
@@ -114,8 +114,8 @@ def enlarged_index(base_dir: Path, out: Path, n: int, work: Path) -> dict:
     writer = store.IndexWriter(out, overwrite=True, key=f"serving-benchmark/{n}", base=base)
     if writer.n_rows > extra:
         raise RuntimeError(f"{writer.tmp} holds more rows than asked: remove it")
-    # Synthetic rows carry real demo texts (cycled), so that the high-fidelity stage, which recomputes
-    # its candidates' gradients from their text, costs what it costs on real documents.
+    # Synthetic rows carry real demo texts and high-fidelity vectors (cycled): the high stage reads
+    # the stored vectors of its candidates, which must exist and be as large as real ones.
     texts = [d["text"] for d in base.documents(list(range(len(base))))]
     for s in range(writer.n_rows, extra, SHARD):  # a killed build resumes after its last checkpointed shard
         rows = [{"id": f"synthetic-{i}", "text": texts[i % len(texts)], "prompt": None, "metadata": "{}",
@@ -124,6 +124,12 @@ def enlarged_index(base_dir: Path, out: Path, n: int, work: Path) -> dict:
         # raw (unpreconditioned) gradients only feed a preconditioner fit, which this build skips
         writer.add_shard(rows, np.zeros((len(rows), 0), np.float32))
     writer.write_vectors(((x - m_gen) @ w + mu for _, x in vf.blocks(65536)), dim)
+    if base.high_vectors is not None:
+        high = writer.high_vectors(base.high_vectors.shape[1])  # the base's rows first
+        real = np.asarray(base.high_vectors, dtype=np.float32) * base.high_norms[:, None]
+        for s in range(high.rows - len(base), extra, len(base)):
+            high.add(real[: min(len(base), extra - s)])
+        high.close()
     faiss_info = writer.write_faiss("auto")
     m = base.manifest
     writer.commit({**m, "faiss": faiss_info, "serving_benchmark": tag}, base.state)
@@ -142,7 +148,7 @@ def pct(ms: list[float]) -> dict:
 
 def search_measures(index_dir: Path, queries: np.ndarray) -> dict:
     """In-process: the server's search (ANN + exact rerank) vs brute force over the same vectors."""
-    from api.search import search
+    from indexer.ranking import search
     index = store.Index.open(index_dir)
     vf = store.VectorFile(index_dir / store.VECTORS)
     truth = exact_top_k(vf, index.norms, queries, K, np.float64)

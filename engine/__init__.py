@@ -6,7 +6,7 @@ from .logra import LoGra, LoGraConfig, ProjectedGradients, per_example_loss, pro
 from .model import load_model, model_fingerprint, prepare_model, resolve_device
 from .preconditioner import KINDS as PRECONDITIONERS, Preconditioner
 from .budget import allocate
-from .vectors import (MAX_TOKENS_SCORED, TokenVectors, encode_pairs, fit_preconditioner, pair_scores, pair_vector_batches, pair_vectors,
+from .vectors import (MAX_TOKENS_SCORED, TokenVectors, encode_pairs, fit_preconditioner, pair_vector_batches, pair_vectors,
                       projected_gradients, query_vectors, token_vectors)
 
 __all__ = [
@@ -14,5 +14,5 @@ __all__ = [
     "ProjectedGradients", "per_example_loss", "projection_matrix", "load_model", "model_fingerprint",
     "prepare_model", "resolve_device", "PRECONDITIONERS", "Preconditioner", "encode_pairs",
     "projected_gradients", "query_vectors", "scored_positions", "token_texts", "MAX_TOKENS_SCORED", "TokenVectors",
-    "token_vectors", "pair_vectors", "pair_vector_batches", "pair_scores", "allocate", "fit_preconditioner",
+    "token_vectors", "pair_vectors", "pair_vector_batches", "allocate", "fit_preconditioner",
 ]

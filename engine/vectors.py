@@ -6,8 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
-import numpy as np
-
 import torch
 from transformers import PreTrainedTokenizerBase
 
@@ -72,24 +70,6 @@ def pair_vectors(logra: LoGra, preconditioner: Preconditioner, tokenizer: PreTra
     return out
 
 
-def pair_scores(logra: LoGra, preconditioner: Preconditioner, tokenizer: PreTrainedTokenizerBase,
-                query: tuple[str, str], pairs: Sequence[tuple[str, str]], cosine: bool,
-                batch_size: int = 16) -> np.ndarray:
-    """Scores of `pairs` (documents) for `query`: v_q . v_d, divided by both norms when `cosine` (0
-    for a zero vector). The documents' vectors are scored batch by batch and never all held: how the
-    high-fidelity stage rescores a query's candidates."""
-    q = pair_vectors(logra, preconditioner, tokenizer, [query])[0]
-    q_norm = float(torch.linalg.vector_norm(q))
-    scores = np.zeros(len(pairs))
-    for idx, v in pair_vector_batches(logra, preconditioner, tokenizer, pairs, batch_size):
-        s = (v @ q).double().numpy()  # float32 products: copying the vectors to float64 cost more than the rest
-        if cosine:
-            denom = torch.linalg.vector_norm(v, dim=1).double().numpy() * q_norm
-            s = np.divide(s, denom, out=np.zeros_like(s), where=denom > 0)
-        scores[idx] = s
-    return scores
-
-
 MAX_TOKENS_SCORED = 256
 
 
@@ -106,8 +86,9 @@ class TokenVectors:
 
 
 def token_vectors(logra: LoGra, preconditioner: Preconditioner, tokenizer: PreTrainedTokenizerBase, prompt: str,
-                  response: str, max_tokens_scored: int = MAX_TOKENS_SCORED, batch_size: int = 32) -> TokenVectors:
-    """The sequence is replicated once per scored token with a label mask selecting just that token,
+                  response: str, max_tokens_scored: int = MAX_TOKENS_SCORED, batch_size: int = 32,
+                  eigenbasis: bool = False) -> TokenVectors:
+    """`eigenbasis`: the vectors in the preconditioner's eigenbasis (Preconditioner.apply). The sequence is replicated once per scored token with a label mask selecting just that token,
     plus one copy labelled as a normal query; the copies go through `LoGra.gradients` in batches of
     `batch_size` (eager attention: a copy's gradient does not depend on its batch)."""
     if max_tokens_scored < 1 or batch_size < 1:
@@ -121,6 +102,6 @@ def token_vectors(logra: LoGra, preconditioner: Preconditioner, tokenizer: PreTr
     for i in range(0, len(masks), batch_size):
         chunk = masks[i : i + batch_size]
         batch = collate([enc] * len(chunk), tokenizer.pad_token_id, label_positions=chunk)
-        rows.append(preconditioner.apply(logra.gradients(batch).grads))
+        rows.append(preconditioner.apply(logra.gradients(batch).grads, eigenbasis=eigenbasis))
     vectors = torch.cat(rows)
     return TokenVectors(query=vectors[0], tokens=vectors[1:], positions=positions, encoded=enc, truncated=truncated)

@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from engine import (LoGra, LoGraConfig, Preconditioner, encode_pairs, fit_preconditioner, load_model, model_fingerprint,
-                    projected_gradients)
+                    pair_vectors, projected_gradients)
 from engine.encoding import Encoded
 
 from .distributed import Processes, is_input_error, world_size
@@ -39,23 +39,21 @@ class BuildConfig:
     batch_size: int = 8  # documents per pass at most
     batch_tokens: int | None = None  # padded tokens per pass at most (None: batch_size alone decides)
     rank: int | None = None  # explicit r_in = r_out for every layer; None: spread `budget` (engine.budget)
-    budget: int = 2048  # dimensions per document of the compact (ANN) vectors
+    budget: int = 4096  # dimensions per document of the compact (ANN) vectors
     head_share: float = 0.5  # of the budget, to the LM head
     head: bool = True  # track the LM head (output embedding)
     seed: int = 0
     # ekfac in the projected space, damping 0.01: the best compact vectors on both quality benchmarks
     preconditioner: str = "ekfac"
     damping: float = 0.01
-    # The high-fidelity stage (api: precision "high"): preconditioner factors of each layer's gradient
-    # with sides up to high_max_side kept whole (and the LM head's vocabulary side, with a diagonal
-    # factor, unless not high_head_whole), fitted on the first high_sample documents; the candidates'
-    # gradients are recomputed at query time (README "Two stages").
+    # The high-fidelity stage (api: precision "high"): larger compact vectors (high_budget dimensions,
+    # high_head_share of them to the LM head) with their own EK-FAC, fitted on the first high_sample
+    # documents, stored on disk as float16 and read for the candidates (README "Two stages").
     high: bool = True
-    high_max_side: int = 256
-    high_head_whole: bool = True
-    high_head_only: bool = False  # the LM head alone: candidates cost a forward pass, no backward
+    high_budget: int = 65536
+    high_head_share: float = 0.75
     high_preconditioner: str = "ekfac"
-    high_damping: float = 0.1
+    high_damping: float = 0.01
     high_sample: int = 4096
     include: str | None = None
     exclude: str | None = None
@@ -70,7 +68,7 @@ class BuildConfig:
     extra: dict = field(default_factory=dict)  # recorded in the manifest (e.g. the demo's provenance)
 
     def __post_init__(self):
-        for name in ("max_tokens", "batch_size", "rank", "shard_size", "batch_tokens", "budget", "high_max_side",
+        for name in ("max_tokens", "batch_size", "rank", "shard_size", "batch_tokens", "budget", "high_budget",
                      "high_sample"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -78,8 +76,9 @@ class BuildConfig:
             raise ValueError(f"index_type must be one of {INDEX_TYPES}, got {self.index_type!r}")
         if self.damping < 0 or self.high_damping < 0:
             raise ValueError(f"damping must be >= 0, got {min(self.damping, self.high_damping)}")
-        if not 0 <= self.head_share <= 1:
-            raise ValueError(f"head_share must be between 0 and 1, got {self.head_share}")
+        for name in ("head_share", "high_head_share"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be between 0 and 1, got {getattr(self, name)}")
         if self.high_preconditioner not in HIGH_PRECONDITIONERS:
             raise ValueError(f"high_preconditioner must be one of {HIGH_PRECONDITIONERS}, got {self.high_preconditioner!r}")
 
@@ -88,7 +87,7 @@ class BuildConfig:
                            include=self.include, exclude=self.exclude, max_tokens=self.max_tokens)
 
 
-# raw would need a (r_out r_in)^2 covariance per layer: too large at the high stage's sizes
+# raw would need a (r_out r_in)^2 covariance per layer: too large at the high stage's size
 HIGH_PRECONDITIONERS = ("none", "kfac", "ekfac")
 
 
@@ -214,6 +213,9 @@ def append_documents(index_dir: str | Path, data: Sequence[str], *, model: str |
         if writer.n_rows == 0:
             raise ValueError(f"no new documents in {', '.join(map(str, cfg.data))} (skipped {stats.skipped})")
         faiss_info = _write_vectors(cfg, pre, writer, logra.dim)
+        high = base.high_engine(lm, cfg.model)
+        if high is not None:  # the index's own high-fidelity stage too, not refitted
+            _write_high(cfg, *high, tokenizer, writer)
         old_stats = m.get("stats", {})
         manifest = {**m, "faiss": faiss_info,
                     "data": {**d, "files": list(d.get("files", [])) + [str(p) for p in cfg.data]},
@@ -291,7 +293,7 @@ def _build(cfg: BuildConfig, model, tokenizer, writer: IndexWriter, started: flo
     n_done_before, tokens_at_start = done["before"], done["tokens_at_start"]
     pre.finalize()
     faiss_info = _write_vectors(cfg, pre, writer, logra.dim)
-    high, high_state = _fit_high(cfg, model, tokenizer, logra) if cfg.high else (None, None)
+    high, high_state = _high_stage(cfg, model, tokenizer, logra, writer) if cfg.high else (None, None)
 
     total_seconds = time.time() - started
     manifest = {
@@ -308,7 +310,7 @@ def _build(cfg: BuildConfig, model, tokenizer, writer: IndexWriter, started: flo
         "preconditioner": {"kind": cfg.preconditioner, "damping_ratio": cfg.damping},
         "faiss": faiss_info,
         "index_type": cfg.index_type,
-        **({"high": {k: v for k, v in high.items() if k != "fit_seconds"}} if high else {}),
+        **({"high": {k: v for k, v in high.items() if not k.endswith("seconds")}} if high else {}),
         "data": {"files": [str(p) for p in cfg.data], "text_field": cfg.text_field, "prompt_field": cfg.prompt_field,
                  "response_field": cfg.response_field, "id_field": cfg.id_field},
         "stats": {**counts, "documents": writer.n_rows, "skipped": stats.skipped,
@@ -317,7 +319,7 @@ def _build(cfg: BuildConfig, model, tokenizer, writer: IndexWriter, started: flo
                   "tokens_per_s": round((counts["tokens"] - tokens_at_start) / max(gradient_seconds, 1e-9), 1),
                   "docs_per_s": round((writer.n_rows - n_done_before) / max(gradient_seconds, 1e-9), 2),
                   "resumed_at_document": n_done_before, "device": cfg.device, "processes": procs.world,
-                  **({"high_fit_seconds": high["fit_seconds"]} if high else {})},
+                  **({k: high[k] for k in ("high_fit_seconds", "high_seconds")} if high else {})},
         **({"extra": cfg.extra} if cfg.extra else {}),
     }
     state = {**_engine_state(logra, pre), **({"high": high_state} if high else {})}
@@ -330,33 +332,64 @@ def _engine_state(logra: LoGra, pre: Preconditioner) -> dict:
             "preconditioner": pre.state_dict()}
 
 
-def _fit_high(cfg: BuildConfig, model, tokenizer, fast: LoGra) -> tuple[dict, dict]:
-    """The high-fidelity stage's preconditioner, fitted on the first `high_sample` documents (read
-    again; bounded, so it is simply redone if the build is killed here): K-FAC factors in one pass,
-    EK-FAC's eigenvalues in a second (engine.fit_preconditioner). Same layers as the compact vectors,
-    larger sides."""
+def _high_stage(cfg: BuildConfig, model, tokenizer, fast: LoGra, writer: IndexWriter) -> tuple[dict, dict]:
+    """The high-fidelity stage: its preconditioner fitted on the first `high_sample` documents (K-FAC
+    factors in one pass, EK-FAC's eigenvalues in a second: engine.fit_preconditioner), then every
+    document's vector, written to disk (float16 unit rows). Same layers as the compact vectors, a
+    larger budget. The fitted state is saved before the vectors are written, and the vectors a shard
+    at a time, so a killed build resumes where it stopped."""
     t0 = time.time()
-    config = replace(fast.config, rank=None, max_side=cfg.high_max_side, head_whole=cfg.high_head_whole,
-                     head_only=cfg.high_head_only)
-    logra = LoGra(model, config, layers=None if cfg.high_head_only else fast.layers)
-    pre = Preconditioner(cfg.high_preconditioner, logra.shapes, damping_ratio=cfg.high_damping,
-                         diagonal_out=logra.diagonal_out)
-    records = read_records(cfg.data, text_field=cfg.text_field, prompt_field=cfg.prompt_field,
-                           response_field=cfg.response_field, id_field=cfg.id_field, skip_bad=True, stats=ReadStats())
-    sample = list(islice(records, cfg.high_sample))
-    encoded = encode_pairs(tokenizer, [document_pair(r.prompt, r.text) for r in sample], logra.max_tokens)
-    batches = [[encoded[i] for i in idx] for idx in _batches(encoded, cfg.batch_size, cfg.batch_tokens)]
-    progress = lambda what, it: tqdm(it, unit="batch", desc=f"high-fidelity {what}", disable=not cfg.progress,
-                                     dynamic_ncols=True)
-    pre = fit_preconditioner(logra, pre, tokenizer, batches, progress)
-    folded = pre.kind in ("kfac", "ekfac")
-    if folded:  # the eigenbases into the projections: query-time whitening becomes a scaling
-        logra.projections, pre = pre.fold(logra.projections)
-    info = {"layers": logra.layer_spec(), "dim": logra.dim, "max_side": cfg.high_max_side, "folded": folded,
-            "head_whole": cfg.high_head_whole, "head_only": cfg.high_head_only, "diagonal_out": sorted(logra.diagonal_out),
+    config = replace(fast.config, rank=None, budget=cfg.high_budget, head_share=cfg.high_head_share)
+    logra = LoGra(model, config, layers=fast.layers)
+    saved = writer.high_state
+    if saved is None:
+        pre = Preconditioner(cfg.high_preconditioner, logra.shapes, damping_ratio=cfg.high_damping)
+        sample = [pair for shard in writer.documents() for pair in shard][: cfg.high_sample]
+        encoded = encode_pairs(tokenizer, [document_pair(p, t) for p, t in sample], logra.max_tokens)
+        batches = [[encoded[i] for i in idx] for idx in _batches(encoded, cfg.batch_size, cfg.batch_tokens)]
+        progress = lambda what, it: tqdm(it, unit="batch", desc=f"high-fidelity {what}", disable=not cfg.progress,
+                                         dynamic_ncols=True)
+        pre = fit_preconditioner(logra, pre, tokenizer, batches, progress)
+        saved = {"state": _engine_state(logra, pre), "sample_documents": len(sample),
+                 "fit_seconds": round(time.time() - t0, 2)}
+        writer.save_high_state(saved)
+    else:
+        pre = _restore(logra, saved["state"])
+    t1 = time.time()
+    _write_high(cfg, logra, pre, tokenizer, writer)
+    info = {"layers": logra.layer_spec(), "dim": logra.dim,
+            "budget": {"dims": cfg.high_budget, "head_share": cfg.high_head_share},
             "preconditioner": {"kind": pre.kind, "damping_ratio": cfg.high_damping},
-            "sample_documents": len(sample), "fit_seconds": round(time.time() - t0, 2)}
-    return info, _engine_state(logra, pre)
+            "sample_documents": saved["sample_documents"], "stored": "float16 unit rows and float32 norms",
+            "high_fit_seconds": saved["fit_seconds"], "high_seconds": round(time.time() - t1, 2)}
+    return info, saved["state"]
+
+
+def _restore(logra: LoGra, state: dict) -> Preconditioner:
+    """Set `logra`'s projections from a saved engine state; its preconditioner."""
+    for name, p in state["projections"].items():
+        logra.projections[name] = tuple(None if t is None else t.to(next(logra.model.parameters()).device) for t in (p["in"], p["out"]))
+    return Preconditioner.from_state_dict(state["preconditioner"])
+
+
+def _write_high(cfg: BuildConfig, logra: LoGra, pre: Preconditioner, tokenizer, writer: IndexWriter) -> None:
+    """Every new document's high-fidelity vector (in the preconditioner's eigenbasis: inner products
+    and norms are the same there), after those a killed run already wrote."""
+    out = writer.high_vectors(logra.dim)
+    done = out.rows - writer.row_offset
+    with tqdm(total=writer.n_rows, initial=done, unit="doc", desc="high-fidelity vectors", disable=not cfg.progress,
+              dynamic_ncols=True) as bar:
+        seen = 0
+        for shard in writer.documents():
+            todo = shard[max(0, done - seen):]
+            seen += len(shard)
+            if not todo:
+                continue
+            pairs = [document_pair(p, t) for p, t in todo]
+            out.add(pair_vectors(logra, pre, tokenizer, pairs, batch_size=cfg.batch_size).numpy())
+            out.checkpoint()
+            bar.update(len(todo))
+    out.close()
 
 
 def _gradient_pass(cfg: BuildConfig, records, logra: LoGra, tokenizer, pre: Preconditioner, writer: IndexWriter,

@@ -11,7 +11,7 @@ from engine import PRECONDITIONERS
 from .build import BuildConfig, append_documents, build_index
 from .distributed import PeerFailed
 from .records import BadRecordError
-from .store import COMPRESS_ABOVE_BYTES, COMPRESSED_TYPE, FLAT_UP_TO_BYTES, INDEX_TYPES, IndexFormatError, read_manifest
+from .store import COMPRESS_ABOVE_BYTES, COMPRESSED_TYPE, FLAT_UP_TO_BYTES, INDEX_TYPES, IVF_TYPE, IndexFormatError, read_manifest
 
 
 def positive_int(text: str) -> int:
@@ -35,13 +35,10 @@ def _add_build_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-head", dest="head", action="store_false", help="do not track the LM head (output embedding)")
     p.add_argument("--no-high", dest="high", action="store_false",
                    help="build no high-fidelity stage (queries then always use the compact vectors alone)")
-    p.add_argument("--high-max-side", type=positive_int, default=d.high_max_side,
-                   help="high-fidelity stage: layer sides up to this many features are kept whole, larger ones projected to it")
-    p.add_argument("--no-high-head-whole", dest="high_head_whole", action="store_false",
-                   help="high-fidelity stage: project the LM head's vocabulary side like any other instead of keeping it "
-                        "whole with a diagonal factor (for very large vocabularies)")
-    p.add_argument("--high-head-only", action=argparse.BooleanOptionalAction, default=d.high_head_only,
-                   help="high-fidelity stage: the LM head alone (each candidate then costs a forward pass, no backward)")
+    p.add_argument("--high-budget", type=positive_int, default=d.high_budget,
+                   help="dimensions per document of the high-fidelity vectors (stored as float16: 2 bytes each)")
+    p.add_argument("--high-head-share", type=float, default=d.high_head_share,
+                   help="fraction of --high-budget given to the LM head")
     p.add_argument("--high-preconditioner", choices=("none", "kfac", "ekfac"), default=d.high_preconditioner)
     p.add_argument("--high-damping", type=float, default=d.high_damping)
     p.add_argument("--high-sample", type=positive_int, default=d.high_sample,
@@ -55,7 +52,7 @@ def _add_build_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--index-type", choices=INDEX_TYPES, default=d.index_type,
                    help=f"FAISS index: flat (exact), ivf (= ivf-flat), ivf-sq8, ivf-pq (compressed; reranked exactly), or auto: "
-                        f"flat up to {FLAT_UP_TO_BYTES >> 20} MiB of vectors, ivf-flat up to {COMPRESS_ABOVE_BYTES >> 30} GiB of vectors, "
+                        f"flat up to {FLAT_UP_TO_BYTES >> 20} MiB of vectors, {IVF_TYPE} up to {COMPRESS_ABOVE_BYTES >> 30} GiB of vectors, "
                         f"{COMPRESSED_TYPE} above")
     p.add_argument("--shard-size", type=positive_int, default=d.shard_size, help="documents per on-disk shard")
     p.add_argument("--no-progress", dest="progress", action="store_false")

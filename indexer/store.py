@@ -33,24 +33,33 @@ import torch
 if TYPE_CHECKING:
     from engine import LoGra, Preconditioner
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the high-fidelity stage stores its vectors (high.npy); 1 recomputed them
 MANIFEST = "manifest.json"
 STATE = "state.pt"
 VECTORS = "vectors.npy"
+# The high-fidelity stage's vectors (indexes built with it): float16 unit rows, their float32 norms apart
+# (a whitened gradient's entries span more than float16's range; a unit row's do not).
+HIGH_VECTORS = "high.npy"
+HIGH_NORMS = "high-norms.npy"
 NORMS = "norms.npy"
 TABLE = "documents"
 MODES = ("influence", "cosine")
 REQUIRED = (MANIFEST, STATE, VECTORS, NORMS, "faiss-influence.index", "faiss-cosine.index", f"{TABLE}.lance")
 INDEX_TYPES = ("auto", "flat", "ivf", "ivf-flat", "ivf-sq8", "ivf-pq")  # "ivf" is "ivf-flat"
 # index_type "auto": exact (flat) while the float32 vectors fit FLAT_UP_TO_BYTES (or below FLAT_BELOW
-# documents); IVF-flat until they pass COMPRESS_ABOVE_BYTES (the server holds two such indexes in
+# documents); IVF_TYPE until they pass COMPRESS_ABOVE_BYTES (the server holds two such indexes in
 # memory); then COMPRESSED_TYPE. Preconditioned gradients are nearly isotropic, which IVF handles
-# poorly (benchmarks/serving.py: recall@10 0.6-0.9 at 1/8 of the lists on the demo's vectors), while
-# a flat scan of 256 MiB took ~30 ms here; benchmarks/large_index.py measures the IVF types.
+# poorly (benchmarks/serving.py: recall@10 0.6-0.9 at 1/8 of the lists on the demo's vectors without
+# a rerank), while a flat scan of 256 MiB took ~30 ms here. IVF-SQ8 scans a quarter of IVF-flat's
+# bytes and its exact rerank keeps recall (100k x 4072: 0.94 at 1/8 of the lists in 17 ms, IVF-flat
+# needed half the lists and 50-70 ms); benchmarks/large_index.py measures the IVF types.
 FLAT_BELOW = 4096
 FLAT_UP_TO_BYTES = 256 << 20
-COMPRESS_ABOVE_BYTES = 1 << 30
+IVF_TYPE = "ivf-sq8"
+COMPRESS_ABOVE_BYTES = 4 << 30
 COMPRESSED_TYPE = "ivf-pq"
+# Lists probed: nlist // PROBE_DIVISOR (at least 8). See build_faiss.
+PROBE_DIVISOR = {"ivf-flat": 2, "ivf-sq8": 8, "ivf-pq": 2}
 # Quantized scores only propose candidates; the exact rerank keeps results exact when the true
 # top k are among them, so compressed types ask FAISS for this many times more (api.search).
 # Measured (benchmarks/large_index.py, 1M x 512): SQ8 lost nothing even at 1, but heavy-tailed norms
@@ -228,6 +237,12 @@ class IndexWriter:
         for k in range(self.n_shards):
             yield np.load(self.shard_dir / f"raw-{self._shard_number(k):06d}.npy")
 
+    def documents(self) -> Iterable[list[tuple[str, str]]]:
+        """This build's documents as (prompt, text), shard by shard in input order (after `merge`)."""
+        for k in range(self.n_shards):
+            t = pa.feather.read_table(self.shard_dir / f"rows-{self._shard_number(k):06d}.arrow", columns=["prompt", "text"])
+            yield [(p or "", x) for p, x in zip(t.column("prompt").to_pylist(), t.column("text").to_pylist())]
+
     def write_table(self) -> None:
         def batches():
             for s in range(0, self.row_offset, 8192):  # the base table, streamed in row order
@@ -268,6 +283,19 @@ class IndexWriter:
             raise RuntimeError(f"wrote {start} vectors for {total} documents")
         np.save(self.tmp / NORMS, norms)
 
+    # -- the high-fidelity stage: fitted state, then its vectors ---------------------------------
+    @property
+    def high_state(self) -> dict | None:
+        """The high-fidelity stage's fitted engine state saved by this build before it was killed."""
+        path = self.tmp / "high-state.pt"
+        return torch.load(path, weights_only=True) if path.is_file() else None
+
+    def save_high_state(self, state: dict) -> None:
+        _atomic_torch_save(state, self.tmp / "high-state.pt")
+
+    def high_vectors(self, dim: int) -> "HighVectorWriter":
+        return HighVectorWriter(self.tmp, self.row_offset + self.n_rows, dim, self.base)
+
     def write_faiss(self, index_type: str = "auto", nlist: int | None = None, block: int | None = None) -> dict:
         return build_faiss(self.tmp, index_type, nlist=nlist, block=block)
 
@@ -280,6 +308,8 @@ class IndexWriter:
         shutil.rmtree(self.shard_dir)
         for path in [*self.tmp.glob("checkpoint*.pt"), self.tmp / "key"]:
             path.unlink()
+        for path in (self.tmp / "high-state.pt", self.tmp / HighVectorWriter.PROGRESS):
+            path.unlink(missing_ok=True)
         old = None
         if self.out.exists():  # --overwrite: move the old index aside only once the new one is complete
             old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
@@ -305,6 +335,71 @@ class IndexWriter:
         self._lock.close()
 
 
+class HighVectorWriter:
+    """Writes HIGH_VECTORS and HIGH_NORMS into a build folder, rows in order, a block at a time (plain
+    writes, not a memory map, so the indexer's memory does not grow with the corpus). After each
+    block the file is flushed and PROGRESS records the rows written: a killed build resumes after
+    them (`rows`). An append's writer starts with the base index's rows."""
+    PROGRESS = "high-progress.json"
+
+    def __init__(self, folder: Path, total: int, dim: int, base: "Index | None" = None):
+        self.folder, self.total, self.dim = folder, total, dim
+        progress = folder / self.PROGRESS
+        done = json.loads(progress.read_text()) if progress.is_file() else {}
+        if done.get("total") == total and done.get("dim") == dim:
+            self.rows, self.norms = done["rows"], np.load(folder / "high-norms.partial.npy")
+            self._file = open(folder / HIGH_VECTORS, "r+b")
+            self.offset = np.load(folder / HIGH_VECTORS, mmap_mode="r").offset
+            return
+        self.rows, self.norms = 0, np.zeros(total, dtype=np.float32)
+        self._file = open(folder / HIGH_VECTORS, "w+b")
+        np.lib.format.write_array_header_1_0(self._file, {"descr": "<f2", "fortran_order": False, "shape": (total, dim)})
+        self.offset = self._file.tell()
+        self._file.truncate(self.offset + total * dim * 2)
+        if base is not None:
+            if base.high_vectors is None or base.high_vectors.shape[1] != dim:
+                raise IndexFormatError(f"{base.root} has no high-fidelity vectors of dim {dim}")
+            for s in range(0, len(base), 8192):
+                self._write_unit(np.asarray(base.high_vectors[s : s + 8192]), base.high_norms[s : s + 8192])
+            self._commit_progress()
+
+    def add(self, vectors: np.ndarray) -> None:
+        """The next rows' vectors (float32 or float64); stored as unit rows and norms."""
+        norms = np.linalg.norm(vectors, axis=1)
+        unit = vectors / np.where(norms > 0, norms, 1.0)[:, None]
+        self._write_unit(unit.astype(np.float16), norms.astype(np.float32))
+
+    def _write_unit(self, unit: np.ndarray, norms: np.ndarray) -> None:
+        if self.rows + len(unit) > self.total:
+            raise RuntimeError(f"more high-fidelity vectors than the {self.total} documents")
+        self._file.seek(self.offset + self.rows * self.dim * 2)
+        self._file.write(np.ascontiguousarray(unit, dtype="<f2").tobytes())
+        self.norms[self.rows : self.rows + len(unit)] = norms
+        self.rows += len(unit)
+
+    def _commit_progress(self) -> None:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        tmp = self.folder / "high-norms.partial.tmp.npy"
+        np.save(tmp, self.norms)
+        os.replace(tmp, self.folder / "high-norms.partial.npy")
+        tmp = self.folder / (self.PROGRESS + ".tmp")
+        tmp.write_text(json.dumps({"total": self.total, "dim": self.dim, "rows": self.rows}))
+        os.replace(tmp, self.folder / self.PROGRESS)
+
+    def checkpoint(self) -> None:
+        """Make the rows added so far survive a kill."""
+        self._commit_progress()
+
+    def close(self) -> None:
+        """All rows written: the final norms file."""
+        if self.rows != self.total:
+            raise RuntimeError(f"wrote {self.rows} high-fidelity vectors for {self.total} documents")
+        self._file.close()
+        np.save(self.folder / HIGH_NORMS, self.norms)
+        (self.folder / "high-norms.partial.npy").unlink(missing_ok=True)
+
+
 def resolve_index_type(index_type: str, n: int, dim: int) -> str:
     """The concrete FAISS index type for `index_type` over n vectors of `dim` floats."""
     if index_type not in INDEX_TYPES:
@@ -315,7 +410,9 @@ def resolve_index_type(index_type: str, n: int, dim: int) -> str:
         return index_type
     if n < FLAT_BELOW or n * dim * 4 <= FLAT_UP_TO_BYTES:
         return "flat"
-    return COMPRESSED_TYPE if n * dim * 4 > COMPRESS_ABOVE_BYTES else "ivf-flat"
+    if n * dim * 4 <= COMPRESS_ABOVE_BYTES or pq_subquantizers(dim) < dim // 16:  # PQ needs a divisor of dim
+        return IVF_TYPE
+    return COMPRESSED_TYPE
 
 
 def default_nlist(n: int) -> int:
@@ -411,9 +508,10 @@ def build_faiss(root: str | Path, index_type: str = "auto", nlist: int | None = 
         index = faiss.index_gpu_to_cpu(work) if on_gpu else work
         del work
         if kind != "flat":
-            # Candidates are reranked exactly; recall is what costs. Half the lists: recall@10 0.96-0.97
-            # (cosine) on the demo's vectors at 100k and 1M, against 0.78-0.88 at an eighth (serving.json).
-            index.nprobe = info["nprobe"] = min(index.nlist, max(8, index.nlist // 2))
+            # Candidates are reranked exactly; recall is what costs. IVF-flat and PQ at half the lists:
+            # recall@10 0.96-0.97 (cosine) on the demo's vectors at 100k and 1M, against 0.78-0.88 at an
+            # eighth (serving.json); SQ8's larger candidate list holds recall at an eighth.
+            index.nprobe = info["nprobe"] = min(index.nlist, max(8, index.nlist // PROBE_DIVISOR[kind]))
         info["device"] = "gpu" if on_gpu else "cpu"
         faiss.write_index(index, str(faiss_path(root, mode)))
         del index
@@ -438,6 +536,8 @@ class Index:
     faiss: dict[str, faiss.Index]
     table: object
     row_of_id: dict[str, int]
+    high_vectors: np.ndarray | None = None  # memory-mapped (N, high dim) float16 unit rows
+    high_norms: np.ndarray | None = None
 
     @classmethod
     def open(cls, root: str | Path) -> "Index":
@@ -457,15 +557,21 @@ class Index:
             indexes = {mode: faiss.read_index(str(faiss_path(root, mode))) for mode in MODES}
             table = lancedb.connect(root).open_table(TABLE)
             ids = table.search().select(["row", "id"]).limit(None).to_arrow()
+            high = manifest.get("high")
+            high_vectors = np.load(root / HIGH_VECTORS, mmap_mode="r") if high else None
+            high_norms = np.load(root / HIGH_NORMS) if high else None
         except Exception as e:  # any unreadable file means a corrupt index, said plainly
             raise IndexFormatError(f"{root} is corrupt: {type(e).__name__}: {e}") from e
         n = manifest["n_documents"]
         sizes = {"vectors": vectors.shape[0], "norms": norms.shape[0], "table": ids.num_rows,
                  **{f"faiss-{m}": ix.ntotal for m, ix in indexes.items()}}
-        if any(v != n for v in sizes.values()) or vectors.shape[1] != manifest["dim"]:
+        if high:
+            sizes.update(high=high_vectors.shape[0], high_norms=high_norms.shape[0])
+        if (any(v != n for v in sizes.values()) or vectors.shape[1] != manifest["dim"]
+                or (high and high_vectors.shape[1] != high["dim"])):
             raise IndexFormatError(f"{root} is corrupt: manifest says {n} documents of dim {manifest['dim']}, files hold {sizes}")
         row_of_id = dict(zip(ids.column("id").to_pylist(), ids.column("row").to_pylist()))
-        return cls(root, manifest, state, vectors, norms, indexes, table, row_of_id)
+        return cls(root, manifest, state, vectors, norms, indexes, table, row_of_id, high_vectors, high_norms)
 
     def __len__(self) -> int:
         return self.vectors.shape[0]
@@ -517,6 +623,32 @@ class Index:
                 if value is not _MISSING:
                     groups.setdefault(json.dumps(value, sort_keys=True), []).append(row)
         return {v: np.sort(np.asarray(r, dtype=np.int64)) for v, r in groups.items()}
+
+    @property
+    def ids(self) -> list[str]:
+        """Every document's id, by row."""
+        out = [""] * len(self)
+        for doc_id, row in self.row_of_id.items():
+            out[row] = doc_id
+        return out
+
+    def groups(self, fields: list[str]) -> tuple[list[dict], np.ndarray]:
+        """Documents grouped by their metadata values of `fields`: the groups ({field: value}, a field a
+        document lacks left out of its dict: those documents form their own group) and each row's group
+        number. One scan of the row and metadata columns."""
+        keys: dict[str, int] = {}
+        groups: list[dict] = []
+        codes = np.zeros(len(self), dtype=np.int64)
+        for batch in self.table.search().select(["row", "metadata"]).limit(None).to_batches():
+            for row, meta in zip(batch.column("row").to_pylist(), batch.column("metadata").to_pylist()):
+                meta = json.loads(meta)
+                group = {f: meta[f] for f in fields if f in meta}
+                key = json.dumps(group, sort_keys=True)
+                if key not in keys:
+                    keys[key] = len(groups)
+                    groups.append(group)
+                codes[row] = keys[key]
+        return groups, codes
 
     def pairs(self, rows: list[int]) -> list[tuple[str, str]]:
         """(prompt, response) of documents by row, as the indexer encoded them (document_pair)."""

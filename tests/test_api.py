@@ -365,11 +365,19 @@ def test_refuses_manifest_missing_keys(index_dir, tmp_path, edit):
         create_app(dst)
 
 
-def test_refuses_truncated_vectors(index_dir, tmp_path):
+@pytest.mark.parametrize("name", [VECTORS, "high.npy", "high-norms.npy"])
+def test_refuses_truncated_vectors(index_dir, tmp_path, name):
     dst = _copy(index_dir, tmp_path)
-    v = np.load(dst / VECTORS)
-    np.save(dst / VECTORS, v[:-1])
+    v = np.load(dst / name)
+    np.save(dst / name, v[:-1])
     with pytest.raises(IndexFormatError, match="corrupt"):
+        create_app(dst)
+
+
+def test_refuses_missing_high_vectors(index_dir, tmp_path):
+    dst = _copy(index_dir, tmp_path)
+    (dst / "high.npy").unlink()
+    with pytest.raises(IndexFormatError, match="corrupt.*high.npy"):
         create_app(dst)
 
 

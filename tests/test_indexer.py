@@ -155,17 +155,16 @@ def test_cli_info_manifest_fields(cli, model, request, capsys):
     assert printed["n_documents"] == N_SELF
     assert printed["format_version"] == store.FORMAT_VERSION
     assert printed["rank"] is None and printed["seed"] == 0
-    assert printed["budget"] == {"dims": 2048, "head_share": 0.5}
+    assert printed["budget"] == {"dims": 4096, "head_share": 0.5}
     assert printed["preconditioner"] == {"kind": "ekfac", "damping_ratio": 0.01}
     # the LM head is tracked by default, and the allocation is recorded layer by layer
-    assert printed["layers"][-1]["name"] == "lm_head" and printed["dim"] <= 2048
+    assert printed["layers"][-1]["name"] == "lm_head" and printed["dim"] <= 4096
     high = printed["high"]
-    assert high["preconditioner"] == {"kind": "ekfac", "damping_ratio": 0.1} and high["sample_documents"] == N_SELF
+    assert high["preconditioner"] == {"kind": "ekfac", "damping_ratio": 0.01} and high["sample_documents"] == N_SELF
+    assert high["budget"] == {"dims": 65536, "head_share": 0.75}
     assert [l["name"] for l in high["layers"]] == [l["name"] for l in printed["layers"]]
-    assert high["dim"] == sum(l["r_out"] * l["r_in"] for l in high["layers"])
-    assert all(l["r_in"] == min(l["in_features"], 256) for l in high["layers"])
-    assert all(l["r_out"] == (l["out_features"] if l["name"] == "lm_head" else min(l["out_features"], 256)) for l in high["layers"])
-    assert high["head_whole"] and high["diagonal_out"] == ["lm_head"]
+    assert high["dim"] == sum(l["r_out"] * l["r_in"] for l in high["layers"]) <= 65536
+    assert all(h["r_out"] >= f["r_out"] and h["r_in"] >= f["r_in"] for h, f in zip(high["layers"], printed["layers"]))
     assert printed["layers"] and printed["dim"] == sum(l["r_out"] * l["r_in"] for l in printed["layers"])
     # the fingerprint is the model's own, so the API can refuse a different checkpoint
     loaded, _ = load_model(request.getfixturevalue(f"{model}_dir"))
@@ -450,8 +449,12 @@ def test_batch_settings_change_no_vector_and_a_build_resumes_with_others(tmp_pat
     many = BuildConfig(model=gpt2_dir, data=[data], out=str(tmp_path / "many"), batch_size=64, batch_tokens=256,
                        progress=False)
     build_index(one), build_index(many)
+    # float32 sums in another order, amplified along EK-FAC's smallest (damping 0.01) directions
     np.testing.assert_allclose(np.load(tmp_path / "many" / store.VECTORS), np.load(tmp_path / "one" / store.VECTORS),
-                               rtol=1e-4, atol=1e-5)
+                               rtol=1e-4, atol=1e-4)
+    a, b = Index.open(tmp_path / "many"), Index.open(tmp_path / "one")
+    np.testing.assert_allclose(a.high_norms, b.high_norms, rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(a.high_vectors, np.float32), np.asarray(b.high_vectors, np.float32), atol=2e-3)
     assert resume_key(one, "f") == resume_key(BuildConfig(**{**one.__dict__, "out": "x", "batch_tokens": 64}), "f")
 
 
@@ -510,6 +513,7 @@ def test_ivf_index_types_score_exactly_and_recall_high(tmp_path, gpt2_dir):
     """IVF (flat, SQ8, PQ) only proposes candidates: every score returned is the exact score, and it
     finds nearly all of the exact top 5 (flat index), through Attributor.search and the manifest."""
     from engine import query_vectors
+    from indexer.ranking import search
     docs = synthetic_corpus(400, seed=11)
     data = write_jsonl(tmp_path / "d.jsonl", docs)
     kinds = {"ivf": "ivf-flat", "ivf-sq8": "ivf-sq8", "ivf-pq": "ivf-pq"}
@@ -529,9 +533,9 @@ def test_ivf_index_types_score_exactly_and_recall_high(tmp_path, gpt2_dir):
         recalled, total, self_found = 0, 0, 0
         for d, q in zip(docs[::8], queries.numpy()):
             for mode in ("cosine", "influence"):
-                exact = {h.row: h.score for h in flat.search(q, len(docs), mode)}
+                exact = {h.row: h.score for h in search(flat.index, q, len(docs), mode)}
                 top5 = sorted(exact, key=lambda r: -exact[r])[:5]
-                hits = ivf.search(q, 5, mode)
+                hits = search(ivf.index, q, 5, mode)
                 assert [h.score for h in hits] == pytest.approx([exact[h.row] for h in hits], rel=1e-6)
                 recalled += len({h.row for h in hits} & set(top5))
                 total += 5
@@ -559,7 +563,7 @@ def brute_force(vectors: np.ndarray, norms: np.ndarray, q: np.ndarray, mode: str
 def test_compressed_index_with_rerank_returns_the_exact_top_k(tmp_path, kind):
     """With every list probed, what is left is quantization error: the rerank over rerank_factor x
     more candidates (far fewer than the corpus) must give exactly the brute-force top 10 and scores."""
-    from api.search import rerank_search
+    from indexer.ranking import rerank_search
     import faiss
     n, dim, k = 3000, 64, 10
     x = anisotropic_vectors(n + 40, dim, seed=5)
@@ -585,10 +589,11 @@ def test_auto_index_type_by_corpus_size():
     assert store.resolve_index_type("auto", store.FLAT_BELOW - 1, 10**6) == "flat"  # too few to train lists
     flat_max = store.FLAT_UP_TO_BYTES // (4 * 512)
     assert store.resolve_index_type("auto", flat_max, 512) == "flat"
-    assert store.resolve_index_type("auto", flat_max + 1, 512) == "ivf-flat"
+    assert store.resolve_index_type("auto", flat_max + 1, 512) == "ivf-sq8"
     big = store.COMPRESS_ABOVE_BYTES // (4 * 512) + 1
-    assert store.resolve_index_type("auto", big - 1, 512) == "ivf-flat"
+    assert store.resolve_index_type("auto", big - 1, 512) == "ivf-sq8"
     assert store.resolve_index_type("auto", big, 512) == store.COMPRESSED_TYPE
+    assert store.resolve_index_type("auto", big, 509) == "ivf-sq8"  # a prime dim: no PQ sub-quantizers
     assert store.resolve_index_type("ivf", 10, 512) == "ivf-flat"
     assert store.resolve_index_type("flat", 10**9, 512) == "flat"
     with pytest.raises(ValueError, match="index_type"):
@@ -640,6 +645,16 @@ def test_killed_build_resumes_to_the_identical_index(tmp_path, gpt2_dir):
         assert not out.exists(), "the build finished before it could be killed"
         kills.append(_checkpointed_shards(building))
     assert kills == sorted(kills) and kills[0] >= 1  # each run went on from where the last stopped
+    high_rows = lambda: json.loads((building / "high-progress.json").read_text())["rows"] \
+        if (building / "high-progress.json").is_file() else -1
+    proc = subprocess.Popen(cmd(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:  # once more, inside the high-fidelity pass
+        while proc.poll() is None and high_rows() < 32:
+            time.sleep(0.005)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not out.exists() and 32 <= high_rows() < 240, "the build finished before it could be killed"
     done = subprocess.run(cmd(out), env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert not building.exists() and leftovers(tmp_path) == []
@@ -647,6 +662,8 @@ def test_killed_build_resumes_to_the_identical_index(tmp_path, gpt2_dir):
     ref, got = Index.open(reference), Index.open(out)
     assert got.manifest["build"]["resumed_at_document"] == 16 * kills[-1]
     assert np.array_equal(np.asarray(ref.vectors), np.asarray(got.vectors))
+    assert np.array_equal(np.asarray(ref.high_vectors), np.asarray(got.high_vectors))
+    assert np.array_equal(ref.high_norms, got.high_norms)
     assert table_rows(reference) == table_rows(out)
     q = np.asarray(ref.vectors[:20])
     for mode in ("influence", "cosine"):
@@ -702,9 +719,13 @@ def test_append_adds_documents_with_the_index_own_preconditioner(tmp_path, gpt2_
     assert [r["id"] for r in table_rows(idx)] == [d["id"] for d in old_docs + new_docs]
     # a new document's stored vector is its query vector under the index's own engine
     att = Attributor(idx)
-    hits, _, _ = att.attribute("", new_docs[3]["text"], 1, "cosine")
+    hits, _, _ = att.attribute("", new_docs[3]["text"], 1, "cosine", precision="fast")
     assert hits[0].row == 63 and hits[0].score == pytest.approx(1.0, abs=1e-5)
     assert all(att.attribute("", d["text"], 1, "cosine")[0][0].row == i for i, d in enumerate(old_docs + new_docs))
+    # ... and its high-fidelity vector too (stored as float16), the old ones kept
+    hits, _, _ = att.attribute("", new_docs[3]["text"], 1, "cosine")
+    assert hits[0].row == 63 and hits[0].stage == "high" and hits[0].score == pytest.approx(1.0, abs=2e-3)
+    assert np.array_equal(np.asarray(after.high_vectors[:60]), np.asarray(before.high_vectors))
 
 
 def test_append_refuses_duplicate_ids_and_keeps_the_index(tmp_path, gpt2_dir, capsys):

@@ -40,13 +40,12 @@ def cmd_generate(args) -> None:
         if args.brittle_methods == "none":
             continue
         wanted = args.brittle_methods.split(",") if args.brittle_methods else list(BRITTLE_METHODS)
-        todo = [m for m in wanted if not (gt / "brittle" / f"{m.replace(' ', '_')}.npz").exists()]
-        if todo:
-            scores = methods.all_scores(gt, Path(args.work), only=todo)
-            for m in todo:
-                print(f"brittleness retrains for {m}", flush=True)
-                generate.stage_brittle_method(gt, m, scores[m]["scores"], n_queries=args.brittle_queries,
-                                              workers=args.workers, spec=spec)
+        scores = methods.all_scores(gt, Path(args.work), only=wanted)
+        todo = [m for m in wanted if not generate.brittle_matches(generate.brittle_path(gt, m), scores[m]["scores"])]
+        for m in todo:
+            print(f"brittleness retrains for {m}", flush=True)
+            generate.stage_brittle_method(gt, m, scores[m]["scores"], n_queries=args.brittle_queries,
+                                          workers=args.workers, spec=spec)
 
 
 def summarize(results: dict, gt: Path, default: str) -> dict:
@@ -64,8 +63,8 @@ def summarize(results: dict, gt: Path, default: str) -> dict:
         if default in per_query and name != default:
             d = per_query[name] - per_query[default]
             row["vs_default"], row["vs_default_se"] = evaluate.mean_se(d)
-        path = gt / "brittle" / f"{name.replace(' ', '_')}.npz"
-        if path.exists() and random_b is not None:
+        path = generate.brittle_path(gt, name)
+        if generate.brittle_matches(path, r["scores"]) and random_b is not None:
             b = np.load(path)
             res = evaluate.brittleness(b["losses"], random_b["losses"], b["queries"], sd)
             row["brittleness"] = {"mean": res["mean"], "se": res["se"], "queries": int(len(b["queries"])),
@@ -129,7 +128,9 @@ def _fmt(x, digits=3):
 # The rows README shows (quality.md has every method).
 README_ROWS = (DEFAULT, DEFAULT_FAST, "default high influence", "default fast influence", "logra r8 raw cosine",
                "fast b2048 h0.5 raw cosine", "fast b512 h0.5 raw cosine", "fast b1024 h0.5 raw cosine",
-               "fast b4096 h0.5 raw cosine", "fast b4096 h0.5 ekfac d0.01 cosine", "fast b2048 nohead raw cosine",
+               "fast b4096 h0.5 raw cosine", "fast b2048 h0.5 ekfac d0.01 cosine", "fast b2048 nohead raw cosine",
+               "fast b16384 h0.75 ekfac d0.01 cosine", "fast b32768 h0.75 ekfac d0.01 cosine",
+               "fast b65536 h0.75 ekfac d0.01 cosine", "fast b65536 h0.9 ekfac d0.01 cosine", "high s256 headwhole ekfac cosine",
                "fast b2048 h0.25 raw cosine", "fast b2048 h1 raw cosine", "fast b2048 h0.5 none cosine",
                "high sfull ekfac cosine", "high s256 ekfac cosine", "high s256 headwhole ekfac headonly cosine",
                "full-ekfac", "full-ekfac-cosine", "full-ekfac d0.01-cosine", "full-dot", "full-cosine", "bm25", "random")
@@ -164,7 +165,7 @@ def table(summary: dict, names=None) -> str:
     if "api_k10_agreement" in t:
         a = t["api_k10_agreement"]
         lines.append(f"API k = 10 at depth {a['depth']}: {a['mean']:.2f} of the k = all top 10 "
-                     f"(API vs engine scores, max relative error {_fmt(a['max_rel_error_vs_engine'], 2)}).")
+                     f"(stored float16 vs recomputed scores, max error {_fmt(a['max_rel_error_vs_engine'], 4)} of the largest).")
     brittle = [(n, r["brittleness"]) for n, r in summary["methods"].items() if r.get("brittleness")]
     if brittle:
         ks = brittle[0][1]["k"]

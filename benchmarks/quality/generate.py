@@ -116,14 +116,29 @@ def stage_brittle_random(gt: Path, workers: int = 1, spec: Spec | None = None) -
     _meta(gt, **{"brittle_random": {"retrains": len(jobs), "seconds": round(time.time() - t, 1)}})
 
 
+def brittle_path(gt: Path, method: str) -> Path:
+    return gt / "brittle" / f"{method.replace(' ', '_')}.npz"
+
+
+def brittle_matches(path: Path, scores: np.ndarray) -> bool:
+    """Whether the brittleness retrains saved at `path` removed these scores' top documents (a method
+    whose scores changed, e.g. new defaults, needs new retrains): the same top documents per query, up
+    to near-ties (mean overlap of the sets at least 0.9)."""
+    if not path.exists():
+        return False
+    removed = np.load(path)["removed"]
+    top = np.argsort(-scores[: len(removed)], axis=1, kind="stable")[:, : removed.shape[1]]
+    return float(np.mean([len(set(a) & set(b)) / len(a) for a, b in zip(removed, top)])) >= 0.9
+
+
 def stage_brittle_method(gt: Path, method: str, scores: np.ndarray, n_queries: int = BRITTLE_QUERIES,
                          workers: int = 1, spec: Spec | None = None) -> None:
     """For the first `n_queries` queries: remove the method's top-k documents by score (the strongest
     proponents), retrain with BRITTLE_SEEDS data-order seeds (the same seeds as the random removals),
     record that query's loss. Saved per method: removal sets and losses, so the run stage does not
     depend on the scores being recomputed bit for bit."""
-    path = gt / "brittle" / f"{method.replace(' ', '_')}.npz"
-    if path.exists():
+    path = brittle_path(gt, method)
+    if brittle_matches(path, scores):
         return
     path.parent.mkdir(exist_ok=True)
     spec = spec or spec_of(gt)

@@ -1,0 +1,112 @@
+"""Ranking an opened index for query vectors, torch-free: FAISS candidates reranked exactly against
+the stored vectors (`search`), exact search over a subset of rows (`exact_search`, metadata filters),
+and the high-fidelity stage's rescoring from its stored vectors (`high_scores`). `rank` is the one
+path from query vectors to hits: the API's /attribute and `indexer attribute` both go through it."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+
+from .store import Index, unit_rows
+
+__all__ = ["DIRECTIONS", "HIGH_DEPTH", "Hit", "exact_scores", "exact_search", "high_scores", "rank", "rerank_search", "search"]
+
+DIRECTIONS = {"proponents": 1.0, "opponents": -1.0}
+# The high-fidelity stage rescores this many of the compact vectors' best candidates (or k, if more):
+# README "Two stages" gives the k = 10 answers' agreement with the top 10 over every document by depth.
+HIGH_DEPTH = 150
+
+
+@dataclass
+class Hit:
+    row: int
+    score: float
+    stage: str = "fast"  # which stage's score this is (and ranked it): "fast" or "high"
+
+
+
+
+def exact_scores(vectors: np.ndarray, norms: np.ndarray, rows: np.ndarray, q: np.ndarray, mode: str) -> np.ndarray:
+    """Exact float64 scores of `rows` for query q; cosine divides by both norms (0 for a zero vector)."""
+    q64 = np.asarray(q, dtype=np.float64).ravel()
+    scores = vectors[rows].astype(np.float64) @ q64
+    if mode == "cosine":
+        denom = norms[rows].astype(np.float64) * float(np.linalg.norm(q64))
+        scores = np.divide(scores, denom, out=np.zeros_like(scores), where=denom > 0)
+    return scores
+
+
+def rerank_search(index: faiss.Index, vectors: np.ndarray, norms: np.ndarray, q: np.ndarray, k: int, mode: str,
+                  rerank_factor: int = 1, direction: str = "proponents") -> list[Hit]:
+    """Top-k rows of `vectors` for query q: `index` (over vectors, or their unit rows for cosine)
+    proposes rerank_factor x max(4k, k + 64) candidates, exact float64 scores rank them. Opponents
+    (the lowest scores) are the top rows for -q: the same index, probed the other way."""
+    n = len(vectors)
+    k = min(k, n)
+    sign = DIRECTIONS[direction]
+    q = q.astype(np.float32)[None, :]
+    probe = sign * (unit_rows(q) if mode == "cosine" else q)
+    _, cand = index.search(probe, min(n, max(4 * k, k + 64) * rerank_factor))
+    cand = np.unique(cand[0][cand[0] >= 0])
+    exact = exact_scores(vectors, norms, cand, q[0], mode)
+    order = np.lexsort((cand, -sign * exact))[:k]  # best first; ties broken by row for reproducibility
+    return [Hit(int(cand[i]), float(exact[i])) for i in order]
+
+
+
+
+def high_scores(index: Index, rows: np.ndarray, q: np.ndarray, mode: str, block: int = 8192) -> np.ndarray:
+    """Scores of `rows` for the high-fidelity query vector q, from the stored vectors (float16 unit
+    rows, float32 norms), read a block at a time in file order."""
+    q = np.asarray(q, dtype=np.float32)
+    q_norm = float(np.linalg.norm(q))
+    unit_q = q / q_norm if q_norm > 0 else q
+    out = np.zeros(len(rows))
+    order = np.argsort(rows, kind="stable")
+    for s in range(0, len(rows), block):
+        at = order[s : s + block]
+        r = rows[at]
+        cos = (np.asarray(index.high_vectors[r], dtype=np.float32) @ unit_q).astype(np.float64)
+        out[at] = cos if mode == "cosine" else cos * index.high_norms[r] * q_norm
+    return out
+
+
+def search(index: Index, q: np.ndarray, k: int, mode: str, direction: str = "proponents") -> list[Hit]:
+    """Top-k rows of an opened index for a query vector, with the candidate count its manifest asks."""
+    factor = (index.manifest.get("faiss") or {}).get("rerank_factor", 1)  # absent in older indexes
+    return rerank_search(index.faiss[mode], index.vectors, index.norms, q, k, mode, factor, direction)
+
+
+def exact_search(index: Index, rows: np.ndarray, q: np.ndarray, k: int, mode: str, direction: str = "proponents",
+                 block: int = 65536) -> list[Hit]:
+    """Top-k of `rows` (ascending) by exact float64 score, read from the stored vectors in blocks: the
+    search behind metadata filters, whose cost grows with the number of matching rows."""
+    sign = DIRECTIONS[direction]
+    kept_rows, kept = np.empty(0, np.int64), np.empty(0)
+    for s in range(0, len(rows), block):
+        r = rows[s : s + block]
+        scores = exact_scores(index.vectors, index.norms, r, q, mode)
+        kept_rows, kept = np.concatenate([kept_rows, r]), np.concatenate([kept, scores])
+        if len(kept) > k:  # the best k so far (an exact tie at the k-th score keeps either row)
+            top = np.argpartition(-sign * kept, k - 1)[:k]
+            kept_rows, kept = kept_rows[top], kept[top]
+    order = np.lexsort((kept_rows, -sign * kept))[:k]
+    return [Hit(int(kept_rows[i]), float(kept[i])) for i in order]
+
+
+def rank(index: Index, fast_q: np.ndarray, k: int, mode: str, direction: str = "proponents",
+         rows: np.ndarray | None = None, high_q: np.ndarray | None = None, depth: int = 0) -> list[Hit]:
+    """The top k for one query: the compact vector `fast_q` ranks the index (or `rows` only, exactly);
+    with `high_q` (the query's high-fidelity vector) its top max(k, depth) are rescored by the
+    high-fidelity stage and the best k of them returned, best first (ties by row)."""
+    depth = max(k, depth) if high_q is not None else k
+    hits = search(index, fast_q, depth, mode, direction) if rows is None else exact_search(index, rows, fast_q, depth,
+                                                                                          mode, direction)
+    if high_q is None or not hits:
+        return hits
+    cand = np.array([h.row for h in hits])
+    scores = high_scores(index, cand, high_q, mode)
+    order = np.lexsort((cand, -DIRECTIONS[direction] * scores))[:k]
+    return [Hit(int(cand[i]), float(scores[i]), "high") for i in order]
