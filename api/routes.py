@@ -11,8 +11,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from engine import MAX_TOKENS_SCORED
 
 from .auth import require_admin_key, require_api_key
+from indexer.value import report_csv
+
 from .schemas import (AttributeRequest, AttributeResponse, AttributeResult, Document, Health, QueryInfo, Reloaded,
-                      TokenRequest, TokenResponse, TokenScore)
+                      TokenRequest, TokenResponse, TokenScore, ValueRequest, ValueResponse)
 from .search import Attributor, QueryError, UnknownDocument
 
 router = APIRouter()  # open to all: health, metrics, the page
@@ -53,6 +55,26 @@ def attribute_tokens(body: TokenRequest, att: Attributor = Depends(get_attributo
     return TokenResponse(id=body.id, mode=body.mode, tokens=[TokenScore(text=t, score=s) for t, s in zip(ts.texts, ts.scores)],
                          total=ts.total, document_score=ts.document_score, truncated=ts.truncated,
                          n_scored_tokens=ts.n_scored, max_tokens_scored=MAX_TOKENS_SCORED)
+
+
+@data.post("/value", response_model=ValueResponse, responses={200: {"content": {"text/csv": {}}}})
+def value(body: ValueRequest, request: Request, att: Attributor = Depends(get_attributor)):
+    """What each group of documents (by metadata fields) was worth over a set of queries: the same
+    report as `python -m indexer value` for the same queries and options."""
+    started = time.perf_counter()
+    limit = request.app.state.settings.max_value_queries
+    if len(body.queries) > limit:
+        raise HTTPException(status_code=422, detail=f"{len(body.queries)} queries; this server values at most {limit} "
+                            "per request (LOGRA_MAX_VALUE_QUERIES; `python -m indexer value` has no limit)")
+    try:
+        report = att.value([(q.prompt, q.response) for q in body.queries], body.group_by, body.mode, body.precision,
+                           body.top, body.bootstrap, body.seed)
+    except QueryError as e:
+        raise HTTPException(status_code=422, detail=str(e)) from e
+    if body.format == "csv":
+        return Response(report_csv(report), media_type="text/csv",
+                        headers={"Content-Disposition": 'attachment; filename="value.csv"'})
+    return ValueResponse(**report, took_ms=round((time.perf_counter() - started) * 1000, 2))
 
 
 @data.get("/documents", response_model=Document)
@@ -100,6 +122,8 @@ PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; script-src 'self
 
 @router.get("/", include_in_schema=False)
 @router.get("/ui/document", include_in_schema=False)
+@router.get("/ui/value", include_in_schema=False)
 def page() -> FileResponse:
-    """The browsing page; /ui/document?id=... is its document view (the same file, routed in the page)."""
+    """The browsing page; /ui/document?id=... is its document view and /ui/value its value view (the
+    same file, routed in the page)."""
     return FileResponse(STATIC / "index.html", media_type="text/html", headers=PAGE_HEADERS)

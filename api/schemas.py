@@ -9,16 +9,11 @@ MAX_K = 1000
 MAX_TEXT_CHARS = 1_000_000  # tokenizing more than this only to truncate it would stall a worker
 
 
-class _Query(BaseModel):
+class _Text(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     prompt: str = Field("", max_length=MAX_TEXT_CHARS, description="context before the response; may be empty")
     response: str = Field(..., min_length=1, max_length=MAX_TEXT_CHARS, description="the text to attribute")
-    mode: Literal["influence", "cosine"] = Field("cosine", description="inner product of preconditioned "
-                                                 "gradients, or the same divided by both norms")
-    precision: Literal["fast", "high"] = Field(
-        "high", description="fast: the compact vectors alone; high: the compact vectors' best candidates rescored "
-        "by the high-fidelity stage (gradients recomputed, larger projections, EK-FAC)")
 
     @field_validator("response")
     @classmethod
@@ -26,6 +21,14 @@ class _Query(BaseModel):
         if not v.strip():
             raise ValueError("response must contain non-whitespace text")
         return v
+
+
+class _Query(_Text):
+    mode: Literal["influence", "cosine"] = Field("cosine", description="inner product of preconditioned "
+                                                 "gradients, or the same divided by both norms")
+    precision: Literal["fast", "high"] = Field(
+        "high", description="fast: the compact vectors alone; high: the compact vectors' best candidates rescored "
+        "by the high-fidelity stage (larger stored vectors, EK-FAC)")
 
 
 class AttributeRequest(_Query):
@@ -105,3 +108,50 @@ class Health(BaseModel):
 class Reloaded(BaseModel):
     reloaded: bool = Field(description="a new index was opened (false: the folder had not changed)")
     n_documents: int
+
+
+class ValueRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    queries: list[_Text] = Field(..., min_length=1, max_length=100_000, description="the model outputs to value the "
+                                 "documents over (at most the server's max_value_queries)")
+    group_by: list[str] = Field(..., min_length=1, max_length=4, description="metadata fields whose values form the groups")
+    mode: Literal["influence", "cosine"] = Field("influence", description="influence is additive: a group's value is "
+                                                 "the sum of its documents'")
+    precision: Literal["fast", "high"] = Field("high", description="which stage's stored vectors score the documents")
+    top: int = Field(5, ge=1, le=100, description="top documents listed per group")
+    bootstrap: int = Field(1000, ge=0, le=10_000, description="resamples of the queries for the intervals (0: none)")
+    seed: int = 0
+    format: Literal["json", "csv"] = Field("json", description="csv: the groups flattened, as `indexer value --out x.csv`")
+
+
+class ValuedDocument(BaseModel):
+    id: str
+    value: float
+
+
+class ValueGroup(BaseModel):
+    group: dict[str, Any] = Field(description="the group's metadata values; a field its documents lack is absent")
+    n_documents: int
+    value: float
+    share_positive: float = Field(description="its documents' positive values over all documents' positive values")
+    share_negative: float = Field(description="its documents' negative values over all documents' negative values")
+    value_per_document: float
+    ci_low: float | None = Field(description="bootstrap interval over the queries (null without bootstrap)")
+    ci_high: float | None
+    top_documents: list[ValuedDocument]
+
+
+class ValueResponse(BaseModel):
+    groups: list[ValueGroup] = Field(description="highest value first")
+    group_by: list[str]
+    n_queries: int
+    n_documents: int
+    mode: str
+    precision: Literal["fast", "high"]
+    total_value: float
+    total_positive: float
+    total_negative: float
+    bootstrap: int
+    confidence: float
+    took_ms: float

@@ -23,8 +23,10 @@ from typing import Callable, TypeVar
 
 import numpy as np
 
-from engine import (MAX_TOKENS_SCORED, LoGra, Preconditioner, load_model, pair_vectors, query_vectors, token_texts,
-                    token_vectors)
+from engine import (MAX_TOKENS_SCORED, LoGra, Preconditioner, encode_pairs, load_model, pair_vectors, query_vectors,
+                    token_texts, token_vectors)
+from indexer.queries import Opened, query_matrix
+from indexer.value import value_report
 from indexer.ranking import HIGH_DEPTH, Hit, rank
 from indexer.store import MANIFEST, Index, IndexFormatError, ModelMismatchError
 
@@ -209,6 +211,26 @@ class Attributor:
                 high_q = pair_vectors(logra, pre, self.tokenizer, [(prompt, response)])[0].numpy()
         hits = rank(s.index, vector.numpy(), k, mode, direction, rows=rows, high_q=high_q, depth=self.high_depth)
         return hits, s.index.documents([h.row for h in hits]), info
+
+    def value(self, pairs: list[tuple[str, str]], group_by: list[str], mode: str = "influence",
+              precision: str = "high", top: int = 5, bootstrap: int = 1000, seed: int = 0) -> dict:
+        """Documents' and groups' values over the queries (indexer.value.value_report, as `indexer
+        value` computes them)."""
+        def run(s: Served) -> dict:
+            opened = Opened(s.index, self.tokenizer, (s.logra, s.preconditioner), s.high)
+            stage = opened.stage(precision)
+            for i, e in enumerate(encode_pairs(self.tokenizer, pairs, s.logra.max_tokens)):
+                if e.n_loss_tokens == 0:
+                    raise QueryError(f"query {i}: the response has no token to score "
+                                     "(with an empty prompt it needs at least two tokens)")
+            with self._lock:
+                queries = query_matrix(opened, stage, pairs)
+            try:
+                return value_report(s.index, stage, queries, group_by, mode=mode, top=top, bootstrap=bootstrap, seed=seed,
+                                    device=str(next(self.model.parameters()).device))
+            except ValueError as e:  # e.g. a field no document has
+                raise QueryError(str(e)) from None
+        return self._answer(run)
 
     def token_scores(self, prompt: str, response: str, doc_id: str, mode: str,
                      max_tokens_scored: int = MAX_TOKENS_SCORED, precision: str = "high") -> TokenScores:

@@ -17,10 +17,11 @@ class ServerSettings:
     # /attribute, /attribute/tokens, /documents and /index need it when set; admin endpoints always do
     api_key: str | None = None
     cors_origins: list[str] = field(default_factory=list)  # empty: no CORS headers (same-origin only)
+    max_value_queries: int = 256  # POST /value: queries per request at most (each costs a gradient pass)
 
     def __post_init__(self):
-        if self.max_body_bytes < 1 or self.request_timeout_s <= 0:
-            raise ValueError("max_body_bytes and request_timeout_s must be positive")
+        if self.max_body_bytes < 1 or self.request_timeout_s <= 0 or self.max_value_queries < 1:
+            raise ValueError("max_body_bytes, request_timeout_s and max_value_queries must be positive")
         if self.api_key is not None and len(self.api_key) < 16:
             raise ValueError("an API key needs at least 16 characters")
 
@@ -29,5 +30,6 @@ class ServerSettings:
         env = {"max_body_bytes": int(os.environ.get("LOGRA_MAX_BODY_BYTES", cls.max_body_bytes)),
                "request_timeout_s": float(os.environ.get("LOGRA_REQUEST_TIMEOUT_S", cls.request_timeout_s)),
                "api_key": os.environ.get("LOGRA_API_KEY") or None,
-               "cors_origins": _env_list("LOGRA_CORS_ORIGINS")}
+               "cors_origins": _env_list("LOGRA_CORS_ORIGINS"),
+               "max_value_queries": int(os.environ.get("LOGRA_MAX_VALUE_QUERIES", cls.max_value_queries))}
         return cls(**{**env, **{k: v for k, v in overrides.items() if v is not None}})

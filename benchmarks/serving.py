@@ -54,7 +54,7 @@ from tests.conftest import running_api  # noqa: E402
 
 K = 10
 SHARD = 100_000  # synthetic documents per IndexWriter shard
-SYNTHETIC = 3  # bump when the synthetic rows change: cached enlarged indexes of another version are rebuilt
+SYNTHETIC = 4  # bump when the synthetic rows change: cached enlarged indexes of another version are rebuilt
 
 
 # -- queries ------------------------------------------------------------------------------------

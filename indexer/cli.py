@@ -9,9 +9,10 @@ import sys
 from engine import PRECONDITIONERS
 
 from .build import BuildConfig, append_documents, build_index
+from .ranking import HIGH_DEPTH
 from .distributed import PeerFailed
 from .records import BadRecordError
-from .store import COMPRESS_ABOVE_BYTES, COMPRESSED_TYPE, FLAT_UP_TO_BYTES, INDEX_TYPES, IVF_TYPE, IndexFormatError, read_manifest
+from .store import COMPRESSED_TYPE, FLAT_UP_TO_BYTES, INDEX_TYPES, IndexFormatError, read_manifest
 
 
 def positive_int(text: str) -> int:
@@ -52,9 +53,21 @@ def _add_build_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--index-type", choices=INDEX_TYPES, default=d.index_type,
                    help=f"FAISS index: flat (exact), ivf (= ivf-flat), ivf-sq8, ivf-pq (compressed; reranked exactly), or auto: "
-                        f"flat up to {FLAT_UP_TO_BYTES >> 20} MiB of vectors, {IVF_TYPE} up to {COMPRESS_ABOVE_BYTES >> 30} GiB of vectors, "
-                        f"{COMPRESSED_TYPE} above")
+                        f"flat up to {FLAT_UP_TO_BYTES >> 20} MiB of vectors, {COMPRESSED_TYPE} above")
     p.add_argument("--shard-size", type=positive_int, default=d.shard_size, help="documents per on-disk shard")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def _add_query_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--index", required=True)
+    p.add_argument("--queries", required=True, nargs="+", help=".jsonl / .jsonl.gz / .parquet query records")
+    for flag in ("--text-field", "--prompt-field", "--response-field", "--id-field"):
+        p.add_argument(flag, default=None, help="default: as recorded in the index")
+    p.add_argument("--precision", choices=("high", "fast"), default="high")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="queries per forward and backward pass")
+    p.add_argument("--model", default=None, help="the index's model from another place (must have the same weights)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--skip-bad", action="store_true", help="skip and count malformed query records instead of stopping")
     p.add_argument("--no-progress", dest="progress", action="store_false")
 
 
@@ -87,6 +100,26 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--device", default="cpu")
     a.add_argument("--skip-bad", action="store_true")
     a.add_argument("--no-progress", dest="progress", action="store_false")
+
+    q = sub.add_parser("attribute", help="the top-k documents of every query in a file (as POST /attribute)")
+    _add_query_args(q)
+    q.add_argument("--out", required=True, help="hits, one row per (query, rank): .jsonl or .parquet")
+    q.add_argument("--k", type=positive_int, default=10)
+    q.add_argument("--mode", choices=("cosine", "influence"), default="cosine")
+    q.add_argument("--direction", choices=("proponents", "opponents"), default="proponents")
+    q.add_argument("--depth", type=positive_int, default=HIGH_DEPTH,
+                   help="precision high rescores the compact vectors' top max(k, depth)")
+
+    v = sub.add_parser("value", help="each document's and each group's summed influence over a set of queries")
+    _add_query_args(v)
+    v.add_argument("--group-by", action="append", required=True, help="a metadata field; repeat for several")
+    v.add_argument("--out", required=True, help="groups: .json, .csv or .parquet")
+    v.add_argument("--per-document", default=None, help="also every document's value into this .jsonl / .csv / .parquet")
+    v.add_argument("--mode", choices=("influence", "cosine"), default="influence",
+                   help="influence (default) is additive: a group's value is the sum of its documents'")
+    v.add_argument("--top", type=positive_int, default=5, help="top documents listed per group")
+    v.add_argument("--bootstrap", type=int, default=1000, help="resamples of the queries for the intervals (0: none)")
+    v.add_argument("--seed", type=int, default=0)
 
     i = sub.add_parser("info", help="print an index's manifest")
     i.add_argument("index")
@@ -123,6 +156,15 @@ def main(argv: list[str] | None = None) -> int:
             manifest = append_documents(args.index, args.data, **opts)
             added = manifest["appends"][-1]["documents"]
             print(f"appended {added} documents to {args.index} ({manifest['n_documents']} in all)")
+        elif args.command == "attribute":
+            from .attribute import AttributeConfig, attribute_queries
+            done = attribute_queries(AttributeConfig(**{k: v for k, v in vars(args).items() if k != "command"}))
+            print(f"attributed {done['queries']} queries ({done['precision']} precision) -> {done['rows']} rows in "
+                  f"{done['out']} ({done['seconds']} s); skipped {done['skipped']}")
+            for reason in done["skipped_examples"]:
+                print(f"  skipped: {reason}", file=sys.stderr)
+        elif args.command == "value":
+            _value(args)
         elif args.command == "info":
             print(json.dumps(read_manifest(args.index), indent=2, sort_keys=True))
         elif args.command == "demo":
@@ -134,3 +176,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}" if rank == "0" else f"error: [rank {rank}] {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _value(args) -> None:
+    from .queries import open_index, query_matrix, query_records
+    from .records import ReadStats
+    from .value import check_outputs, value_report, write_documents, write_report
+    check_outputs(args.out, args.per_document)
+    opened = open_index(args.index, args.model, args.device)
+    stage = opened.stage(args.precision)
+    stats = ReadStats()
+    records = query_records(opened, args.queries, text_field=args.text_field, prompt_field=args.prompt_field,
+                            response_field=args.response_field, id_field=args.id_field, skip_bad=args.skip_bad,
+                            stats=stats)
+    queries = query_matrix(opened, stage, (pair for _, pair in records), args.batch_size, args.progress)
+    report = value_report(opened.index, stage, queries, args.group_by, mode=args.mode, top=args.top,
+                          bootstrap=args.bootstrap, seed=args.seed, device=args.device,
+                          per_document=bool(args.per_document))
+    write_report(report, args.out)
+    if args.per_document:
+        write_documents(report, args.per_document)
+    print(f"valued {report['n_documents']} documents in {len(report['groups'])} groups over {report['n_queries']} "
+          f"queries ({stage} precision, {args.mode}) -> {args.out}; skipped {stats.skipped}")

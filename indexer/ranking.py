@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
-from .store import Index, unit_rows
+from .store import Index, pad_to, unit_rows
 
 __all__ = ["DIRECTIONS", "HIGH_DEPTH", "Hit", "exact_scores", "exact_search", "high_scores", "rank", "rerank_search", "search"]
 
@@ -39,16 +39,16 @@ def exact_scores(vectors: np.ndarray, norms: np.ndarray, rows: np.ndarray, q: np
 
 
 def rerank_search(index: faiss.Index, vectors: np.ndarray, norms: np.ndarray, q: np.ndarray, k: int, mode: str,
-                  rerank_factor: int = 1, direction: str = "proponents") -> list[Hit]:
+                  rerank_factor: int = 1, direction: str = "proponents", candidates: int | None = None) -> list[Hit]:
     """Top-k rows of `vectors` for query q: `index` (over vectors, or their unit rows for cosine)
-    proposes rerank_factor x max(4k, k + 64) candidates, exact float64 scores rank them. Opponents
-    (the lowest scores) are the top rows for -q: the same index, probed the other way."""
+    proposes `candidates` (default rerank_factor x max(4k, k + 64)) rows, exact float64 scores rank
+    them. Opponents (the lowest scores) are the top rows for -q: the same index, probed the other way."""
     n = len(vectors)
     k = min(k, n)
     sign = DIRECTIONS[direction]
     q = q.astype(np.float32)[None, :]
-    probe = sign * (unit_rows(q) if mode == "cosine" else q)
-    _, cand = index.search(probe, min(n, max(4 * k, k + 64) * rerank_factor))
+    probe = pad_to(sign * (unit_rows(q) if mode == "cosine" else q), index.d)
+    _, cand = index.search(probe, min(n, candidates or max(4 * k, k + 64) * rerank_factor))
     cand = np.unique(cand[0][cand[0] >= 0])
     exact = exact_scores(vectors, norms, cand, q[0], mode)
     order = np.lexsort((cand, -sign * exact))[:k]  # best first; ties broken by row for reproducibility
@@ -73,10 +73,12 @@ def high_scores(index: Index, rows: np.ndarray, q: np.ndarray, mode: str, block:
     return out
 
 
-def search(index: Index, q: np.ndarray, k: int, mode: str, direction: str = "proponents") -> list[Hit]:
-    """Top-k rows of an opened index for a query vector, with the candidate count its manifest asks."""
+def search(index: Index, q: np.ndarray, k: int, mode: str, direction: str = "proponents",
+           candidates: int | None = None) -> list[Hit]:
+    """Top-k rows of an opened index for a query vector, with the candidate count its manifest asks
+    (or `candidates`)."""
     factor = (index.manifest.get("faiss") or {}).get("rerank_factor", 1)  # absent in older indexes
-    return rerank_search(index.faiss[mode], index.vectors, index.norms, q, k, mode, factor, direction)
+    return rerank_search(index.faiss[mode], index.vectors, index.norms, q, k, mode, factor, direction, candidates)
 
 
 def exact_search(index: Index, rows: np.ndarray, q: np.ndarray, k: int, mode: str, direction: str = "proponents",
@@ -102,8 +104,10 @@ def rank(index: Index, fast_q: np.ndarray, k: int, mode: str, direction: str = "
     with `high_q` (the query's high-fidelity vector) its top max(k, depth) are rescored by the
     high-fidelity stage and the best k of them returned, best first (ties by row)."""
     depth = max(k, depth) if high_q is not None else k
-    hits = search(index, fast_q, depth, mode, direction) if rows is None else exact_search(index, rows, fast_q, depth,
-                                                                                          mode, direction)
+    # The high stage needs the compact vectors' top `depth` roughly right, not their exact k: 4 x depth
+    # FAISS candidates reranked exactly (rerank_factor x that read ~160 MB a query at depth 150 and 100k).
+    hits = (search(index, fast_q, depth, mode, direction, candidates=4 * depth if high_q is not None else None)
+            if rows is None else exact_search(index, rows, fast_q, depth, mode, direction))
     if high_q is None or not hits:
         return hits
     cand = np.array([h.row for h in hits])

@@ -47,24 +47,23 @@ MODES = ("influence", "cosine")
 REQUIRED = (MANIFEST, STATE, VECTORS, NORMS, "faiss-influence.index", "faiss-cosine.index", f"{TABLE}.lance")
 INDEX_TYPES = ("auto", "flat", "ivf", "ivf-flat", "ivf-sq8", "ivf-pq")  # "ivf" is "ivf-flat"
 # index_type "auto": exact (flat) while the float32 vectors fit FLAT_UP_TO_BYTES (or below FLAT_BELOW
-# documents); IVF_TYPE until they pass COMPRESS_ABOVE_BYTES (the server holds two such indexes in
-# memory); then COMPRESSED_TYPE. Preconditioned gradients are nearly isotropic, which IVF handles
-# poorly (benchmarks/serving.py: recall@10 0.6-0.9 at 1/8 of the lists on the demo's vectors without
-# a rerank), while a flat scan of 256 MiB took ~30 ms here. IVF-SQ8 scans a quarter of IVF-flat's
-# bytes and its exact rerank keeps recall (100k x 4072: 0.94 at 1/8 of the lists in 17 ms, IVF-flat
-# needed half the lists and 50-70 ms); benchmarks/large_index.py measures the IVF types.
+# documents), COMPRESSED_TYPE above. Preconditioned gradients are nearly isotropic, which IVF handles
+# poorly: recall is set by the share of lists probed, whatever the quantizer (benchmarks/large_index.py;
+# at 100k x 4073 of the demo's vectors, cosine recall@10 0.73 / 0.86 / 0.94 at 1/8, 1/4, 1/2 of the
+# lists for IVF-flat, IVF-SQ8 and IVF-PQ alike). What differs is the cost of a probed list there, one
+# thread: IVF-PQ 19 / 23 / 31 ms, IVF-flat 20 / 38 ms (1/8, 1/4), IVF-SQ8 61 / 116 ms; flat scan 118 ms
+# (30 ms at 256 MiB).
 FLAT_BELOW = 4096
 FLAT_UP_TO_BYTES = 256 << 20
-IVF_TYPE = "ivf-sq8"
-COMPRESS_ABOVE_BYTES = 4 << 30
 COMPRESSED_TYPE = "ivf-pq"
-# Lists probed: nlist // PROBE_DIVISOR (at least 8). See build_faiss.
-PROBE_DIVISOR = {"ivf-flat": 2, "ivf-sq8": 8, "ivf-pq": 2}
+PQ_DIMS_PER_CODE = 8  # IVF-PQ: one byte per this many dimensions (vectors zero-padded to a multiple)
 # Quantized scores only propose candidates; the exact rerank keeps results exact when the true
 # top k are among them, so compressed types ask FAISS for this many times more (api.search).
 # Measured (benchmarks/large_index.py, 1M x 512): SQ8 lost nothing even at 1, but heavy-tailed norms
-# stretch its 8-bit ranges (at 2 the stress test in tests/test_indexer.py misses); PQ (64 B) needs 16.
-RERANK_FACTOR = {"flat": 1, "ivf-flat": 1, "ivf-sq8": 4, "ivf-pq": 16}
+# stretch its 8-bit ranges (at 2 the stress test in tests/test_indexer.py misses); PQ (64 B) reached
+# 0.986 at 4 and 0.9965 at 16; at 100k x 4073 (the demo's, 510 B) 0.923 / 0.928 / 0.928 (cosine) at
+# 4 / 8 / 16, in 19 / 22 / 32 ms: the exact rerank of the extra candidates is what costs.
+RERANK_FACTOR = {"flat": 1, "ivf-flat": 1, "ivf-sq8": 4, "ivf-pq": 8}
 TRAIN_POINTS_PER_LIST = 64  # k-means sample per IVF list (FAISS warns below 39)
 TRAIN_BYTES = 512 << 20  # ...and at most this much float32 sample, so training memory is bounded
 BLOCK_BYTES = 128 << 20  # vectors are read and added in blocks of this size
@@ -408,11 +407,7 @@ def resolve_index_type(index_type: str, n: int, dim: int) -> str:
         return "ivf-flat"
     if index_type != "auto":
         return index_type
-    if n < FLAT_BELOW or n * dim * 4 <= FLAT_UP_TO_BYTES:
-        return "flat"
-    if n * dim * 4 <= COMPRESS_ABOVE_BYTES or pq_subquantizers(dim) < dim // 16:  # PQ needs a divisor of dim
-        return IVF_TYPE
-    return COMPRESSED_TYPE
+    return "flat" if n < FLAT_BELOW or n * dim * 4 <= FLAT_UP_TO_BYTES else COMPRESSED_TYPE
 
 
 def default_nlist(n: int) -> int:
@@ -421,9 +416,14 @@ def default_nlist(n: int) -> int:
     return max(1, int(min(2 * np.sqrt(n), n // 39)))
 
 
-def pq_subquantizers(dim: int) -> int:
-    """IVF-PQ sub-quantizers: the divisor of dim nearest dim/8 from below (one byte per ~8 floats)."""
-    return max(m for m in range(1, max(1, dim // 8) + 1) if dim % m == 0)
+def padded_dim(index_type: str, dim: int) -> int:
+    """The FAISS index's dimension: IVF-PQ's sub-quantizers need a multiple of PQ_DIMS_PER_CODE
+    (vectors and queries are zero-padded: inner products unchanged); the others take dim as is."""
+    return dim + (-dim) % PQ_DIMS_PER_CODE if index_type == "ivf-pq" else dim
+
+
+def pad_to(x: np.ndarray, dim: int) -> np.ndarray:
+    return x if x.shape[1] == dim else np.pad(x, ((0, 0), (0, dim - x.shape[1])))
 
 
 class VectorFile:
@@ -475,25 +475,26 @@ def build_faiss(root: str | Path, index_type: str = "auto", nlist: int | None = 
     block = block or max(1, BLOCK_BYTES // (4 * dim))
     kind = resolve_index_type(index_type, n, dim)
     res = _gpu_resources() if gpu and kind != "flat" else None
+    d = padded_dim(kind, dim)
     for mode in MODES:
-        prep = (lambda x: x) if mode == "influence" else unit_rows
+        prep = (lambda x: pad_to(x, d)) if mode == "influence" else (lambda x: pad_to(unit_rows(x), d))
         info = {"type": kind, "rerank_factor": RERANK_FACTOR[kind]}
         if kind == "flat":
-            index = faiss.IndexFlatIP(dim)
+            index = faiss.IndexFlatIP(d)
         else:
             k = nlist or default_nlist(n)
-            quantizer = faiss.IndexFlatIP(dim)
+            quantizer = faiss.IndexFlatIP(d)
             n_train = min(n, TRAIN_POINTS_PER_LIST * k, max(39 * k, TRAIN_BYTES // (4 * dim)))
             sample = np.sort(np.random.default_rng(0).choice(n, size=n_train, replace=False))
             if kind == "ivf-flat":
-                index = faiss.IndexIVFFlat(quantizer, dim, k, faiss.METRIC_INNER_PRODUCT)
+                index = faiss.IndexIVFFlat(quantizer, d, k, faiss.METRIC_INNER_PRODUCT)
             elif kind == "ivf-sq8":
-                index = faiss.IndexIVFScalarQuantizer(quantizer, dim, k, faiss.ScalarQuantizer.QT_8bit,
+                index = faiss.IndexIVFScalarQuantizer(quantizer, d, k, faiss.ScalarQuantizer.QT_8bit,
                                                       faiss.METRIC_INNER_PRODUCT)
             else:  # 8-bit codes need 256 training points per sub-quantizer; tiny corpora get fewer bits
-                m, nbits = pq_subquantizers(dim), min(8, int(np.log2(n_train)))
-                index = faiss.IndexIVFPQ(quantizer, dim, k, m, nbits, faiss.METRIC_INNER_PRODUCT)
-                info.update(m=m, nbits=nbits)
+                m, nbits = d // PQ_DIMS_PER_CODE, min(8, int(np.log2(n_train)))
+                index = faiss.IndexIVFPQ(quantizer, d, k, m, nbits, faiss.METRIC_INNER_PRODUCT)
+                info.update(m=m, nbits=nbits, padded_dim=d)
             info.update(nlist=k, n_train=n_train)
         work, on_gpu = index, False
         if res is not None:
@@ -508,10 +509,8 @@ def build_faiss(root: str | Path, index_type: str = "auto", nlist: int | None = 
         index = faiss.index_gpu_to_cpu(work) if on_gpu else work
         del work
         if kind != "flat":
-            # Candidates are reranked exactly; recall is what costs. IVF-flat and PQ at half the lists:
-            # recall@10 0.96-0.97 (cosine) on the demo's vectors at 100k and 1M, against 0.78-0.88 at an
-            # eighth (serving.json); SQ8's larger candidate list holds recall at an eighth.
-            index.nprobe = info["nprobe"] = min(index.nlist, max(8, index.nlist // PROBE_DIVISOR[kind]))
+            # Candidates are reranked exactly; recall is what costs: half the lists (see FLAT_BELOW).
+            index.nprobe = info["nprobe"] = min(index.nlist, max(8, index.nlist // 2))
         info["device"] = "gpu" if on_gpu else "cpu"
         faiss.write_index(index, str(faiss_path(root, mode)))
         del index

@@ -572,7 +572,7 @@ def test_compressed_index_with_rerank_returns_the_exact_top_k(tmp_path, kind):
     assert info["type"] == kind and info["nprobe"] == info["nlist"] == 4
     assert (max(4 * k, k + 64) * info["rerank_factor"]) < n / 2  # the rerank sees a minority of the corpus
     if kind == "ivf-pq":
-        assert dim % info["m"] == 0 and info["nbits"] == 8
+        assert info["padded_dim"] == info["m"] * store.PQ_DIMS_PER_CODE >= dim and info["nbits"] == 8
     vectors = np.load(tmp_path / store.VECTORS, mmap_mode="r")
     norms = np.linalg.norm(x[:n], axis=1)
     for mode in store.MODES:
@@ -585,20 +585,37 @@ def test_compressed_index_with_rerank_returns_the_exact_top_k(tmp_path, kind):
             assert [h.score for h in hits] == pytest.approx(exact[[h.row for h in hits]], rel=1e-6)
 
 
+def test_ivf_pq_pads_a_dim_its_codes_do_not_divide(tmp_path):
+    from indexer.ranking import rerank_search
+    import faiss
+    n, dim, k = 3000, 61, 10
+    x = anisotropic_vectors(n + 20, dim, seed=6)
+    np.save(tmp_path / store.VECTORS, x[:n])
+    info = store.build_faiss(tmp_path, "ivf-pq", nlist=4)
+    assert info["padded_dim"] == 64 and info["m"] == 8
+    vectors, norms = np.load(tmp_path / store.VECTORS, mmap_mode="r"), np.linalg.norm(x[:n], axis=1)
+    index = faiss.read_index(str(store.faiss_path(tmp_path, "cosine")))
+    assert index.d == 64
+    found = 0
+    for q in x[n:]:
+        exact = brute_force(x[:n], norms, q, "cosine")
+        hits = rerank_search(index, vectors, norms, q, k, "cosine", info["rerank_factor"])
+        assert [h.score for h in hits] == pytest.approx(exact[[h.row for h in hits]], rel=1e-6)  # padding adds nothing
+        found += len({h.row for h in hits} & set(np.argsort(-exact)[:k]))
+    assert found / (k * 20) >= 0.9
+
+
 def test_auto_index_type_by_corpus_size():
     assert store.resolve_index_type("auto", store.FLAT_BELOW - 1, 10**6) == "flat"  # too few to train lists
     flat_max = store.FLAT_UP_TO_BYTES // (4 * 512)
     assert store.resolve_index_type("auto", flat_max, 512) == "flat"
-    assert store.resolve_index_type("auto", flat_max + 1, 512) == "ivf-sq8"
-    big = store.COMPRESS_ABOVE_BYTES // (4 * 512) + 1
-    assert store.resolve_index_type("auto", big - 1, 512) == "ivf-sq8"
-    assert store.resolve_index_type("auto", big, 512) == store.COMPRESSED_TYPE
-    assert store.resolve_index_type("auto", big, 509) == "ivf-sq8"  # a prime dim: no PQ sub-quantizers
+    assert store.resolve_index_type("auto", flat_max + 1, 512) == store.COMPRESSED_TYPE == "ivf-pq"
     assert store.resolve_index_type("ivf", 10, 512) == "ivf-flat"
     assert store.resolve_index_type("flat", 10**9, 512) == "flat"
     with pytest.raises(ValueError, match="index_type"):
         store.resolve_index_type("hnsw", 10, 512)
-    assert [store.pq_subquantizers(d) for d in (512, 3072, 100, 7)] == [64, 384, 10, 1]
+    assert [store.padded_dim("ivf-pq", d) for d in (512, 4073, 7)] == [512, 4080, 8]
+    assert store.padded_dim("ivf-flat", 4073) == 4073
 
 
 def test_vector_file_reads_blocks_and_rows_like_numpy(tmp_path):

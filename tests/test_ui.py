@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from pathlib import Path
 from urllib.parse import parse_qs, urlencode, urlparse
 
 import httpx
@@ -395,3 +396,54 @@ def test_precision_fast_and_high_are_the_apis_and_stay_in_the_url(page, server):
         page.wait_for_selector("body[data-state=results]")
         assert page.input_value("#precision") == precision
     page.watch.assert_clean(page)
+
+
+VALUE_QUERIES = [{"prompt": "winter engine", "response": " paper violet harbor needle"},
+                 {"prompt": "", "response": "river stone cloud lamp orbit"},
+                 {"prompt": "falcon", "response": " marble thunder velvet lantern"}]
+
+
+def test_value_view_charts_the_apis_groups_and_downloads_its_csv(csp_page, server, tmp_path):
+    """Under the page's own CSP: pasted queries valued by source; the rows, bars and intervals are the
+    API's /value answer; a group opens its top documents; the CSV download is the API's CSV."""
+    page = csp_page
+    api = httpx.post(server + "/value", json={"queries": VALUE_QUERIES, "group_by": ["source"]}, timeout=60).json()
+    page.goto(server + "/ui/value")
+    assert page.get_attribute("#nav-value", "aria-current") == "page"
+    page.fill("#value-queries", "\n".join(json.dumps(q) for q in VALUE_QUERIES) + "\n")
+    page.fill("#value-field", "source")
+    page.click("#value-submit")
+    page.wait_for_selector("body[data-state=value], body[data-state=error]")
+    shot(page, "value-view")
+    rows = page.eval_on_selector_all(".group-row", """els => els.map(e => ({
+        name: e.querySelector('.group-name').textContent, value: e.querySelector('.value').textContent,
+        bar: e.querySelector('.vbar').getBoundingClientRect().width, negative: e.querySelector('.vbar').classList.contains('negative'),
+        ci: !!e.querySelector('.ci')}))""")
+    assert [r["name"] for r in rows] == [f"source = {g['group']['source']}" for g in api["groups"]]
+    top = max(abs(g["value"]) for g in api["groups"])
+    for r, g in zip(rows, api["groups"]):
+        assert float(r["value"]) == pytest.approx(g["value"], rel=1e-3)
+        assert r["negative"] == (g["value"] < 0) and r["ci"]
+    widest = max(rows, key=lambda r: r["bar"])
+    assert float(widest["value"]) == pytest.approx(max((g["value"] for g in api["groups"]), key=abs), rel=1e-3) and top > 0
+
+    page.click(".group-row >> nth=0")
+    links = page.eval_on_selector_all(".group-docs .doc-link", "els => els.map(e => e.textContent)")
+    assert links == [d["id"] for d in api["groups"][0]["top_documents"]]
+
+    with page.expect_download() as dl:
+        page.click("#value-csv")
+    got = Path(dl.value.path()).read_text()
+    want = httpx.post(server + "/value", json={"queries": VALUE_QUERIES, "group_by": ["source"], "format": "csv"},
+                      timeout=60).text
+    assert got.replace("\r\n", "\n") == want.replace("\r\n", "\n")
+    page.watch.assert_clean(page)
+
+    page.fill("#value-queries", "{not json")  # a bad line says which, without a request
+    page.click("#value-submit")
+    assert "line 1" in page.text_content("#value-status")
+    page.fill("#value-queries", json.dumps(VALUE_QUERIES[0]))
+    page.fill("#value-field", "provider")  # a field no document has: the API's 422, shown
+    page.click("#value-submit")
+    page.wait_for_selector("body[data-state=error]")
+    assert "provider" in page.text_content("#value-status")

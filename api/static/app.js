@@ -368,10 +368,147 @@ async function routeDocument() {
   }
 }
 
+// ---- value view: what each group of documents was worth over a set of queries ------------------
+
+function parseQueries(text) {
+  const out = [];
+  text.split(/\r?\n/).forEach((line, i) => {
+    if (!line.trim()) return;
+    let o;
+    try { o = JSON.parse(line); } catch (e) { throw new Error(`line ${i + 1}: not JSON`); }
+    const response = o && typeof o === "object" ? (typeof o.response === "string" ? o.response : o.text) : undefined;
+    if (typeof response !== "string") throw new Error(`line ${i + 1}: needs a "response" (or "text") string`);
+    out.push({ prompt: typeof o.prompt === "string" ? o.prompt : "", response });
+  });
+  if (!out.length) throw new Error("no queries: paste or upload one JSON object per line");
+  return out;
+}
+
+function valueRequest() {
+  const field = $("value-field").value.trim();
+  if (!field) throw new Error("name a metadata field to group the documents by");
+  return { queries: parseQueries($("value-queries").value), group_by: [field], mode: $("value-mode").value,
+           precision: $("value-precision").value };
+}
+
+function groupLabel(group, fields) {
+  return fields.map((f) => f in group ? `${f} = ${typeof group[f] === "string" ? group[f] : JSON.stringify(group[f])}`
+                                      : `(no ${f})`).join(", ");
+}
+
+function valueChart(g, scale) {
+  const x = (v) => 50 + 50 * v / scale;  // percent of the chart's width; 0 in the middle
+  const bar = el("span", { class: "vbar" + (g.value < 0 ? " negative" : "") });
+  bar.style.left = Math.min(x(0), x(g.value)).toFixed(2) + "%";
+  bar.style.width = Math.abs(x(g.value) - x(0)).toFixed(2) + "%";
+  const chart = el("div", { class: "vchart", title: `value ${fmt(g.value)}` }, el("span", { class: "axis" }), bar);
+  chart.firstChild.style.left = "50%";
+  if (g.ci_low !== null && g.ci_high !== null) {
+    const ci = el("span", { class: "ci" });
+    ci.style.left = x(g.ci_low).toFixed(2) + "%";
+    ci.style.width = Math.max(0.5, x(g.ci_high) - x(g.ci_low)).toFixed(2) + "%";
+    chart.append(ci);
+  }
+  return chart;
+}
+
+function toggleGroup(tr, g) {
+  const open = tr.getAttribute("aria-expanded") !== "true";
+  tr.setAttribute("aria-expanded", String(open));
+  if (!open) { tr.nextSibling.remove(); return; }
+  const list = el("ul", { class: "top-docs" });
+  for (const d of g.top_documents) {
+    list.append(el("li", {}, el("a", { href: documentURL(d.id), class: "doc-link", text: d.id }),
+                   el("span", { class: "mono", text: fmt(d.value) })));
+  }
+  const cell = el("td", { colspan: "7" }, el("div", { class: "muted", text: `top ${g.top_documents.length} documents` }), list);
+  tr.after(el("tr", { class: "group-docs" }, cell));
+}
+
+function renderValue(data) {
+  const rows = $("value-rows");
+  rows.textContent = "";
+  const scale = Math.max(1e-300, ...data.groups.flatMap((g) => [g.value, g.ci_low, g.ci_high].filter((v) => v !== null).map(Math.abs)));
+  for (const g of data.groups) {
+    const tr = el("tr", { class: "group-row", tabindex: "0", "aria-expanded": "false" },
+      el("td", { class: "group-name", text: groupLabel(g.group, data.group_by) }),
+      el("td", { class: "num", text: String(g.n_documents) }),
+      el("td", {}, valueChart(g, scale)),
+      el("td", { class: "num value", text: fmt(g.value) }),
+      el("td", { class: "num", text: g.ci_low === null ? "-" : `[${fmt(g.ci_low)}, ${fmt(g.ci_high)}]` }),
+      el("td", { class: "num", text: (100 * g.share_positive).toFixed(1) + "%" }),
+      el("td", { class: "num", text: (100 * g.share_negative).toFixed(1) + "%" }));
+    tr.addEventListener("click", () => toggleGroup(tr, g));
+    tr.addEventListener("keydown", (ev) => { if (ev.key === "Enter") toggleGroup(tr, g); });
+    rows.append(tr);
+  }
+  $("value-table").hidden = false;
+  $("value-summary").textContent = `${data.n_documents} documents in ${data.groups.length} groups, valued over ` +
+    `${data.n_queries} queries (${data.mode}, ${data.precision} precision): total ${fmt(data.total_value)}, ` +
+    `positive ${fmt(data.total_positive)}, negative ${fmt(data.total_negative)}. Click a group for its top documents.`;
+}
+
+let valueSeq = 0;
+
+async function runValue() {
+  const seq = ++valueSeq, status = $("value-status");
+  $("value-table").hidden = true;
+  $("value-summary").textContent = "";
+  $("value-csv").disabled = true;
+  let body;
+  try { body = valueRequest(); } catch (e) { setStatus(status, "error", e.message); return; }
+  setStatus(status, "loading", `Valuing every document over ${body.queries.length} queries…`);
+  $("value-submit").disabled = true;
+  document.body.dataset.state = "loading";
+  try {
+    const data = await api("POST", "/value", body);
+    if (seq !== valueSeq) return;
+    setStatus(status, "", "");
+    renderValue(data);
+    $("value-csv").disabled = false;
+    document.body.dataset.state = "value";
+  } catch (e) {
+    if (seq !== valueSeq) return;
+    setStatus(status, "error", "Error: " + e.message);
+    document.body.dataset.state = "error";
+  } finally {
+    if (seq === valueSeq) $("value-submit").disabled = false;
+  }
+}
+
+async function downloadValueCSV() {
+  const headers = { "Content-Type": "application/json" };
+  const key = sessionStorage.getItem(KEY_STORE);
+  if (key) headers["Authorization"] = "Bearer " + key;
+  try {
+    const r = await fetch("/value", { method: "POST", headers, body: JSON.stringify({ ...valueRequest(), format: "csv" }) });
+    if (!r.ok) throw new Error(`the server answered ${r.status}`);
+    const a = el("a", { href: URL.createObjectURL(await r.blob()), download: "value.csv" });
+    document.body.append(a);
+    a.click();
+    a.remove();
+  } catch (e) {
+    setStatus($("value-status"), "error", "Download failed: " + e.message);
+  }
+}
+
+function routeValue() {
+  $("search-view").hidden = true;
+  $("value-view").hidden = false;
+  document.title = "Value · logra-search";
+  document.body.dataset.state = "value-idle";
+}
+
 // ---- wiring --------------------------------------------------------------------------------
 
 function route() {
-  if (location.pathname.startsWith("/ui/document")) routeDocument(); else routeSearch();
+  const path = location.pathname;
+  for (const [id, here] of [["nav-value", path.startsWith("/ui/value")], ["nav-search", !path.startsWith("/ui/")]]) {
+    if (here) $(id).setAttribute("aria-current", "page"); else $(id).removeAttribute("aria-current");
+  }
+  if (path.startsWith("/ui/document")) routeDocument();
+  else if (path.startsWith("/ui/value")) routeValue();
+  else routeSearch();
 }
 
 document.addEventListener("DOMContentLoaded", () => {
@@ -387,6 +524,12 @@ document.addEventListener("DOMContentLoaded", () => {
       if (ev.key === "Enter" && (ev.ctrlKey || ev.metaKey)) { ev.preventDefault(); $("query").requestSubmit(); }
     });
   }
+  $("value-form").addEventListener("submit", (ev) => { ev.preventDefault(); runValue(); });
+  $("value-csv").addEventListener("click", downloadValueCSV);
+  $("value-file").addEventListener("change", async () => {
+    const f = $("value-file").files[0];
+    if (f) $("value-queries").value = await f.text();
+  });
   window.addEventListener("popstate", route);
   route();
 });

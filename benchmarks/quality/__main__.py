@@ -14,7 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from . import evaluate, generate, methods  # noqa: E402
+from . import evaluate, generate, groups, methods  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 # The shipped defaults (indexer BuildConfig, api schemas: precision high, mode cosine) and their fast
@@ -37,6 +37,7 @@ def cmd_generate(args) -> None:
         generate.stage_finetuned(gt, spec)
         generate.stage_lds(gt, workers=args.workers, n_subsets=args.subsets, spec=spec)
         generate.stage_brittle_random(gt, workers=args.workers, spec=spec)
+        groups.stage_groups(gt, workers=args.workers, spec=spec)
         if args.brittle_methods == "none":
             continue
         wanted = args.brittle_methods.split(",") if args.brittle_methods else list(BRITTLE_METHODS)
@@ -75,7 +76,7 @@ def summarize(results: dict, gt: Path, default: str) -> dict:
             "seed_sd_median": float(np.median(sd)),
             "setting": {"subsets": int(masks.shape[0]), "seeds": int(losses.shape[1]), "train_docs": int(masks.shape[1]),
                         "queries": int(losses.shape[2]), "meta": json.loads((gt / "meta.json").read_text())},
-            "methods": out, "targets": targets(results, per_query)}
+            "methods": out, "targets": targets(results, per_query), "groups": groups.summary(results, gt)}
 
 
 def paired(per_query: dict, a: str, b: str) -> dict | None:
@@ -166,6 +167,23 @@ def table(summary: dict, names=None) -> str:
         a = t["api_k10_agreement"]
         lines.append(f"API k = 10 at depth {a['depth']}: {a['mean']:.2f} of the k = all top 10 "
                      f"(stored float16 vs recomputed scores, max error {_fmt(a['max_rel_error_vs_engine'], 4)} of the largest).")
+    gr = summary.get("groups")
+    if gr:
+        lines += ["", f"Group values against retraining ({gr['groups']} groups by {gr['field']}, "
+                  f"{gr['documents_per_group']['min']}-{gr['documents_per_group']['max']} documents, each removed and "
+                  f"retrained with 2 seeds): Spearman across groups between the predicted value (summed scores) and "
+                  f"the rise of the queries' total loss; noise ceiling {gr['noise_ceiling_single_seed']:.3f} seed vs seed, "
+                  f"{gr['noise_ceiling_two_seeds']:.3f} for the two seeds' mean.", "",
+                  "| method | Spearman ± SE (bootstrap over groups) | vs full-ekfac (paired SE) | seed 1 / seed 2 |", "|---|---|---|---|"]
+        for n, m in sorted(gr["methods"].items(), key=lambda nm: -nm[1]["spearman"]):
+            vs = m.get("vs_full_ekfac")
+            paired = f"{vs['diff']:+.3f} ({vs['se']:.3f})" if vs else "-"
+            seeds = " / ".join(f"{x:.3f}" for x in m["spearman_seed"])
+            lines.append(f"| {n} | {m['spearman']:.3f} ± {m['spearman_se']:.3f} | {paired} | {seeds} |")
+        if gr.get("additivity"):
+            a = gr["additivity"]
+            lines.append(f"\nAdditivity: {a['pairs']} pairs of groups removed together: Pearson {a['pearson']:.3f} with the sum "
+                         f"of their separate effects; together / sum {a['ratio_together_to_sum']:.2f}.")
     brittle = [(n, r["brittleness"]) for n, r in summary["methods"].items() if r.get("brittleness")]
     if brittle:
         ks = brittle[0][1]["k"]
