@@ -14,6 +14,7 @@ from fastapi.staticfiles import StaticFiles
 from .limits import RequestLimits
 from .metrics import Metrics, MetricsMiddleware
 from .routes import STATIC, admin, data, router
+from .lanes import RETRY_AFTER_S, Busy, HeavyLane
 from .search import HIGH_DEPTH, Attributor, IndexUnavailable
 from .settings import ServerSettings
 
@@ -35,6 +36,10 @@ async def _unavailable(request: Request, exc: IndexUnavailable) -> JSONResponse:
     return _AsciiJSONResponse(status_code=503, content={"detail": str(exc)})
 
 
+async def _busy(request: Request, exc: Busy) -> JSONResponse:
+    return _AsciiJSONResponse(status_code=503, content={"detail": str(exc)}, headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
 def create_app(index_dir: str | Path, model: str | None = None, device: str = "cpu",
                settings: ServerSettings | None = None, max_batch: int = 16, high_depth: int = HIGH_DEPTH) -> FastAPI:
     """Open the index and load its model now, so a bad index or the wrong model fails at start-up,
@@ -43,7 +48,8 @@ def create_app(index_dir: str | Path, model: str | None = None, device: str = "c
     `max_batch`: concurrent /attribute queries sharing one gradient pass, at most (1: no batching).
     `high_depth`: precision "high" rescores the compact vectors' top max(k, high_depth) documents."""
     settings = settings or ServerSettings.from_env()
-    attributor = Attributor(index_dir, model=model, device=device, max_batch=max_batch, high_depth=high_depth)
+    attributor = Attributor(index_dir, model=model, device=device, max_batch=max_batch, high_depth=high_depth,
+                            heavy=HeavyLane(settings.heavy_running, settings.heavy_queued))
     app = FastAPI(title="logra-search", version="0.1.0",
                   description="Which training documents made the model produce this response?")
     app.state.attributor, app.state.settings = attributor, settings
@@ -52,6 +58,7 @@ def create_app(index_dir: str | Path, model: str | None = None, device: str = "c
                                 batch_stats=lambda: attributor.batch_stats)
     app.add_exception_handler(RequestValidationError, _invalid_request)
     app.add_exception_handler(IndexUnavailable, _unavailable)
+    app.add_exception_handler(Busy, _busy)
     for r in (router, data, admin):
         app.include_router(r)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")

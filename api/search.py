@@ -31,6 +31,7 @@ from indexer.ranking import HIGH_DEPTH, Hit, rank
 from indexer.store import MANIFEST, Index, IndexFormatError, ModelMismatchError
 
 from .batching import MicroBatcher
+from .lanes import Busy, HeavyLane, PassLock
 
 __all__ = ["HIGH_DEPTH", "Attributor", "Hit", "IndexUnavailable", "ModelMismatchError", "QueryError", "TokenScores",
            "UnknownDocument"]
@@ -52,6 +53,9 @@ class IndexUnavailable(RuntimeError):
 
 
 PRECISIONS = ("fast", "high")
+# Copies (token view) or queries (valuation) per gradient pass of a heavy request: a query waits for
+# at most one such pass (api.lanes).
+HEAVY_BATCH = 4
 
 
 @dataclass
@@ -102,7 +106,7 @@ class Attributor:
     `batch_wait_ms`: how long a pass waits for more queries once one is queued."""
 
     def __init__(self, index_dir: str | Path, model: str | None = None, device: str = "cpu", max_batch: int = 16,
-                 batch_wait_ms: float = 2.0, high_depth: int = HIGH_DEPTH):
+                 batch_wait_ms: float = 2.0, high_depth: int = HIGH_DEPTH, heavy: HeavyLane | None = None):
         self.root = Path(index_dir)
         stamp = _stamp(self.root)  # before opening: a swap during the open is seen by the next request
         index = Index.open(self.root)
@@ -114,8 +118,9 @@ class Attributor:
         self._refused_stamp = None  # a replacement that could not be served; not retried until it changes
         self._refusal = ""
         self._reload_lock = threading.Lock()
-        # Hooks live on shared modules: one gradient computation at a time.
-        self._lock = threading.Lock()
+        # Hooks live on shared modules: one gradient computation at a time, queries first (api.lanes).
+        self._passes = PassLock()
+        self._heavy = heavy or HeavyLane()
         self._batcher = MicroBatcher(self._query_batch, max_batch=max_batch, max_wait_s=batch_wait_ms / 1000)
 
     def _serve(self, index: Index, stamp) -> Served:
@@ -164,7 +169,7 @@ class Attributor:
         served = self.current()
         try:
             return fn(served)
-        except (QueryError, UnknownDocument):
+        except (QueryError, UnknownDocument, Busy):
             raise
         except Exception:
             for _ in range(40):  # a swap is two renames: give the second a moment
@@ -191,7 +196,7 @@ class Attributor:
 
     def _query_batch(self, s: Served, pairs: list[tuple[str, str]]) -> list:
         """(vector, encoding) per pair: one forward and backward pass with this index's engine."""
-        with self._lock:
+        with self._passes.fast():
             vectors, encoded = query_vectors(s.logra, s.preconditioner, self.tokenizer, pairs)
         return list(zip(vectors, encoded))
 
@@ -207,7 +212,7 @@ class Attributor:
         high_q = None
         if high:
             logra, pre = s.high
-            with self._lock:
+            with self._passes.fast():
                 high_q = pair_vectors(logra, pre, self.tokenizer, [(prompt, response)])[0].numpy()
         hits = rank(s.index, vector.numpy(), k, mode, direction, rows=rows, high_q=high_q, depth=self.high_depth)
         return hits, s.index.documents([h.row for h in hits]), info
@@ -223,8 +228,8 @@ class Attributor:
                 if e.n_loss_tokens == 0:
                     raise QueryError(f"query {i}: the response has no token to score "
                                      "(with an empty prompt it needs at least two tokens)")
-            with self._lock:
-                queries = query_matrix(opened, stage, pairs)
+            with self._heavy.enter("valuation"):
+                queries = query_matrix(opened, stage, pairs, batch_size=HEAVY_BATCH, guard=self._passes.heavy)
             try:
                 return value_report(s.index, stage, queries, group_by, mode=mode, top=top, bootstrap=bootstrap, seed=seed,
                                     device=str(next(self.model.parameters()).device))
@@ -248,8 +253,9 @@ class Attributor:
             raise UnknownDocument(doc_id)
         high = precision == "high" and s.high is not None
         logra, pre = s.high if high else (s.logra, s.preconditioner)
-        with self._lock:  # the stored high-fidelity vectors are in the preconditioner's eigenbasis
-            tv = token_vectors(logra, pre, self.tokenizer, prompt, response, max_tokens_scored, eigenbasis=high)
+        with self._heavy.enter("token view"):  # the stored high-fidelity vectors are in the eigenbasis
+            tv = token_vectors(logra, pre, self.tokenizer, prompt, response, max_tokens_scored, batch_size=HEAVY_BATCH,
+                               eigenbasis=high, guard=self._passes.heavy)
         enc = tv.encoded
         if not tv.positions:
             raise QueryError("the response has no token to score: with an empty prompt it needs at least two tokens")

@@ -3,8 +3,9 @@ The indexer and the API both go through these functions, so a query and a docume
 encoded by exactly the same code."""
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, ContextManager, Iterator, Sequence
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -87,8 +88,9 @@ class TokenVectors:
 
 def token_vectors(logra: LoGra, preconditioner: Preconditioner, tokenizer: PreTrainedTokenizerBase, prompt: str,
                   response: str, max_tokens_scored: int = MAX_TOKENS_SCORED, batch_size: int = 32,
-                  eigenbasis: bool = False) -> TokenVectors:
-    """`eigenbasis`: the vectors in the preconditioner's eigenbasis (Preconditioner.apply). The sequence is replicated once per scored token with a label mask selecting just that token,
+                  eigenbasis: bool = False, guard: Callable[[], ContextManager] = nullcontext) -> TokenVectors:
+    """`eigenbasis`: the vectors in the preconditioner's eigenbasis (Preconditioner.apply); `guard()`:
+    entered around each batch's gradient pass (a server's lock, taken batch by batch). The sequence is replicated once per scored token with a label mask selecting just that token,
     plus one copy labelled as a normal query; the copies go through `LoGra.gradients` in batches of
     `batch_size` (eager attention: a copy's gradient does not depend on its batch)."""
     if max_tokens_scored < 1 or batch_size < 1:
@@ -102,6 +104,8 @@ def token_vectors(logra: LoGra, preconditioner: Preconditioner, tokenizer: PreTr
     for i in range(0, len(masks), batch_size):
         chunk = masks[i : i + batch_size]
         batch = collate([enc] * len(chunk), tokenizer.pad_token_id, label_positions=chunk)
-        rows.append(preconditioner.apply(logra.gradients(batch).grads, eigenbasis=eigenbasis))
+        with guard():
+            grads = logra.gradients(batch).grads
+        rows.append(preconditioner.apply(grads, eigenbasis=eigenbasis))
     vectors = torch.cat(rows)
     return TokenVectors(query=vectors[0], tokens=vectors[1:], positions=positions, encoded=enc, truncated=truncated)

@@ -3,9 +3,10 @@ and its model opened together, query records read as documents are (same fields,
 same file-and-line errors), and the queries' vectors as the index stores them for a stage."""
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from itertools import islice
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, ContextManager, Iterable, Iterator, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -79,12 +80,14 @@ def query_records(opened: Opened, paths: Sequence[str], *, text_field: str | Non
 
 
 def query_matrix(opened: Opened, stage: str, pairs: Iterable[tuple[str, str]], batch_size: int = 16,
-                 progress: bool = False) -> np.ndarray:
-    """(n, dim) float32 stage vectors of every pair, computed `batch_size` at a time."""
+                 progress: bool = False, guard: Callable[[], ContextManager] = nullcontext) -> np.ndarray:
+    """(n, dim) float32 stage vectors of every pair, computed `batch_size` at a time (each batch
+    inside `guard()`: a server's lock)."""
     pairs, parts = iter(pairs), []
     with tqdm(unit="query", desc="query vectors", disable=not progress, dynamic_ncols=True) as bar:
         while batch := list(islice(pairs, batch_size)):
-            parts.append(stage_vectors(opened, stage, batch))
+            with guard():
+                parts.append(stage_vectors(opened, stage, batch))
             bar.update(len(batch))
     dim = (opened.high if stage == "high" else opened.fast)[0].dim
     return np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)
