@@ -11,10 +11,12 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .lanes import RETRY_AFTER_S, Busy, HeavyLane
 from .limits import RequestLimits
 from .metrics import Metrics, MetricsMiddleware
 from .routes import STATIC, admin, data, router
-from .lanes import RETRY_AFTER_S, Busy, HeavyLane
 from .search import HIGH_DEPTH, Attributor, IndexUnavailable
 from .settings import ServerSettings
 
@@ -29,7 +31,30 @@ async def _invalid_request(request: Request, exc: RequestValidationError) -> JSO
     # and a lone surrogate ("\ud800" is valid JSON) fails to encode, a 500. Drop the input and
     # render escaped ASCII.
     errors = [{k: v for k, v in e.items() if k != "input"} for e in exc.errors()]
+    broken = next((e for e in errors if e.get("type") == "json_invalid"), None)
+    if broken:
+        where = broken["loc"][1] if len(broken.get("loc", ())) > 1 else "?"
+        return _AsciiJSONResponse(status_code=422, content={"detail": f"the body is not valid JSON: "
+                                                                      f"{broken.get('ctx', {}).get('error', broken['msg'])} at position {where}"})
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/json" and any(e.get("loc") == ("body",) for e in errors):
+        return _AsciiJSONResponse(status_code=422, content={"detail": f"send the body as JSON with the header Content-Type: "
+                                                                      f"application/json (got {kind or 'no Content-Type'})"})
     return _AsciiJSONResponse(status_code=422, content={"detail": jsonable_encoder(errors)})
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """FastAPI's answer to a body it cannot parse says only that; say why (not UTF-8, or where the JSON breaks)."""
+    detail = exc.detail
+    if exc.status_code == 400 and detail == "There was an error parsing the body":
+        body = await request.body()
+        try:
+            json.loads(body.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            detail = f"the body is not valid UTF-8 (byte 0x{body[e.start]:02x} at position {e.start}): send JSON encoded as UTF-8"
+        except ValueError as e:
+            detail = f"the body is not valid JSON: {e}"
+    return _AsciiJSONResponse(status_code=exc.status_code, content={"detail": detail}, headers=getattr(exc, "headers", None))
 
 
 async def _unavailable(request: Request, exc: IndexUnavailable) -> JSONResponse:
@@ -57,6 +82,7 @@ def create_app(index_dir: str | Path, model: str | None = None, device: str = "c
                                 index_bytes=lambda: sum(p.stat().st_size for p in attributor.root.rglob("*") if p.is_file()),
                                 batch_stats=lambda: attributor.batch_stats)
     app.add_exception_handler(RequestValidationError, _invalid_request)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(IndexUnavailable, _unavailable)
     app.add_exception_handler(Busy, _busy)
     for r in (router, data, admin):

@@ -81,15 +81,28 @@ class Served:
     _by_field_lock: threading.Lock = field(default_factory=threading.Lock, compare=False, repr=False)
 
     def rows_where(self, where: dict) -> np.ndarray:
-        """Rows whose metadata has every field = value of `where`, ascending."""
+        """Rows whose metadata has every field = value of `where`, ascending. A field no document has,
+        or a value of a type the field never holds, is a QueryError that says so."""
         rows = None
         for name, value in where.items():
             with self._by_field_lock:
                 if name not in self._by_field:
                     self._by_field[name] = self.index.rows_by_value(name)
-            match = self._by_field[name].get(json.dumps(value, sort_keys=True), np.empty(0, np.int64))
+                by_value = self._by_field[name]
+                if not by_value:
+                    known = self._by_field.setdefault(_FIELDS, sorted(self.index.metadata_fields()))
+                    raise QueryError(f"no document has the metadata field {name!r}; the index's fields: "
+                                     f"{', '.join(known[:30]) or '(none)'}")
+            held = sorted({type(json.loads(v)).__name__ for v in by_value})
+            if type(value).__name__ not in held:
+                raise QueryError(f"metadata field {name!r} holds {' and '.join(held)} values, not {type(value).__name__} "
+                                 f"({json.dumps(value)})")
+            match = by_value.get(json.dumps(value, sort_keys=True), np.empty(0, np.int64))
             rows = match if rows is None else np.intersect1d(rows, match, assume_unique=True)
         return np.empty(0, np.int64) if rows is None else rows
+
+
+_FIELDS = object()  # Served._by_field's key for the list of every metadata field
 
 
 def _stamp(root: Path) -> tuple[int, int] | None:

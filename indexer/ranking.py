@@ -34,7 +34,7 @@ def exact_scores(vectors: np.ndarray, norms: np.ndarray, rows: np.ndarray, q: np
     scores = vectors[rows].astype(np.float64) @ q64
     if mode == "cosine":
         denom = norms[rows].astype(np.float64) * float(np.linalg.norm(q64))
-        scores = np.divide(scores, denom, out=np.zeros_like(scores), where=denom > 0)
+        scores = np.clip(np.divide(scores, denom, out=np.zeros_like(scores), where=denom > 0), -1.0, 1.0)  # rounding
     return scores
 
 
@@ -69,7 +69,7 @@ def high_scores(index: Index, rows: np.ndarray, q: np.ndarray, mode: str, block:
         at = order[s : s + block]
         r = rows[at]
         cos = (np.asarray(index.high_vectors[r], dtype=np.float32) @ unit_q).astype(np.float64)
-        out[at] = cos if mode == "cosine" else cos * index.high_norms[r] * q_norm
+        out[at] = np.clip(cos, -1.0, 1.0) if mode == "cosine" else cos * index.high_norms[r] * q_norm
     return out
 
 

@@ -612,6 +612,14 @@ class Index:
             logra.projections[name_] = tuple(None if t is None else t.to(device) for t in (p["in"], p["out"]))
         return logra, Preconditioner.from_state_dict(state["preconditioner"])
 
+    def metadata_fields(self) -> set[str]:
+        """Every metadata field some document has (one scan of the metadata column)."""
+        fields: set[str] = set()
+        for batch in self.table.search().select(["metadata"]).limit(None).to_batches():
+            for meta in batch.column("metadata").to_pylist():
+                fields.update(json.loads(meta))
+        return fields
+
     def rows_by_value(self, field: str) -> dict[str, np.ndarray]:
         """For one metadata field: each value (as JSON text) -> the rows holding it, ascending. One
         scan of the row and metadata columns; documents without the field are left out."""

@@ -743,7 +743,36 @@ def test_where_filters_on_metadata_before_ranking_with_exact_scores(client, refe
     both = attribute(client, response=response, k=5, where={"source": doc["source"], "position": doc["position"]})
     assert [x["id"] for x in both["results"]] == [doc["id"]]
     assert attribute(client, response=response, where={"source": "nowhere"})["results"] == []
-    assert attribute(client, response=response, where={"licence": "mit"})["results"] == []
+    # a field no document has, or a value of a type the field never holds: a 422 that says so
+    r = client.post("/attribute", json={"response": response, "where": {"licence": "mit"}})
+    assert r.status_code == 422 and "'licence'" in r.json()["detail"] and "position, source" in r.json()["detail"]
+    r = client.post("/attribute", json={"response": response, "where": {"position": "7"}})
+    assert r.status_code == 422 and "holds int values, not str" in r.json()["detail"]
     for bad in ({"source": ["web"]}, {"source": {"$ne": "web"}}, {f"f{i}": 1 for i in range(9)}):
         r = client.post("/attribute", json={"response": response, "where": bad})
         assert r.status_code == 422 and "where" in r.text
+
+
+def test_bodies_that_are_not_utf8_json_get_told_what_to_send(client):
+    r = client.post("/attribute", content=b'{"response": "abc \xff\xfe def"}', headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and "not valid UTF-8" in r.json()["detail"] and "0xff" in r.json()["detail"]
+    r = client.post("/attribute", content=b'{"response": "abc" "k": 3}', headers={"Content-Type": "application/json"})
+    assert r.status_code == 422 and "not valid JSON" in r.json()["detail"] and "position 19" in r.json()["detail"]
+    for headers in ({}, {"Content-Type": "text/plain"}):
+        r = client.post("/attribute", content=b'{"response": "abc def"}', headers=headers)
+        assert r.status_code == 422 and "Content-Type: application/json" in r.json()["detail"]
+
+
+@pytest.mark.parametrize("precision", ["fast", "high"])
+def test_cosine_scores_stay_within_one(client, corpus, precision):
+    """A document sent as the query meets its own vector: cosine 1 up to rounding, never above."""
+    for doc in corpus[:12]:
+        top = attribute(client, response=doc["text"], k=3, precision=precision)["results"]
+        assert all(-1.0 <= x["score"] <= 1.0 for x in top)
+        assert top[0]["score"] == pytest.approx(1.0, abs=2e-3)
+
+
+def test_favicon_is_served(client):
+    r = client.get("/favicon.ico")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("image/svg+xml")
+    assert 'rel="icon"' in client.get("/").text
