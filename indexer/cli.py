@@ -121,8 +121,9 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--bootstrap", type=int, default=1000, help="resamples of the queries for the intervals (0: none)")
     v.add_argument("--seed", type=int, default=0)
 
-    i = sub.add_parser("info", help="print an index's manifest")
+    i = sub.add_parser("info", help="summarise an index: model, documents, layers, stages, sizes, build time")
     i.add_argument("index")
+    i.add_argument("--json", action="store_true", help="print the manifest itself")
 
     dm = sub.add_parser("demo", help="build the embedded demo: stdlib docstrings, a tiny GPT-2 trained here, its index")
     dm.add_argument("--out", default="demo", help="folder for the corpus, model and index (index in OUT/index)")
@@ -166,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "value":
             _value(args)
         elif args.command == "info":
-            print(json.dumps(read_manifest(args.index), indent=2, sort_keys=True))
+            from .info import summary
+            print(json.dumps(read_manifest(args.index), indent=2, sort_keys=True) if args.json else summary(args.index))
         elif args.command == "demo":
             from .demo import build_demo
             build_demo(args.out, max_docs=args.max_docs, epochs=args.epochs, overwrite=args.overwrite, progress=args.progress)

@@ -22,6 +22,10 @@ __all__ = ["Record", "BadRecordError", "ReadStats", "read_records", "SUPPORTED_F
 
 SUPPORTED_FORMATS = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet")
 PARQUET_BATCH_ROWS = 1024
+DEFAULT_ID_FIELD = "id"
+# An --id-field other than the default that none of the first ID_FIELD_CHECK records has is a mistake
+# (a typo would silently give every document a generated id): an error, not a warning.
+ID_FIELD_CHECK = 100
 MAX_REASONS = 20
 _MAX_FIELDS_LISTED = 10
 
@@ -134,6 +138,14 @@ def _reader_for(source: str):
 
 def _generate(inputs, fields: _Fields, skip_bad: bool, stats: ReadStats,
               seen: set[str]) -> Iterator[Record]:
+    checking, first = fields.id != DEFAULT_ID_FIELD, None  # first: (source, line, fields) of the first record
+
+    def no_id_field() -> BadRecordError:
+        source, line, keys = first
+        shown = ", ".join(repr(k) for k in keys[:_MAX_FIELDS_LISTED]) or "(none)"
+        return BadRecordError(f"--id-field {fields.id!r}: none of the first {stats.read} records has that field "
+                              f"(the first, {source} line {line}, has {shown})", source=source, line=line,
+                              reason="no record has the id field")
     for source, reader in inputs:
         unit = "row" if reader is _parquet_rows else "line"
         stem = _stem(source)
@@ -150,7 +162,15 @@ def _generate(inputs, fields: _Fields, skip_bad: bool, stats: ReadStats,
                 continue
             seen.add(record.id)
             stats.read += 1
+            if checking:
+                first = first or (source, line, list(obj))
+                if fields.id in obj:
+                    checking = False
+                elif stats.read >= ID_FIELD_CHECK:
+                    raise no_id_field()
             yield record
+    if checking and first is not None:
+        raise no_id_field()
 
 
 def _to_record(obj: Any, source: str, line: int, stem: str, fields: _Fields,

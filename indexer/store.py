@@ -24,7 +24,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
 import faiss
-import lancedb
+
+# LanceDB logs a warning for every table it creates ("No existing dataset ... it will be created"):
+# noise on every build. Its Rust logger reads LANCEDB_LOG once, at import; a user's setting wins.
+os.environ.setdefault("LANCEDB_LOG", "error")
+import lancedb  # noqa: E402
 import numpy as np
 import pyarrow as pa
 import pyarrow.feather  # noqa: F401  (pa.feather)

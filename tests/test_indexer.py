@@ -119,7 +119,7 @@ def cli(tmp_path_factory, gpt2_dir, llama_dir):
     jobs["bad-model"] = build_args(d / "no-such-model", "small.jsonl", "idx-bad-model")
     results = _run_all(jobs, d)
     # one `info` process is enough for the process plumbing; both models' manifests are checked in process
-    results.update(_run_all({"info": ["info", "idx-gpt2"]}, d))
+    results.update(_run_all({"info": ["info", "idx-gpt2", "--json"], "summary": ["info", "idx-gpt2"]}, d))
     return d, results
 
 
@@ -135,6 +135,22 @@ def test_cli_build_writes_complete_index(cli, model):
     assert leftovers(d) == []
     # --no-progress: our bar is off (transformers' own "Loading weights" bar is not ours to silence)
     assert "gradients" not in r.stderr and "doc/s" not in r.stderr
+    assert "will be created" not in r.stderr and "WARN" not in r.stderr  # LanceDB's table-creation log line
+
+
+def test_cli_info_summary_reads_like_the_manifest(cli):
+    d, res = cli
+    r = res["summary"]
+    assert r.returncode == 0, r.stderr
+    m = json.loads((d / "idx-gpt2" / store.MANIFEST).read_text())
+    lines = {line.split()[0]: line for line in r.stdout.splitlines() if line and not line.startswith(" ")}
+    assert f"{m['n_documents']:,}" in lines["documents"] and m["model"]["fingerprint"] in lines["model"]
+    assert f"{m['dim']:,} dimensions" in lines["vectors"] and "ekfac (damping 0.01)" in lines["vectors"]
+    assert f"{m['high']['dim']:,} dimensions" in lines["high"] and m["faiss"]["type"] in lines["faiss"]
+    layer_lines = [line.strip() for line in r.stdout.splitlines() if line.startswith("  ")]
+    assert layer_lines == [f"{l['name']}: {l['r_out']} x {l['r_in']} of {l['out_features']} x {l['in_features']}"
+                           for l in m["layers"]]
+    assert "MiB" in lines["size"] and f"{m['build']['seconds']:,.0f} s" in lines["built"]
 
 
 def test_cli_info_subprocess_prints_manifest(cli):
@@ -148,7 +164,7 @@ def test_cli_info_subprocess_prints_manifest(cli):
 def test_cli_info_manifest_fields(cli, model, request, capsys):
     d, res = cli
     assert res[f"build-{model}"].returncode == 0
-    code, out, err = run(["info", d / f"idx-{model}"], capsys)
+    code, out, err = run(["info", d / f"idx-{model}", "--json"], capsys)
     assert code == 0, err
     printed = json.loads(out)
     assert printed == json.loads((d / f"idx-{model}" / store.MANIFEST).read_text())

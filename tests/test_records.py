@@ -35,6 +35,20 @@ def test_custom_text_and_id_fields(tmp_path):
     assert rec.id == "x1" and rec.text == "body" and rec.metadata == {"text": "other"}
 
 
+def test_an_id_field_no_record_has_is_an_error(tmp_path):
+    from indexer.records import ID_FIELD_CHECK, BadRecordError
+    p = write_jsonl(tmp_path / "d.jsonl", [{"uid": f"u{i}", "text": "body"} for i in range(ID_FIELD_CHECK + 5)])
+    with pytest.raises(BadRecordError, match=r"--id-field 'doc_id': none of the first 100 records.*'uid', 'text'"):
+        list(read_records(str(p), id_field="doc_id"))
+    short = write_jsonl(tmp_path / "s.jsonl", [{"uid": "a", "text": "body"}])  # fewer records than the check
+    with pytest.raises(BadRecordError, match="none of the first 1 records"):
+        list(read_records(str(short), id_field="doc_id"))
+    # the default id field may be absent (ids are generated), and one record having the field is enough
+    assert [r.id for r in read_records(str(short))] == ["s-1"]
+    mixed = write_jsonl(tmp_path / "m.jsonl", [{"text": "a"}, {"doc_id": "x", "text": "b"}])
+    assert [r.id for r in read_records(str(mixed), id_field="doc_id")] == ["m-1", "x"]
+
+
 def test_prompt_response_records(tmp_path):
     p = write_jsonl(tmp_path / "chat.jsonl", [
         {"id": 1, "q": "What is 2+2? ", "a": "4", "text": "ignored field", "src": "s"},
