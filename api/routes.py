@@ -32,7 +32,7 @@ def attribute(body: AttributeRequest, att: Attributor = Depends(get_attributor))
     started = time.perf_counter()
     try:
         hits, docs, info = att.attribute(body.prompt, body.response, body.k, body.mode, body.direction, body.where,
-                                         body.precision)
+                                         body.precision, messages=body.chat)
     except QueryError as e:
         raise HTTPException(status_code=422, detail=str(e)) from e
     n_documents, precision = info.pop("n_documents"), info.pop("precision")
@@ -47,7 +47,7 @@ def attribute(body: AttributeRequest, att: Attributor = Depends(get_attributor))
 def attribute_tokens(body: TokenRequest, att: Attributor = Depends(get_attributor)) -> TokenResponse:
     """Split one document's score over the response's tokens."""
     try:
-        ts = att.token_scores(body.prompt, body.response, body.id, body.mode, precision=body.precision)
+        ts = att.token_scores(body.prompt, body.response, body.id, body.mode, precision=body.precision, messages=body.chat)
     except UnknownDocument:
         raise HTTPException(status_code=404, detail=f"no document with id {body.id!r}") from None
     except QueryError as e:
@@ -67,8 +67,8 @@ def value(body: ValueRequest, request: Request, att: Attributor = Depends(get_at
         raise HTTPException(status_code=422, detail=f"{len(body.queries)} queries; this server values at most {limit} "
                             "per request (LOGRA_MAX_VALUE_QUERIES; `python -m indexer value` has no limit)")
     try:
-        report = att.value([(q.prompt, q.response) for q in body.queries], body.group_by, body.mode, body.precision,
-                           body.top, body.bootstrap, body.seed)
+        report = att.value([q.chat or (q.prompt, q.response) for q in body.queries], body.group_by, body.mode,
+                           body.precision, body.top, body.bootstrap, body.seed)
     except QueryError as e:
         raise HTTPException(status_code=422, detail=str(e)) from e
     if body.format == "csv":

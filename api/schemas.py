@@ -3,24 +3,47 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_K = 1000
 MAX_TEXT_CHARS = 1_000_000  # tokenizing more than this only to truncate it would stall a worker
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: str = Field(..., min_length=1, max_length=64, description="user, assistant, system, ...")
+    content: str = Field(..., max_length=MAX_TEXT_CHARS)
 
 
 class _Text(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     prompt: str = Field("", max_length=MAX_TEXT_CHARS, description="context before the response; may be empty")
-    response: str = Field(..., min_length=1, max_length=MAX_TEXT_CHARS, description="the text to attribute")
+    response: str | None = Field(None, min_length=1, max_length=MAX_TEXT_CHARS,
+                                 description="the text to attribute (or give `messages`)")
+    messages: list[Message] | None = Field(
+        None, min_length=1, max_length=1000, description="instead of prompt and response: a chat whose last turn, "
+        "the assistant's, is the response, formatted as the index's documents were (its chat template)")
 
     @field_validator("response")
     @classmethod
-    def _not_blank(cls, v: str) -> str:
-        if not v.strip():
+    def _not_blank(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
             raise ValueError("response must contain non-whitespace text")
         return v
+
+    @model_validator(mode="after")
+    def _one_query(self):
+        if (self.response is None) == (self.messages is None):
+            raise ValueError("give either response (with an optional prompt) or messages")
+        if self.messages is not None and (self.prompt or self.messages[-1].role != "assistant"):
+            raise ValueError("messages replace prompt and response, and end with the assistant's turn")
+        return self
+
+    @property
+    def chat(self) -> list[dict] | None:
+        return None if self.messages is None else [m.model_dump() for m in self.messages]
 
 
 class _Query(_Text):

@@ -23,8 +23,8 @@ from typing import Callable, TypeVar
 
 import numpy as np
 
-from engine import (MAX_TOKENS_SCORED, LoGra, Preconditioner, encode_pairs, load_model, pair_vectors, query_vectors,
-                    token_texts, token_vectors)
+from engine import (MAX_TOKENS_SCORED, LoGra, Preconditioner, TextFormat, encode_pairs, load_model, pair_vectors,
+                    query_vectors, token_texts, token_vectors)
 from indexer.queries import Opened, query_matrix
 from indexer.value import value_report
 from indexer.ranking import HIGH_DEPTH, Hit, rank
@@ -76,6 +76,7 @@ class Served:
     preconditioner: Preconditioner
     stamp: tuple[int, int] | None  # the folder's identity when it was opened (see _stamp)
     high: tuple[LoGra, Preconditioner] | None = None  # the high-fidelity stage, when the index has one
+    text_format: TextFormat = TextFormat(None, "")  # how queries are formatted: as the documents were
     # metadata field -> value -> rows, built on a field's first filter (one table scan), kept with the index
     _by_field: dict = field(default_factory=dict, compare=False, repr=False)
     _by_field_lock: threading.Lock = field(default_factory=threading.Lock, compare=False, repr=False)
@@ -138,7 +139,18 @@ class Attributor:
 
     def _serve(self, index: Index, stamp) -> Served:
         return Served(index, *index.engine(self.model, self.model_name), stamp,
-                      high=index.high_engine(self.model, self.model_name))
+                      high=index.high_engine(self.model, self.model_name),
+                      text_format=TextFormat.from_dict(index.manifest.get("text_format")))
+
+    def texts(self, s: Served, prompt: str, response: str, messages: list[dict] | None = None) -> tuple[str, str]:
+        """A query's prompt and response texts, formatted as the index's documents were (its chat
+        template or separator); `messages` (a chat ending with the assistant's turn) instead of the pair."""
+        try:
+            if messages is not None:
+                return s.text_format.messages(self.tokenizer, messages)
+            return s.text_format.pair(self.tokenizer, prompt, response)
+        except ValueError as e:
+            raise QueryError(str(e)) from None
 
     @property
     def batch_stats(self) -> dict:
@@ -198,14 +210,16 @@ class Attributor:
                                    f"({self._refusal}); restart it with the right model") from None
 
     def attribute(self, prompt: str, response: str, k: int, mode: str, direction: str = "proponents",
-                  where: dict | None = None, precision: str = "high") -> tuple[list[Hit], list[dict], dict]:
+                  where: dict | None = None, precision: str = "high",
+                  messages: list[dict] | None = None) -> tuple[list[Hit], list[dict], dict]:
         """The top-k hits (among documents matching `where`, if given), their documents, and what was
         scored (tokens, truncation, index size, the precision used). `precision` "high" rescores the
         compact vectors' top max(k, high_depth) with the high-fidelity stage (the same as "fast" for
-        an index built without one)."""
+        an index built without one). `messages`: the query as a chat instead of (prompt, response)."""
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-        return self._answer(lambda s: self._attribute(s, prompt, response, k, mode, direction, where, precision))
+        return self._answer(lambda s: self._attribute(s, *self.texts(s, prompt, response, messages), k, mode, direction,
+                                                      where, precision))
 
     def _query_batch(self, s: Served, pairs: list[tuple[str, str]]) -> list:
         """(vector, encoding) per pair: one forward and backward pass with this index's engine."""
@@ -230,11 +244,12 @@ class Attributor:
         hits = rank(s.index, vector.numpy(), k, mode, direction, rows=rows, high_q=high_q, depth=self.high_depth)
         return hits, s.index.documents([h.row for h in hits]), info
 
-    def value(self, pairs: list[tuple[str, str]], group_by: list[str], mode: str = "influence",
+    def value(self, queries: list[tuple[str, str] | list[dict]], group_by: list[str], mode: str = "influence",
               precision: str = "high", top: int = 5, bootstrap: int = 1000, seed: int = 0) -> dict:
-        """Documents' and groups' values over the queries (indexer.value.value_report, as `indexer
-        value` computes them)."""
+        """Documents' and groups' values over the queries ((prompt, response) pairs or chats), as
+        `indexer value` computes them (indexer.value.value_report)."""
         def run(s: Served) -> dict:
+            pairs = [self.texts(s, *q) if isinstance(q, tuple) else self.texts(s, "", "", q) for q in queries]
             opened = Opened(s.index, self.tokenizer, (s.logra, s.preconditioner), s.high)
             stage = opened.stage(precision)
             for i, e in enumerate(encode_pairs(self.tokenizer, pairs, s.logra.max_tokens)):
@@ -242,20 +257,22 @@ class Attributor:
                     raise QueryError(f"query {i}: the response has no token to score "
                                      "(with an empty prompt it needs at least two tokens)")
             with self._heavy.enter("valuation"):
-                queries = query_matrix(opened, stage, pairs, batch_size=HEAVY_BATCH, guard=self._passes.heavy)
+                vectors = query_matrix(opened, stage, pairs, batch_size=HEAVY_BATCH, guard=self._passes.heavy)
             try:
-                return value_report(s.index, stage, queries, group_by, mode=mode, top=top, bootstrap=bootstrap, seed=seed,
+                return value_report(s.index, stage, vectors, group_by, mode=mode, top=top, bootstrap=bootstrap, seed=seed,
                                     device=str(next(self.model.parameters()).device))
             except ValueError as e:  # e.g. a field no document has
                 raise QueryError(str(e)) from None
         return self._answer(run)
 
     def token_scores(self, prompt: str, response: str, doc_id: str, mode: str,
-                     max_tokens_scored: int = MAX_TOKENS_SCORED, precision: str = "high") -> TokenScores:
+                     max_tokens_scored: int = MAX_TOKENS_SCORED, precision: str = "high",
+                     messages: list[dict] | None = None) -> TokenScores:
         """How much each response token contributes to the document's score: v_j . v_d, with v_j the
         query vector of token j's loss alone. In cosine mode each is divided by both full norms, so the
         contributions still sum to the cosine score (when no token is left out by the cap)."""
-        return self._answer(lambda s: self._token_scores(s, prompt, response, doc_id, mode, max_tokens_scored, precision))
+        return self._answer(lambda s: self._token_scores(s, *self.texts(s, prompt, response, messages), doc_id, mode,
+                                                         max_tokens_scored, precision))
 
     def _token_scores(self, s: Served, prompt: str, response: str, doc_id: str, mode: str,
                       max_tokens_scored: int, precision: str = "high") -> TokenScores:

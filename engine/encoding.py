@@ -42,6 +42,72 @@ def encode(tokenizer: PreTrainedTokenizerBase, prompt: str, response: str, max_t
     return Encoded(p_ids + r_ids, len(p_ids), truncated, total)
 
 
+@dataclass(frozen=True)
+class TextFormat:
+    """How a (prompt, response) pair or a chat becomes the prompt and response texts the model reads:
+    through a chat template (Jinja, as `tokenizer.apply_chat_template` renders it) or, without one,
+    joined by `separator`. Recorded in the manifest, so documents and queries are formatted alike.
+    `TextFormat(None, "")` is the plain concatenation of indexes built before formats existed."""
+    chat_template: str | None = None
+    separator: str = "\n"
+
+    def to_dict(self) -> dict:
+        return {"chat_template": self.chat_template, "separator": self.separator}
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "TextFormat":
+        return cls(None, "") if d is None else cls(d.get("chat_template"), d.get("separator", "\n"))
+
+    def pair(self, tokenizer: PreTrainedTokenizerBase, prompt: str, response: str) -> tuple[str, str]:
+        """An empty prompt is a plain text: unformatted, as a document is."""
+        if not prompt:
+            return "", response
+        if self.chat_template is None:
+            return prompt + self.separator, response
+        return self.messages(tokenizer, [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}])
+
+    def messages(self, tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> tuple[str, str]:
+        """The last turn (the assistant's) is the response; every turn before it, the prompt."""
+        check_messages(messages)
+        if self.chat_template is None:
+            head = self.separator.join(m["content"] for m in messages[:-1])
+            return (head + self.separator if len(messages) > 1 else ""), messages[-1]["content"]
+        render = lambda turns, gen: tokenizer.apply_chat_template(turns, chat_template=self.chat_template, tokenize=False,
+                                                                  add_generation_prompt=gen)
+        full, head = render(messages, False), render(messages[:-1], True) if len(messages) > 1 else ""
+        if not full.startswith(head):
+            raise ValueError("the chat template renders the conversation without its prompt as a prefix; "
+                             "the response's tokens cannot be told apart (use --chat-template none)")
+        # A rendered BOS that the tokenizer adds by itself anyway is dropped from the text (encode adds it).
+        auto = tokenizer.decode(tokenizer("", add_special_tokens=True)["input_ids"])
+        if auto and full.startswith(auto):
+            full, head = full[len(auto):], head[len(auto):] if head.startswith(auto) else head
+        return head, full[len(head):]
+
+    def check(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        """A chat template must encode a conversation as apply_chat_template tokenizes it (a template
+        rendering no BOS for a tokenizer that adds one would not): a ValueError saying so otherwise."""
+        if self.chat_template is None:
+            return
+        chat = [{"role": "user", "content": "What is a roux? Be brief."},
+                {"role": "assistant", "content": "A roux is flour cooked in fat."}]
+        want = tokenizer.apply_chat_template(chat, chat_template=self.chat_template, tokenize=True)
+        want = want["input_ids"] if isinstance(want, dict) or hasattr(want, "keys") else want
+        got = encode(tokenizer, *self.messages(tokenizer, chat), 10**9).input_ids
+        if list(got) != list(want):
+            raise ValueError("the chat template's text does not encode to the tokens apply_chat_template gives "
+                             f"({len(got)} against {len(want)} tokens for a two-turn chat); use --chat-template none")
+
+
+def check_messages(messages) -> None:
+    if (not isinstance(messages, list) or not messages or
+            not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                    for m in messages)):
+        raise ValueError("messages must be a non-empty list of {\"role\": str, \"content\": str}")
+    if messages[-1]["role"] != "assistant":
+        raise ValueError(f"the last message is the response and must be the assistant's, not {messages[-1]['role']!r}")
+
+
 def token_texts(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int]) -> list[str]:
     """The text each token adds, so that the pieces concatenate to the decoded text. Decoded
     incrementally: a token that ends inside a multi-byte character gets "" and the token that

@@ -17,12 +17,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from engine import (LoGra, LoGraConfig, Preconditioner, encode_pairs, fit_preconditioner, load_model, model_fingerprint,
-                    pair_vectors, projected_gradients)
+from engine import (LoGra, LoGraConfig, Preconditioner, TextFormat, encode_pairs, fit_preconditioner, load_model,
+                    model_fingerprint, pair_vectors, projected_gradients)
 from engine.encoding import Encoded
 
 from .distributed import Processes, is_input_error, world_size
-from .records import ReadStats, Record, read_records
+from .records import ReadStats, Record, TextFormatter, read_records
 from .store import INDEX_TYPES, Index, IndexWriter, document_pair
 
 
@@ -35,6 +35,10 @@ class BuildConfig:
     prompt_field: str | None = None
     response_field: str | None = None
     id_field: str = "id"
+    # prompt/response and chat (`messages`) records: the tokenizer's chat template ("auto", when it has
+    # one), none ("none": prompt + separator + response), or a Jinja template file's
+    chat_template: str = "auto"
+    separator: str = "\n"
     max_tokens: int = 512
     batch_size: int = 8  # documents per pass at most
     batch_tokens: int | None = None  # padded tokens per pass at most (None: batch_size alone decides)
@@ -208,7 +212,8 @@ def append_documents(index_dir: str | Path, data: Sequence[str], *, model: str |
         stats = ReadStats()
         records = read_records(cfg.data, text_field=cfg.text_field, prompt_field=cfg.prompt_field,
                                response_field=cfg.response_field, id_field=cfg.id_field, skip_bad=skip_bad,
-                               stats=stats, seen_ids=set(base.row_of_id))
+                               stats=stats, seen_ids=set(base.row_of_id),
+                               formatter=TextFormatter(TextFormat.from_dict(m.get("text_format")), tokenizer))
         counts, seconds, _, _ = _gradient_pass(cfg, records, logra, tokenizer, pre, writer, fit=False)
         if writer.n_rows == 0:
             raise ValueError(f"no new documents in {', '.join(map(str, cfg.data))} (skipped {stats.skipped})")
@@ -249,6 +254,24 @@ def resume_key(cfg: BuildConfig, fingerprint: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def text_format(cfg: BuildConfig, tokenizer) -> TextFormat:
+    """The format `cfg.chat_template` and `cfg.separator` ask for, checked against the tokenizer."""
+    if cfg.chat_template == "none":
+        template = None
+    elif cfg.chat_template == "auto":
+        template = getattr(tokenizer, "chat_template", None) or None
+        if isinstance(template, dict):  # several named templates: the default one
+            template = template.get("default")
+    else:
+        path = Path(cfg.chat_template)
+        if not path.is_file():
+            raise FileNotFoundError(f"--chat-template: no such file: {cfg.chat_template} (or use auto / none)")
+        template = path.read_text()
+    fmt = TextFormat(template, cfg.separator)
+    fmt.check(tokenizer)
+    return fmt
+
+
 def _load(cfg: BuildConfig):
     for p in cfg.data:  # before loading a model: a missing file is the cheapest error to report
         if not Path(p).is_file():
@@ -266,8 +289,10 @@ def _build(cfg: BuildConfig, model, tokenizer, writer: IndexWriter, started: flo
     max_tokens = logra.max_tokens
     pre = Preconditioner(cfg.preconditioner, logra.shapes, damping_ratio=cfg.damping)
     stats = ReadStats()  # every process reads every record, so every one counts the same skipped records
+    fmt = text_format(cfg, tokenizer)
     records = read_records(cfg.data, text_field=cfg.text_field, prompt_field=cfg.prompt_field,
-                           response_field=cfg.response_field, id_field=cfg.id_field, skip_bad=cfg.skip_bad, stats=stats)
+                           response_field=cfg.response_field, id_field=cfg.id_field, skip_bad=cfg.skip_bad, stats=stats,
+                           formatter=TextFormatter(fmt, tokenizer))
     with procs.step():
         counts, gradient_seconds, n_done_before, tokens_at_start = _gradient_pass(cfg, records, logra, tokenizer, pre,
                                                                                   writer, procs=procs)
@@ -306,6 +331,7 @@ def _build(cfg: BuildConfig, model, tokenizer, writer: IndexWriter, started: flo
         "include": cfg.include,
         "exclude": cfg.exclude,
         "max_tokens": max_tokens,
+        "text_format": fmt.to_dict(),
         "dim": logra.dim,
         "preconditioner": {"kind": cfg.preconditioner, "damping_ratio": cfg.damping},
         "faiss": faiss_info,

@@ -83,6 +83,10 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--prompt-field", default=None, help="with --response-field: prompt/response records")
     b.add_argument("--response-field", default=None)
     b.add_argument("--id-field", default="id", help="generated as <file stem>-<line> when a record has none")
+    b.add_argument("--chat-template", default="auto",
+                   help="prompt/response and chat (messages) records: auto (the tokenizer's chat template, if it has one), "
+                        "none, or a Jinja template file")
+    b.add_argument("--separator", default="\n", help="between prompt and response when no chat template applies")
     b.add_argument("--skip-bad", action="store_true", help="skip and count malformed records instead of stopping")
     b.add_argument("--overwrite", action="store_true", help="replace an existing index folder")
     b.add_argument("--trust-remote-code", action="store_true")

@@ -11,9 +11,9 @@ from typing import Callable, ContextManager, Iterable, Iterator, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from engine import LoGra, Preconditioner, encode_pairs, load_model, pair_vectors, query_vectors
+from engine import LoGra, Preconditioner, TextFormat, encode_pairs, load_model, pair_vectors, query_vectors
 
-from .records import BadRecordError, ReadStats, Record, read_records
+from .records import BadRecordError, ReadStats, Record, TextFormatter, read_records
 from .store import Index, document_pair
 
 STAGES = ("fast", "high")
@@ -56,8 +56,9 @@ def stage_vectors(opened: Opened, stage: str, pairs: Sequence[tuple[str, str]]) 
 def query_records(opened: Opened, paths: Sequence[str], *, text_field: str | None = None,
                   prompt_field: str | None = None, response_field: str | None = None, id_field: str | None = None,
                   skip_bad: bool = False, stats: ReadStats | None = None) -> Iterator[tuple[Record, tuple[str, str]]]:
-    """Query records and their (prompt, response), read like documents (text, prompt and response
-    fields default to those the index was built with; the id field to "id"). A query whose response has no token to score is a bad record: an error
+    """Query records and their (prompt, response), read and formatted like documents (text, prompt and
+    response fields default to those the index was built with, chat `messages` records too; the id
+    field to "id"). A query whose response has no token to score is a bad record: an error
     naming its file and line, or skipped and counted with `skip_bad`."""
     d = opened.index.manifest.get("data", {})
     pick = lambda given, key, default: given if given is not None else (d.get(key) or default)
@@ -65,7 +66,9 @@ def query_records(opened: Opened, paths: Sequence[str], *, text_field: str | Non
     records = read_records(paths, text_field=pick(text_field, "text_field", "text"),
                            prompt_field=pick(prompt_field, "prompt_field", None),
                            response_field=pick(response_field, "response_field", None),
-                           id_field=id_field or "id", skip_bad=skip_bad, stats=stats)
+                           id_field=id_field or "id", skip_bad=skip_bad, stats=stats,
+                           formatter=TextFormatter(TextFormat.from_dict(opened.index.manifest.get("text_format")),
+                                                   opened.tokenizer))
     max_tokens = opened.fast[0].max_tokens
     for r in records:
         pair = document_pair(r.prompt, r.text)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-__all__ = ["Record", "BadRecordError", "ReadStats", "read_records", "SUPPORTED_FORMATS"]
+__all__ = ["Record", "BadRecordError", "Formatter", "TextFormatter", "ReadStats", "read_records", "SUPPORTED_FORMATS"]
 
 SUPPORTED_FORMATS = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet")
 PARQUET_BATCH_ROWS = 1024
@@ -73,14 +73,43 @@ class _Fields:
     prompt: str | None
     response: str | None
     id: str
+    messages: str = "messages"
 
     @property
     def excluded(self) -> frozenset[str]:
         if self.response is not None:
             # text_field is ignored for prompt/response records, so a field of that
             # name is ordinary metadata there.
-            return frozenset((self.prompt, self.response, self.id))
-        return frozenset((self.text, self.id))
+            return frozenset((self.prompt, self.response, self.id, self.messages))
+        return frozenset((self.text, self.id, self.messages))
+
+
+class Formatter:
+    """How prompt/response records and chat records (`messages`) become the prompt and response
+    texts (engine.TextFormat with the model's tokenizer); without one, a pair is concatenated as is
+    and a chat's turns are joined by newlines."""
+
+    def pair(self, prompt: str, response: str) -> tuple[str, str]:
+        return prompt, response
+
+    def messages(self, messages: list[dict]) -> tuple[str, str]:
+        from engine import check_messages
+        check_messages(messages)
+        head = "\n".join(m["content"] for m in messages[:-1])
+        return (head + "\n" if head else ""), messages[-1]["content"]
+
+
+class TextFormatter(Formatter):
+    """A Formatter through an engine.TextFormat (chat template or separator) and the model's tokenizer."""
+
+    def __init__(self, text_format, tokenizer):
+        self.text_format, self.tokenizer = text_format, tokenizer
+
+    def pair(self, prompt: str, response: str) -> tuple[str, str]:
+        return self.text_format.pair(self.tokenizer, prompt, response)
+
+    def messages(self, messages: list[dict]) -> tuple[str, str]:
+        return self.text_format.messages(self.tokenizer, messages)
 
 
 def read_records(
@@ -93,6 +122,8 @@ def read_records(
     skip_bad: bool = False,
     stats: ReadStats | None = None,
     seen_ids: set[str] | None = None,
+    formatter: Formatter | None = None,
+    messages_field: str = "messages",
 ) -> Iterator[Record]:
     """Yield the records of `paths` in file order, then line/row order.
 
@@ -106,7 +137,7 @@ def read_records(
                          f"(got prompt_field={prompt_field!r}, response_field={response_field!r})")
     if prompt_field is not None and prompt_field == response_field:
         raise ValueError(f"prompt_field and response_field are the same field {prompt_field!r}")
-    fields = _Fields(text_field, prompt_field, response_field, id_field)
+    fields = _Fields(text_field, prompt_field, response_field, id_field, messages_field)
 
     if isinstance(paths, (str, Path)):
         paths = [paths]
@@ -117,7 +148,7 @@ def read_records(
 
     return _generate(list(zip(sources, readers)), fields, skip_bad,
                      stats if stats is not None else ReadStats(),
-                     seen_ids if seen_ids is not None else set())
+                     seen_ids if seen_ids is not None else set(), formatter or Formatter())
 
 
 def _reader_for(source: str):
@@ -137,7 +168,7 @@ def _reader_for(source: str):
 
 
 def _generate(inputs, fields: _Fields, skip_bad: bool, stats: ReadStats,
-              seen: set[str]) -> Iterator[Record]:
+              seen: set[str], formatter: Formatter) -> Iterator[Record]:
     checking, first = fields.id != DEFAULT_ID_FIELD, None  # first: (source, line, fields) of the first record
 
     def no_id_field() -> BadRecordError:
@@ -153,7 +184,7 @@ def _generate(inputs, fields: _Fields, skip_bad: bool, stats: ReadStats,
             try:
                 if error is not None:
                     raise _Bad(error)
-                record = _to_record(obj, source, line, stem, fields, seen)
+                record = _to_record(obj, source, line, stem, fields, seen, formatter)
             except _Bad as bad:
                 message = f"{source} {unit} {line}: {bad}"
                 if not skip_bad:
@@ -174,14 +205,23 @@ def _generate(inputs, fields: _Fields, skip_bad: bool, stats: ReadStats,
 
 
 def _to_record(obj: Any, source: str, line: int, stem: str, fields: _Fields,
-               seen: set[str]) -> Record:
+               seen: set[str], formatter: Formatter) -> Record:
     """The one place where a parsed row becomes a Record, for every format."""
     if not isinstance(obj, dict):
         raise _Bad(f"expected a JSON object (one per line), got {_type_name(obj)}")
 
-    if fields.response is not None:
-        prompt = _string_field(obj, fields.prompt, allow_empty=True)
-        text = prompt + _string_field(obj, fields.response, allow_empty=False)
+    if fields.messages in obj and fields.messages not in (fields.text, fields.prompt, fields.response):
+        try:
+            prompt, response = formatter.messages(obj[fields.messages])
+        except ValueError as e:  # not role/content turns, or not ending with the assistant's
+            raise _Bad(f"field {fields.messages!r}: {e}") from None
+        if not response.strip():
+            raise _Bad(f"field {fields.messages!r}: the last (assistant) message is empty")
+        text = prompt + response
+    elif fields.response is not None:
+        prompt, response = formatter.pair(_string_field(obj, fields.prompt, allow_empty=True),
+                                          _string_field(obj, fields.response, allow_empty=False))
+        text = prompt + response
     else:
         prompt = ""
         text = _string_field(obj, fields.text, allow_empty=False)

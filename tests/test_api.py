@@ -64,8 +64,10 @@ def reference(index_dir, gpt2_dir):
         logra.projections[name] = (p["in"], p["out"])
     pre = Preconditioner.from_state_dict(idx.state["preconditioner"])
 
+    sep = m["text_format"]["separator"]  # no chat template here: a prompt is followed by the separator
+
     def qvec(prompt: str, response: str) -> np.ndarray:
-        v, _ = query_vectors(logra, pre, tok, [(prompt, response)])
+        v, _ = query_vectors(logra, pre, tok, [(prompt + sep if prompt else "", response)])
         return v[0].double().numpy()
 
     vectors = np.load(index_dir / VECTORS).astype(np.float64)  # all rows, not FAISS's candidates

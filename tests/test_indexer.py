@@ -264,9 +264,10 @@ def test_prompt_response_records(tmp_path, gpt2_dir, capsys):
                        capsys)
     assert code == 0, err
     rows = table_rows(tmp_path / "idx")
-    for r, rec in zip(rows, records):
-        assert r["text"] == rec["q"] + rec["a"]
-        assert r["prompt"] == rec["q"]
+    for r, rec in zip(rows, records):  # no chat template: a newline (the default separator) after a prompt
+        prompt = rec["q"] + "\n" if rec["q"] else ""
+        assert r["text"] == prompt + rec["a"]
+        assert r["prompt"] == prompt
         # a field named like --text-field is ordinary metadata for prompt/response records
         assert r["metadata"] == {k: v for k, v in rec.items() if k not in ("id", "q", "a")}
     manifest = json.loads((tmp_path / "idx" / store.MANIFEST).read_text())

@@ -39,8 +39,10 @@ def high_reference(index_dir):
     docs = np.stack([pair_vectors(logra, pre, tok, [p], eigenbasis=False)[0].double().numpy() for p in pairs])
     ids = [d["id"] for d in idx.documents(list(range(len(idx))))]
 
+    sep = idx.manifest["text_format"]["separator"]
+
     def scores(prompt, response, mode):
-        q = pair_vectors(logra, pre, tok, [(prompt, response)], eigenbasis=False)[0].double().numpy()
+        q = pair_vectors(logra, pre, tok, [(prompt + sep if prompt else "", response)], eigenbasis=False)[0].double().numpy()
         s = docs @ q
         return s / (np.linalg.norm(docs, axis=1) * np.linalg.norm(q)) if mode == "cosine" else s
 
