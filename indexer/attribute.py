@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from .queries import open_index, query_records, stage_vectors
 from .ranking import DIRECTIONS, HIGH_DEPTH, rank
-from .records import ReadStats
+from .records import ReadStats, expand_inputs
 
 OUTPUT_FORMATS = (".jsonl", ".parquet")
 HIT_SCHEMA = pa.schema([("query_id", pa.string()), ("rank", pa.int64()), ("id", pa.string()), ("score", pa.float64()),
@@ -52,6 +52,7 @@ class AttributeConfig:
     progress: bool = True
 
     def __post_init__(self):
+        self.queries = expand_inputs(self.queries)  # folders and glob patterns, as for build
         if not str(self.out).endswith(OUTPUT_FORMATS):
             raise ValueError(f"--out must end with one of {OUTPUT_FORMATS}, got {self.out!r}")
         if self.k < 1 or self.batch_size < 1 or self.depth < 1:

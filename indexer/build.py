@@ -22,7 +22,7 @@ from engine import (LoGra, LoGraConfig, Preconditioner, TextFormat, encode_pairs
 from engine.encoding import Encoded
 
 from .distributed import Processes, is_input_error, world_size
-from .records import ReadStats, Record, TextFormatter, read_records
+from .records import ReadStats, Record, TextFormatter, expand_inputs, read_records
 from .store import INDEX_TYPES, Index, IndexWriter, document_pair
 
 
@@ -72,6 +72,8 @@ class BuildConfig:
     extra: dict = field(default_factory=dict)  # recorded in the manifest (e.g. the demo's provenance)
 
     def __post_init__(self):
+        if self.data:  # shard folders and glob patterns: their files, in a stable order
+            self.data = expand_inputs(self.data)
         for name in ("max_tokens", "batch_size", "rank", "shard_size", "batch_tokens", "budget", "high_budget",
                      "high_sample"):
             if getattr(self, name) is not None and getattr(self, name) < 1:

@@ -77,7 +77,8 @@ def parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("build", help="index a dataset with a model")
     b.add_argument("--model", required=True, help="Hugging Face causal LM: hub name or local folder")
-    b.add_argument("--data", required=True, nargs="+", help="one or more .jsonl / .jsonl.gz / .parquet files")
+    b.add_argument("--data", required=True, nargs="+",
+                   help=".jsonl / .jsonl.gz / .parquet files, folders of them (shards) or glob patterns (quote them)")
     b.add_argument("--out", required=True, help="index folder to create")
     b.add_argument("--text-field", default="text")
     b.add_argument("--prompt-field", default=None, help="with --response-field: prompt/response records")
@@ -94,7 +95,7 @@ def parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("append", help="add documents to an index, with its own projection and preconditioner")
     a.add_argument("--index", required=True, help="index folder to extend")
-    a.add_argument("--data", required=True, nargs="+", help="one or more .jsonl / .jsonl.gz / .parquet files")
+    a.add_argument("--data", required=True, nargs="+", help="files, folders of them or glob patterns, as for build")
     a.add_argument("--model", default=None, help="the index's model from another place (must have the same weights)")
     for flag in ("--text-field", "--prompt-field", "--response-field", "--id-field"):
         a.add_argument(flag, default=None, help="default: as recorded in the index")

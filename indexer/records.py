@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import datetime as _dt
 import decimal
+import glob
 import gzip
 import json
 import math
@@ -18,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-__all__ = ["Record", "BadRecordError", "Formatter", "TextFormatter", "ReadStats", "read_records", "SUPPORTED_FORMATS"]
+__all__ = ["Record", "BadRecordError", "Formatter", "TextFormatter", "ReadStats", "expand_inputs", "read_records",
+           "SUPPORTED_FORMATS"]
 
 SUPPORTED_FORMATS = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet")
 PARQUET_BATCH_ROWS = 1024
@@ -112,6 +114,29 @@ class TextFormatter(Formatter):
         return self.text_format.messages(self.tokenizer, messages)
 
 
+def expand_inputs(paths: str | Path | Sequence[str | Path]) -> list[str]:
+    """Data files as given, with directories (every supported file inside, at any depth) and glob
+    patterns (`*`, `?`, `[`, `**`) expanded to their files in sorted order, each file once. A folder
+    or pattern without a supported file is an error."""
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    supported = lambda name: str(name).lower().endswith(SUPPORTED_FORMATS)
+    out: list[str] = []
+    for p in map(str, paths):
+        if any(c in p for c in "*?[") and not Path(p).exists():
+            files = sorted(m for m in glob.glob(p, recursive=True) if Path(m).is_file() and supported(m))
+            where = f"match {p!r}"
+        elif Path(p).is_dir():
+            files = sorted(str(f) for f in Path(p).rglob("*") if f.is_file() and supported(f.name))
+            where = f"are in the folder {p}"
+        else:
+            files, where = [p], ""
+        if not files:
+            raise FileNotFoundError(f"no {', '.join(SUPPORTED_FORMATS)} files {where}")
+        out += [f for f in files if f not in out]
+    return out
+
+
 def read_records(
     paths: str | Path | Sequence[str | Path],
     *,
@@ -139,9 +164,7 @@ def read_records(
         raise ValueError(f"prompt_field and response_field are the same field {prompt_field!r}")
     fields = _Fields(text_field, prompt_field, response_field, id_field, messages_field)
 
-    if isinstance(paths, (str, Path)):
-        paths = [paths]
-    sources = [str(p) for p in paths]
+    sources = expand_inputs(paths) if paths else []
     if not sources:
         raise ValueError("no input files given")
     readers = [_reader_for(s) for s in sources]  # fail on a bad path before reading anything

@@ -792,3 +792,17 @@ def test_manifest_records_a_local_model_folder_absolutely(tmp_path, gpt2_dir, mo
     hits, _, _ = Attributor(tmp_path / "idx").attribute("", synthetic_corpus(6, seed=3)[2]["text"], 1, "cosine")
     assert hits[0].row == 2
     assert model_reference("meta-llama/Meta-Llama-3-8B-Instruct") == "meta-llama/Meta-Llama-3-8B-Instruct"
+
+
+def test_build_from_a_folder_of_shards(tmp_path, gpt2_dir, capsys):
+    docs = synthetic_corpus(12, seed=5)
+    (tmp_path / "data" / "2024").mkdir(parents=True)
+    write_jsonl(tmp_path / "data" / "2024" / "b.jsonl", docs[6:])
+    write_jsonl(tmp_path / "data" / "a.jsonl", docs[:6])
+    code, _, err = run(build_args(gpt2_dir, tmp_path / "data", tmp_path / "idx"), capsys)
+    assert code == 0, err
+    rows = table_rows(tmp_path / "idx")
+    assert [r["id"] for r in rows] == [d["id"] for d in docs[6:] + docs[:6]]  # sorted paths: 2024/b.jsonl first
+    assert {r["source"].rsplit("/", 1)[1] for r in rows[:6]} == {"b.jsonl"} and rows[6]["source"].endswith("a.jsonl")
+    manifest = json.loads((tmp_path / "idx" / store.MANIFEST).read_text())
+    assert [p.rsplit("/", 1)[1] for p in manifest["data"]["files"]] == ["b.jsonl", "a.jsonl"]

@@ -1,6 +1,7 @@
 import datetime as dt
 import gzip
 import json
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -264,3 +265,26 @@ def test_huge_text_is_fine(tmp_path):
     p = write_jsonl(tmp_path / "data.jsonl", [{"text": big}])
     (rec,) = read_records(p)
     assert rec.text == big
+
+
+def test_folders_of_shards_and_glob_patterns_expand_to_their_files_in_order(tmp_path):
+    from indexer.records import expand_inputs
+    (tmp_path / "shards" / "b").mkdir(parents=True)
+    write_jsonl(tmp_path / "shards" / "b" / "part-2.jsonl", [{"id": "b2", "text": "two"}])
+    write_jsonl(tmp_path / "shards" / "part-1.jsonl", [{"id": "a1", "text": "one"}, {"id": "a2", "text": "uno"}])
+    with gzip.open(tmp_path / "shards" / "part-3.jsonl.gz", "wt") as f:
+        f.write(json.dumps({"id": "c3", "text": "three"}) + "\n")
+    (tmp_path / "shards" / "README.md").write_text("not data")
+    folder = [r for r in read_records(str(tmp_path / "shards"))]
+    assert [r.id for r in folder] == ["b2", "a1", "a2", "c3"]  # sorted paths: b/part-2, part-1, part-3
+    assert [Path(r.source).name for r in folder] == ["part-2.jsonl", "part-1.jsonl", "part-1.jsonl", "part-3.jsonl.gz"]
+    pattern = str(tmp_path / "shards" / "**" / "part-*.jsonl")
+    assert [r.id for r in read_records(pattern)] == ["b2", "a1", "a2"]
+    # a file named twice (folder and file) is read once
+    assert expand_inputs([tmp_path / "shards" / "part-1.jsonl", tmp_path / "shards"])[0].endswith("part-1.jsonl")
+    assert len(expand_inputs([tmp_path / "shards" / "part-1.jsonl", tmp_path / "shards"])) == 3
+    with pytest.raises(FileNotFoundError, match="no .* files match"):
+        expand_inputs(str(tmp_path / "nothing-*.jsonl"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="in the folder"):
+        expand_inputs(tmp_path / "empty")
