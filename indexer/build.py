@@ -231,6 +231,7 @@ def append_documents(index_dir: str | Path, data: Sequence[str], *, model: str |
                               "skipped": old_stats.get("skipped", 0) + stats.skipped,
                               "skipped_examples": (old_stats.get("skipped_examples", []) + stats.skipped_reasons)[:5]},
                     "appends": m.get("appends", []) + [{"files": [str(p) for p in cfg.data], "documents": writer.n_rows,
+                                                        "skipped": stats.skipped, "skipped_examples": stats.skipped_reasons[:5],
                                                         "seconds": round(time.time() - started, 2),
                                                         "gradient_seconds": round(seconds, 2)}]}
         return writer.commit(manifest, base.state)
@@ -447,7 +448,7 @@ def _gradient_pass(cfg: BuildConfig, records, logra: LoGra, tokenizer, pre: Prec
 
     # Shards are written by one background thread while the next is computed; at most one waits.
     io, pending = ThreadPoolExecutor(1, thread_name_prefix="shard-writer"), None
-    try:
+    try:  # the bar is closed on errors too, so an error message starts on a line of its own
         for number, shard in enumerate(_chunks(records, cfg.shard_size), start=first_shard):
             if not writer.owns(number):
                 continue
@@ -461,7 +462,7 @@ def _gradient_pass(cfg: BuildConfig, records, logra: LoGra, tokenizer, pre: Prec
             pending.result()
     finally:
         io.shutdown(wait=True)
-    bar.close()
+        bar.close()
     return counts, time.time() - t0, n_done_before, tokens_at_start
 
 

@@ -160,8 +160,10 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "append":
             opts = {k: v for k, v in vars(args).items() if k not in ("command", "index", "data")}
             manifest = append_documents(args.index, args.data, **opts)
-            added = manifest["appends"][-1]["documents"]
-            print(f"appended {added} documents to {args.index} ({manifest['n_documents']} in all)")
+            added, skipped = manifest["appends"][-1]["documents"], manifest["appends"][-1].get("skipped", 0)
+            print(f"appended {added} documents to {args.index} ({manifest['n_documents']} in all); skipped {skipped}")
+            for reason in manifest["appends"][-1].get("skipped_examples", []):
+                print(f"  skipped: {reason}", file=sys.stderr)
         elif args.command == "attribute":
             from .attribute import AttributeConfig, attribute_queries
             done = attribute_queries(AttributeConfig(**{k: v for k, v in vars(args).items() if k != "command"}))

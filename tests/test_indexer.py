@@ -806,3 +806,28 @@ def test_build_from_a_folder_of_shards(tmp_path, gpt2_dir, capsys):
     assert {r["source"].rsplit("/", 1)[1] for r in rows[:6]} == {"b.jsonl"} and rows[6]["source"].endswith("a.jsonl")
     manifest = json.loads((tmp_path / "idx" / store.MANIFEST).read_text())
     assert [p.rsplit("/", 1)[1] for p in manifest["data"]["files"]] == ["b.jsonl", "a.jsonl"]
+
+
+def test_append_reports_skipped_records_like_build(tmp_path, gpt2_dir, capsys):
+    docs = synthetic_corpus(10, seed=8)
+    old = write_jsonl(tmp_path / "old.jsonl", docs[:6])
+    assert run(build_args(gpt2_dir, old, tmp_path / "idx"), capsys)[0] == 0
+    new = tmp_path / "new.jsonl"
+    new.write_text("\n".join([json.dumps(docs[6]), "{broken", json.dumps(docs[7])]) + "\n")
+    code, out, err = run(["append", "--index", tmp_path / "idx", "--data", new, "--skip-bad", "--no-progress"], capsys)
+    assert code == 0, err
+    assert "appended 2 documents" in out and "skipped 1" in out
+    assert "skipped:" in err and f"{new} line 2" in err
+    assert Index.open(tmp_path / "idx").manifest["appends"][-1]["skipped"] == 1
+
+
+def test_an_error_after_the_progress_bar_starts_on_its_own_line(tmp_path, gpt2_dir):
+    docs = synthetic_corpus(40, seed=9)
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join([json.dumps(d) for d in docs[:30]] + ["{broken"] + [json.dumps(d) for d in docs[30:]]) + "\n")
+    r = subprocess.run([sys.executable, "-m", "indexer", "build", "--model", gpt2_dir, "--data", str(data), "--out",
+                        str(tmp_path / "idx"), "--shard-size", "8", "--batch-size", "4"],
+                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 2 and "gradients" in r.stderr  # the bar was drawn
+    error = r.stderr[r.stderr.index("error:"):]
+    assert r.stderr[r.stderr.index("error:") - 1] == "\n" and "line 31" in error.splitlines()[0]
