@@ -14,7 +14,8 @@ from .settings import ServerSettings
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m api", description="Serve a logra-search index over HTTP.")
+    ap = argparse.ArgumentParser(prog="python -m api", description="Serve a logra-search index over HTTP.",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--index", required=True, help="index folder built by `python -m indexer build`")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000)

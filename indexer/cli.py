@@ -74,8 +74,9 @@ def _add_query_args(p: argparse.ArgumentParser) -> None:
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m indexer", description="Build logra-search attribution indexes.")
     sub = ap.add_subparsers(dest="command", required=True)
+    defaults = {"formatter_class": argparse.ArgumentDefaultsHelpFormatter}  # --help shows every default
 
-    b = sub.add_parser("build", help="index a dataset with a model")
+    b = sub.add_parser("build", **defaults, help="index a dataset with a model")
     b.add_argument("--model", required=True, help="Hugging Face causal LM: hub name or local folder")
     b.add_argument("--data", required=True, nargs="+",
                    help=".jsonl / .jsonl.gz / .parquet files, folders of them (shards) or glob patterns (quote them)")
@@ -93,7 +94,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--trust-remote-code", action="store_true")
     _add_build_args(b)
 
-    a = sub.add_parser("append", help="add documents to an index, with its own projection and preconditioner")
+    a = sub.add_parser("append", **defaults, help="add documents to an index, with its own projection and preconditioner")
     a.add_argument("--index", required=True, help="index folder to extend")
     a.add_argument("--data", required=True, nargs="+", help="files, folders of them or glob patterns, as for build")
     a.add_argument("--model", default=None, help="the index's model from another place (must have the same weights)")
@@ -106,7 +107,7 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--skip-bad", action="store_true")
     a.add_argument("--no-progress", dest="progress", action="store_false")
 
-    q = sub.add_parser("attribute", help="the top-k documents of every query in a file (as POST /attribute)")
+    q = sub.add_parser("attribute", **defaults, help="the top-k documents of every query in a file (as POST /attribute)")
     _add_query_args(q)
     q.add_argument("--out", required=True, help="hits, one row per (query, rank): .jsonl or .parquet")
     q.add_argument("--k", type=positive_int, default=10)
@@ -115,7 +116,7 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--depth", type=positive_int, default=HIGH_DEPTH,
                    help="precision high rescores the compact vectors' top max(k, depth)")
 
-    v = sub.add_parser("value", help="each document's and each group's summed influence over a set of queries")
+    v = sub.add_parser("value", **defaults, help="each document's and each group's summed influence over a set of queries")
     _add_query_args(v)
     v.add_argument("--group-by", action="append", required=True, help="a metadata field; repeat for several")
     v.add_argument("--out", required=True, help="groups: .json, .csv or .parquet")
@@ -126,11 +127,11 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--bootstrap", type=int, default=1000, help="resamples of the queries for the intervals (0: none)")
     v.add_argument("--seed", type=int, default=0)
 
-    i = sub.add_parser("info", help="summarise an index: model, documents, layers, stages, sizes, build time")
+    i = sub.add_parser("info", **defaults, help="summarise an index: model, documents, layers, stages, sizes, build time")
     i.add_argument("index")
     i.add_argument("--json", action="store_true", help="print the manifest itself")
 
-    dm = sub.add_parser("demo", help="build the embedded demo: stdlib docstrings, a tiny GPT-2 trained here, its index")
+    dm = sub.add_parser("demo", **defaults, help="build the embedded demo: stdlib docstrings, a tiny GPT-2 trained here, its index")
     dm.add_argument("--out", default="demo", help="folder for the corpus, model and index (index in OUT/index)")
     dm.add_argument("--max-docs", type=positive_int, default=3000)
     dm.add_argument("--epochs", type=positive_int, default=2)
