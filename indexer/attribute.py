@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from .queries import open_index, query_records, stage_vectors
 from .ranking import DIRECTIONS, HIGH_DEPTH, rank
-from .records import ReadStats, expand_inputs
+from .records import ReadStats, expand_inputs, source_identity
 
 OUTPUT_FORMATS = (".jsonl", ".parquet")
 HIT_SCHEMA = pa.schema([("query_id", pa.string()), ("rank", pa.int64()), ("id", pa.string()), ("score", pa.float64()),
@@ -65,7 +65,7 @@ class AttributeConfig:
 
 def _key(cfg: AttributeConfig, manifest: dict) -> str:
     """What a partial run must share with this one to be continued."""
-    files = [(str(Path(p).resolve()), os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in cfg.queries]
+    files = [source_identity(str(p)) for p in cfg.queries]
     opts = {k: v for k, v in asdict(cfg).items() if k not in ("out", "progress", "device", "batch_size", "queries")}
     index = (manifest["model"]["fingerprint"], manifest["n_documents"], manifest.get("build", {}).get("seconds"))
     return hashlib.sha256(json.dumps([files, opts, index], sort_keys=True, default=str).encode()).hexdigest()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +21,7 @@ from engine import (LoGra, LoGraConfig, Preconditioner, TextFormat, encode_pairs
 from engine.encoding import Encoded
 
 from .distributed import Processes, is_input_error, world_size
-from .records import ReadStats, Record, TextFormatter, expand_inputs, read_records
+from .records import ReadStats, Record, TextFormatter, expand_inputs, is_dataset, read_records, source_identity
 from .store import INDEX_TYPES, Index, IndexWriter, document_pair
 
 
@@ -128,7 +127,7 @@ def count_records(paths: Sequence[str]) -> int | None:
         elif str(p).endswith((".jsonl", ".json")):
             with open(p, "rb") as f:
                 total += sum(1 for line in f if line.strip())
-        else:
+        else:  # a dataset: its size is not known without reading it (streamed)
             return None
     return total
 
@@ -249,7 +248,7 @@ def model_reference(name_or_path: str) -> str:
 def resume_key(cfg: BuildConfig, fingerprint: str) -> str:
     """What a partial build must share with this one to be resumed: every option that changes the
     output, the model's weights, and the data files' sizes and modification times."""
-    files = [(str(Path(p).resolve()), os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in cfg.data]
+    files = [source_identity(str(p)) for p in cfg.data]
     # Batching changes no vector (tested), so a build can resume with other batch settings, e.g. after OOM.
     ignored = ("out", "overwrite", "progress", "device", "data", "batch_size", "batch_tokens")
     relevant = {k: v for k, v in asdict(cfg).items() if k not in ignored}
@@ -277,7 +276,7 @@ def text_format(cfg: BuildConfig, tokenizer) -> TextFormat:
 
 def _load(cfg: BuildConfig):
     for p in cfg.data:  # before loading a model: a missing file is the cheapest error to report
-        if not Path(p).is_file():
+        if not Path(p).is_file() and not is_dataset(p):
             raise FileNotFoundError(f"no such file: {p}")
     try:
         return load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)

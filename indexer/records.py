@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 __all__ = ["Record", "BadRecordError", "Formatter", "TextFormatter", "ReadStats", "expand_inputs", "read_records",
+           "source_identity",
            "SUPPORTED_FORMATS"]
 
 SUPPORTED_FORMATS = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet")
@@ -114,16 +115,40 @@ class TextFormatter(Formatter):
         return self.text_format.messages(self.tokenizer, messages)
 
 
+HUB_PREFIX = "hf://"  # hf://owner/name[:config][@split]: a dataset on the Hugging Face hub, streamed
+
+
+def is_dataset(source: str) -> bool:
+    """A `datasets` dataset: a hub name (hf://...) or a folder written by `save_to_disk` (FOLDER@SPLIT too)."""
+    source = str(source)
+    p = Path(source if Path(source).exists() else source.rsplit("@", 1)[0])
+    return source.startswith(HUB_PREFIX) or (p.is_dir() and any(
+        (p / marker).is_file() for marker in ("dataset_info.json", "state.json", "dataset_dict.json")))
+
+
+def source_identity(source: str) -> tuple:
+    """What a rerun must find unchanged in a data source: a file's or a saved dataset's size and time
+    (a hub dataset: its name only)."""
+    if source.startswith(HUB_PREFIX):
+        return source, None, None
+    path = Path(source) if Path(source).exists() else Path(source.rsplit("@", 1)[0])
+    stats = [f.stat() for f in ([path] if path.is_file() else path.rglob("*")) if f.is_file()]
+    return source if is_dataset(source) else str(path.resolve()), sum(st.st_size for st in stats), \
+        max((st.st_mtime_ns for st in stats), default=0)
+
+
 def expand_inputs(paths: str | Path | Sequence[str | Path]) -> list[str]:
     """Data files as given, with directories (every supported file inside, at any depth) and glob
-    patterns (`*`, `?`, `[`, `**`) expanded to their files in sorted order, each file once. A folder
-    or pattern without a supported file is an error."""
+    patterns (`*`, `?`, `[`, `**`) expanded to their files in sorted order, each file once; datasets
+    (is_dataset) as given. A folder or pattern without a supported file is an error."""
     if isinstance(paths, (str, Path)):
         paths = [paths]
     supported = lambda name: str(name).lower().endswith(SUPPORTED_FORMATS)
     out: list[str] = []
     for p in map(str, paths):
-        if any(c in p for c in "*?[") and not Path(p).exists():
+        if is_dataset(p):
+            files, where = [p], ""
+        elif any(c in p for c in "*?[") and not Path(p).exists():
             files = sorted(m for m in glob.glob(p, recursive=True) if Path(m).is_file() and supported(m))
             where = f"match {p!r}"
         elif Path(p).is_dir():
@@ -174,7 +199,47 @@ def read_records(
                      seen_ids if seen_ids is not None else set(), formatter or Formatter())
 
 
+def _dataset_source(source: str):
+    """A `datasets` dataset to iterate: hf://owner/name[:config][@split] (streamed: memory does not
+    grow), or a save_to_disk folder [@split] (memory-mapped). Loaded now, so an unreachable hub name
+    or a missing split is an error before any work."""
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError(f"{source}: reading datasets needs the `datasets` package (pip install datasets)") from None
+    if Path(source).is_dir() or "@" not in source:
+        spec, split = source, ""
+    else:
+        spec, split = source.rsplit("@", 1)
+    if spec.startswith(HUB_PREFIX):
+        name, _, config = spec[len(HUB_PREFIX):].partition(":")
+        try:
+            return datasets.load_dataset(name, config or None, split=split or "train", streaming=True)
+        except Exception as e:  # offline, unknown name, gated repo, unknown config or split: say which
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise ValueError(f"{source}: cannot load this dataset from the Hugging Face hub "
+                             f"({type(e).__name__}: {first[:300]}); check the name, config and split, the network "
+                             "(HF_HUB_OFFLINE), or save it with `save_to_disk` and pass the folder") from None
+    data = datasets.load_from_disk(spec)
+    if isinstance(data, datasets.DatasetDict):
+        if (split or "train") not in data:
+            raise ValueError(f"{source}: no split {split or 'train'!r} in this dataset; it has {', '.join(data)} "
+                             f"(pass FOLDER@SPLIT)")
+        data = data[split or "train"]
+    elif split:
+        raise ValueError(f"{source}: this saved dataset has no splits; pass the folder alone")
+    return data
+
+
+def _dataset_rows(source: str) -> Iterator[tuple[int, Any, str | None]]:
+    for row, obj in enumerate(_dataset_source(source), start=1):
+        yield row, obj, None
+
+
 def _reader_for(source: str):
+    if is_dataset(source):
+        _dataset_source(source)  # fail now on an unreachable or malformed source
+        return _dataset_rows
     path = Path(source)
     name = path.name.lower()
     if name.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz")):
@@ -201,7 +266,7 @@ def _generate(inputs, fields: _Fields, skip_bad: bool, stats: ReadStats,
                               f"(the first, {source} line {line}, has {shown})", source=source, line=line,
                               reason="no record has the id field")
     for source, reader in inputs:
-        unit = "row" if reader is _parquet_rows else "line"
+        unit = "line" if reader is _jsonl_rows else "row"
         stem = _stem(source)
         for line, obj, error in reader(source):
             try:

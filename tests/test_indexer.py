@@ -831,3 +831,16 @@ def test_an_error_after_the_progress_bar_starts_on_its_own_line(tmp_path, gpt2_d
     assert r.returncode == 2 and "gradients" in r.stderr  # the bar was drawn
     error = r.stderr[r.stderr.index("error:"):]
     assert r.stderr[r.stderr.index("error:") - 1] == "\n" and "line 31" in error.splitlines()[0]
+
+
+def test_build_from_a_saved_dataset(tmp_path, gpt2_dir, capsys):
+    datasets = pytest.importorskip("datasets")
+    docs = synthetic_corpus(8, seed=12)
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(docs)}).save_to_disk(tmp_path / "ds")
+    code, _, err = run(build_args(gpt2_dir, f"{tmp_path / 'ds'}@train", tmp_path / "idx"), capsys)
+    assert code == 0, err
+    rows = table_rows(tmp_path / "idx")
+    assert [r["id"] for r in rows] == [d["id"] for d in docs]
+    assert rows[3]["source"] == f"{tmp_path / 'ds'}@train" and rows[3]["line"] == 4
+    code, _, err = run(build_args(gpt2_dir, "hf://no-such-owner/no-such-data", tmp_path / "idx2"), capsys)
+    assert code == 2 and "cannot load this dataset" in err and "Traceback" not in err

@@ -288,3 +288,21 @@ def test_folders_of_shards_and_glob_patterns_expand_to_their_files_in_order(tmp_
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="in the folder"):
         expand_inputs(tmp_path / "empty")
+
+
+def test_datasets_saved_to_disk_and_unreachable_hub_names(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    rows = [{"id": f"d{i}", "text": f"row {i} text", "lang": "en"} for i in range(5)]
+    datasets.Dataset.from_list(rows).save_to_disk(tmp_path / "single")
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:3]),
+                          "test": datasets.Dataset.from_list(rows[3:])}).save_to_disk(tmp_path / "splits")
+    got = list(read_records(str(tmp_path / "single")))
+    assert [r.id for r in got] == [r["id"] for r in rows] and got[0].metadata == {"lang": "en"}
+    assert got[2].source == str(tmp_path / "single") and got[2].line == 3  # provenance: the dataset and its row
+    assert [r.id for r in read_records(str(tmp_path / "splits"))] == ["d0", "d1", "d2"]  # train by default
+    assert [r.id for r in read_records(f"{tmp_path / 'splits'}@test")] == ["d3", "d4"]
+    with pytest.raises(ValueError, match="no split 'dev'.*train, test"):
+        read_records(f"{tmp_path / 'splits'}@dev")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match="cannot load this dataset from the Hugging Face hub"):
+        read_records("hf://no-such-owner/no-such-dataset:cfg@train")
