@@ -36,8 +36,9 @@ def attribute(body: AttributeRequest, att: Attributor = Depends(get_attributor))
     except QueryError as e:
         raise HTTPException(status_code=422, detail=str(e)) from e
     n_documents, precision = info.pop("n_documents"), info.pop("precision")
-    results = [AttributeResult(rank=i + 1, id=d["id"], score=h.score, stage=h.stage, text=d["text"], metadata=d["metadata"],
-                               source=d["source"], line=d["line"]) for i, (h, d) in enumerate(zip(hits, docs))]
+    results = [AttributeResult(rank=i + 1, id=d["id"], score=h.score, stage=h.stage, text=d["text"], prompt=d["prompt"] or "",
+                               metadata=d["metadata"], source=d["source"], line=d["line"])
+               for i, (h, d) in enumerate(zip(hits, docs))]
     return AttributeResponse(results=results, mode=body.mode, precision=precision, direction=body.direction, k=body.k,
                              n_documents=n_documents,
                              query=QueryInfo(**info), took_ms=round((time.perf_counter() - started) * 1000, 2))

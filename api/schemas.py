@@ -94,6 +94,7 @@ class DocumentFields(BaseModel):
 
 
 class AttributeResult(DocumentFields):
+    prompt: str = Field("", description="the part of `text` that was context, not scored (prompt/response and chat records)")
     rank: int
     score: float
     stage: Literal["fast", "high"] = Field(description="the stage whose score this is (and which ranked it)")

@@ -101,6 +101,9 @@ def test_a_query_as_messages_scores_as_the_same_pair_and_finds_its_own_conversat
             assert [r["id"] for r in as_chat["results"]] == [r["id"] for r in as_pair["results"]]
             assert [r["score"] for r in as_chat["results"]] == pytest.approx([r["score"] for r in as_pair["results"]])
             assert as_chat["results"][0]["id"] == "m0" and as_chat["results"][0]["score"] == pytest.approx(1.0, abs=2e-3)
+            top = as_chat["results"][0]  # the page shows the context apart from the response
+            assert top["prompt"] and top["text"].startswith(top["prompt"]) and top["text"][len(top["prompt"]):].startswith(
+                CHATS[0][1]["content"])
         tokens = c.post("/attribute/tokens", json={"messages": CHATS[2], "id": "m2"}).json()
         assert "".join(t["text"] for t in tokens["tokens"]).startswith("meadow cipher anchor quartz")
         bad = c.post("/attribute", json={"messages": CHATS[0][:1]})

@@ -447,3 +447,30 @@ def test_value_view_charts_the_apis_groups_and_downloads_its_csv(csp_page, serve
     page.click("#value-submit")
     page.wait_for_selector("body[data-state=error]")
     assert "provider" in page.text_content("#value-status")
+
+
+@pytest.fixture(scope="module")
+def pair_server(browser, gpt2_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ui-pairs")
+    records = [{"id": f"p{i}", "q": f"{w} harbor question", "a": f" needle {w} beacon ledger answer"}
+               for i, w in enumerate(["prism", "tundra", "nickel", "saddle", "raven", "cobalt"])]
+    index = build_corpus_index(root, gpt2_dir, records, prompt_field="q", response_field="a")
+    (root / "log").mkdir()
+    with running_api(index, root / "log") as (base, _, _):
+        yield base
+
+
+def test_results_show_a_documents_prompt_apart_from_its_response(browser, pair_server):
+    context = browser.new_context(viewport={"width": 1200, "height": 900})
+    page = context.new_page()
+    try:
+        page.goto(pair_server + "/?" + urlencode({"prompt": "prism harbor question", "response": "needle prism beacon"}))
+        page.wait_for_selector("body[data-state=results]")
+        first = page.eval_on_selector(".result", """e => ({id: e.dataset.id,
+            prompt: e.querySelector('.prompt-snippet').textContent, response: e.querySelector('.snippet').textContent})""")
+        shot(page, "prompt-apart")
+        assert first["id"] == "p0"
+        assert first["prompt"] == "promptprism harbor question\n"  # the label, then the context as stored
+        assert first["response"] == " needle prism beacon ledger answer"
+    finally:
+        context.close()

@@ -239,8 +239,15 @@ function renderResult(group, q, top, openTok) {
   li.append(head, provenance(res));
 
   const body = el("div", { class: "body" });
-  const long = res.text.length > SNIPPET_CHARS;
-  const snippet = el("div", { class: "snippet", text: long ? res.text.slice(0, SNIPPET_CHARS) + "…" : res.text });
+  // prompt/response and chat documents: the context (not scored) apart from the response
+  const prompt = res.prompt && res.text.startsWith(res.prompt) ? res.prompt : "";
+  const response = res.text.slice(prompt.length);
+  if (prompt) {
+    const tail = prompt.length > SNIPPET_CHARS ? "…" + prompt.slice(-SNIPPET_CHARS) : prompt;
+    body.append(el("div", { class: "prompt-snippet" }, el("span", { class: "k", text: "prompt" }), el("span", { text: tail })));
+  }
+  const long = response.length > SNIPPET_CHARS;
+  const snippet = el("div", { class: "snippet", text: long ? response.slice(0, SNIPPET_CHARS) + "…" : response });
   body.append(snippet);
   if (group.length > 1) {
     const dups = el("div", { class: "dups" }, "same text also as: ");
@@ -252,7 +259,7 @@ function renderResult(group, q, top, openTok) {
     const expand = el("button", { type: "button", class: "expand", "aria-expanded": "false", text: "Show full text" });
     expand.addEventListener("click", () => {
       const open = expand.getAttribute("aria-expanded") !== "true";
-      snippet.textContent = open ? res.text : res.text.slice(0, SNIPPET_CHARS) + "…";
+      snippet.textContent = open ? response : response.slice(0, SNIPPET_CHARS) + "…";
       expand.setAttribute("aria-expanded", String(open));
       expand.textContent = open ? "Show less" : "Show full text";
     });
