@@ -55,7 +55,7 @@ class IndexUnavailable(RuntimeError):
 PRECISIONS = ("fast", "high")
 # Copies (token view) or queries (valuation) per gradient pass of a heavy request: a query waits for
 # at most one such pass (api.lanes).
-HEAVY_BATCH = 4
+HEAVY_BATCH = 2
 
 
 @dataclass

@@ -13,7 +13,7 @@ vocabulary side kept whole) has a diagonal S: its K-FAC eigenbasis is the identi
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 
@@ -164,15 +164,6 @@ class Preconditioner:
                                     "damping": damp.reshape(1)}
         self.finalized = True
         return self
-
-    def fit(self, batches: Callable[[], Iterable[tuple[dict, dict | None]]]) -> "Preconditioner":
-        """Convenience: `batches()` yields (grads, token_stats); called twice for ekfac."""
-        for grads, stats in batches():
-            self.update(grads, stats)
-        if self.needs_second_pass:
-            for grads, _ in batches():
-                self.update_second(grads)
-        return self.finalize()
 
     def apply(self, grads, eigenbasis: bool = False, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """Whitened vectors v = H^{-1/2} g, concatenated over layers: (batch, dim), float32.

@@ -90,7 +90,7 @@ def token_vectors(logra: LoGra, preconditioner: Preconditioner, tokenizer: PreTr
                   response: str, max_tokens_scored: int = MAX_TOKENS_SCORED, batch_size: int = 32,
                   eigenbasis: bool = False, guard: Callable[[], ContextManager] = nullcontext) -> TokenVectors:
     """`eigenbasis`: the vectors in the preconditioner's eigenbasis (Preconditioner.apply); `guard()`:
-    entered around each batch's gradient pass (a server's lock, taken batch by batch). The sequence is replicated once per scored token with a label mask selecting just that token,
+    entered around each batch's computation (a server's lock, taken batch by batch). The sequence is replicated once per scored token with a label mask selecting just that token,
     plus one copy labelled as a normal query; the copies go through `LoGra.gradients` in batches of
     `batch_size` (eager attention: a copy's gradient does not depend on its batch)."""
     if max_tokens_scored < 1 or batch_size < 1:
@@ -105,7 +105,6 @@ def token_vectors(logra: LoGra, preconditioner: Preconditioner, tokenizer: PreTr
         chunk = masks[i : i + batch_size]
         batch = collate([enc] * len(chunk), tokenizer.pad_token_id, label_positions=chunk)
         with guard():
-            grads = logra.gradients(batch).grads
-        rows.append(preconditioner.apply(grads, eigenbasis=eigenbasis))
+            rows.append(preconditioner.apply(logra.gradients(batch).grads, eigenbasis=eigenbasis))
     vectors = torch.cat(rows)
     return TokenVectors(query=vectors[0], tokens=vectors[1:], positions=positions, encoded=enc, truncated=truncated)
