@@ -166,7 +166,7 @@ def table(summary: dict, names=None) -> str:
     if "api_k10_agreement" in t:
         a = t["api_k10_agreement"]
         lines.append(f"API k = 10 at depth {a['depth']}: {a['mean']:.2f} of the k = all top 10 "
-                     f"(stored float16 vs recomputed scores, max error {_fmt(a['max_rel_error_vs_engine'], 4)} of the largest).")
+                     f"(stored float16 vs recomputed scores, max error {a['max_rel_error_vs_engine']:.1e} of the largest).")
     gr = summary.get("groups")
     if gr:
         lines += ["", f"Group values against retraining ({gr['groups']} groups by {gr['field']}, "
