@@ -7,7 +7,8 @@
 2. Memory: peak RSS of `python -m indexer build` at two corpus sizes, each in a fresh process.
 
     python benchmarks/indexing.py            # writes benchmarks/results/indexing.json
-    python benchmarks/indexing.py --quick    # smaller, for a smoke run
+    python benchmarks/indexing.py --quick    # smaller
+    python benchmarks/indexing.py --smoke    # seconds: checks the benchmark runs (tests/test_benchmarks_smoke.py)
     python benchmarks/indexing.py --only memory
 """
 from __future__ import annotations
@@ -136,6 +137,7 @@ def tiny_model_dir(workdir: Path) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="the tiny model, one batch, 200 and 400 documents")
     ap.add_argument("--only", choices=["throughput", "memory"], default=None)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "indexing.json"))
     args = ap.parse_args()
@@ -149,15 +151,17 @@ def main() -> None:
         results["throughput"] = []
         for name, kwargs in MODELS.items():
             small = kwargs["n_layer"] > 2
-            r = throughput(name, kwargs, n_batches=2 if q else (3 if small else 16), batch_size=8, max_len=128,
-                           repeats=2 if q else 7, rank=8)
+            if args.smoke and small:
+                continue
+            r = throughput(name, kwargs, n_batches=1 if args.smoke else 2 if q else (3 if small else 16), batch_size=8,
+                           max_len=128, repeats=1 if args.smoke else 2 if q else 7, rank=8)
             print(json.dumps(r), flush=True)
             results["throughput"].append(r)
     if args.only in (None, "memory"):
         results["memory"] = []
         with tempfile.TemporaryDirectory() as tmp:
             model_dir = tiny_model_dir(Path(tmp))
-            for n in ((1_000, 5_000) if q else (10_000, 100_000)):
+            for n in ((200, 400) if args.smoke else (1_000, 5_000) if q else (10_000, 100_000)):
                 r = peak_rss(n, Path(tmp), model_dir)
                 print(json.dumps(r), flush=True)
                 results["memory"].append(r)

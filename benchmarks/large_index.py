@@ -187,7 +187,8 @@ def child(work: Path, kind: str) -> dict:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=1_000_000, help="corpus size")
-    ap.add_argument("--quick", action="store_true", help="50k vectors and 100 queries: a smoke run")
+    ap.add_argument("--quick", action="store_true", help="50k vectors and 100 queries")
+    ap.add_argument("--smoke", action="store_true", help="5k vectors of 64 dims, 20 queries: seconds (checks the benchmark runs)")
     ap.add_argument("--dim", type=int, default=512, help="vector size (the demo index's)")
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--types", nargs="+", default=list(TYPES), choices=TYPES)
@@ -201,6 +202,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.quick:
         args.n, args.queries = 50_000, 100
+    if args.smoke:
+        args.n, args.dim, args.queries = 5_000, 64, 20
     tmp = None if args.workdir else tempfile.TemporaryDirectory(prefix="large-index-")
     work = Path(args.workdir or tmp.name)
     work.mkdir(parents=True, exist_ok=True)
@@ -213,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
                "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                            "omp_threads": int(os.environ.get("OMP_NUM_THREADS", "0")) or None, "faiss": faiss.__version__},
                "types": []}
-    key = "large_index_quick" if args.quick else "large_index"
+    key = "large_index_smoke" if args.smoke else "large_index_quick" if args.quick else "large_index"
     for kind in args.types:
         out = subprocess.run([sys.executable, __file__, "--child", kind, "--workdir", str(work)],
                              stdout=subprocess.PIPE, text=True, check=True)  # its stderr shows here

@@ -255,6 +255,8 @@ def throughput(base: str, pairs: list[tuple[str, str]], clients: int, seconds: f
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="10k and 30k documents, 40 queries, 4 s per throughput run")
+    ap.add_argument("--smoke", action="store_true", help="a 300-document demo trained 1 epoch, 1k documents, 10 queries, "
+                    "1 s runs: checks the benchmark runs")
     ap.add_argument("--sizes", type=int, nargs="+", default=None, help="index sizes (default 10000 100000 1000000)")
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--seconds", type=float, default=10.0, help="length of each throughput run")
@@ -266,6 +268,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         args.sizes = args.sizes or [10_000, 30_000]
         args.queries, args.seconds = min(args.queries, 40), min(args.seconds, 4.0)
+    if args.smoke:
+        args.sizes, args.queries, args.seconds, args.clients = [1_000], 10, 1.0, [1, 2]
     sizes = args.sizes or [10_000, 100_000, 1_000_000]
     faiss.omp_set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     tmp = None if args.workdir else tempfile.TemporaryDirectory(prefix="serving-")
@@ -275,10 +279,10 @@ def main(argv: list[str] | None = None) -> None:
     demo = Path(args.demo) if args.demo else work / "demo"
     if not args.demo:
         from indexer.demo import build_demo
-        build_demo(demo, progress=False)
+        build_demo(demo, progress=False, **({"max_docs": 300, "epochs": 1} if args.smoke else {}))
     pairs = make_queries(demo / "corpus.jsonl", args.queries)
     qv = query_vectors_of(demo / "index", pairs)
-    result = {"k": K, "queries": len(pairs), "quick": args.quick, "model": "embedded demo (tiny GPT-2, 2x128)",
+    result = {"k": K, "queries": len(pairs), "quick": args.quick or args.smoke, "model": "embedded demo (tiny GPT-2, 2x128)",
               "dim": int(qv.shape[1]), "base_documents": len(store.Index.open(demo / "index")),
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                           "omp_threads": int(os.environ.get("OMP_NUM_THREADS", "0")) or None, "faiss": faiss.__version__},
@@ -287,7 +291,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def save():
         results = json.loads(out.read_text()) if out.is_file() else {}
-        results["serving_quick" if args.quick else "serving"] = result
+        results["serving_smoke" if args.smoke else "serving_quick" if args.quick else "serving"] = result
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=2) + "\n")
 

@@ -195,25 +195,32 @@ def table(summary: dict, names=None) -> str:
     return "\n".join(lines)
 
 
+# --smoke: the text baselines and the cheapest engine setting on the committed ground truth, written
+# to --results (not benchmarks/results): seconds, and every stage of `run` is exercised.
+SMOKE_METHODS = ("bm25", "random", "fast b512 h0.5 raw cosine", "fast b512 h0.5 raw influence")
+
+
 def cmd_run(args) -> None:
     from .specs import SPECS, ground_truth
     names = args.bench or list(SPECS)
     methods.CACHED_ONLY = args.cached
-    previous = json.loads((RESULTS / "quality.json").read_text()) if (RESULTS / "quality.json").exists() else {}
+    out = Path(args.results)
+    previous = json.loads((out / "quality.json").read_text()) if (out / "quality.json").exists() else {}
     benchmarks = previous.get("benchmarks", {}) if args.bench else {}
     for name in names:
         gt = ground_truth(name)
         t = time.time()
-        results = methods.all_scores(gt, Path(args.work), quick=args.quick, log=lambda m: print(f"[{name}] {m}", flush=True))
+        results = methods.all_scores(gt, Path(args.work), quick=args.quick, only=list(SMOKE_METHODS) if args.smoke else None,
+                                     log=lambda m: print(f"[{name}] {m}", flush=True))
         summary = summarize(results, gt, args.default)
         summary["seconds"] = round(time.time() - t, 1)
         summary["quick"] = args.quick
         benchmarks[name] = summary
         print(f"\n## {name}\n" + table(summary, README_ROWS), flush=True)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "quality.json").write_text(json.dumps({"default": args.default, "benchmarks": benchmarks}, indent=1,
-                                                     default=float) + "\n")
-    (RESULTS / "quality.md").write_text("\n\n".join(f"## {n}\n\n{table(b)}" for n, b in benchmarks.items()) + "\n")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "quality.json").write_text(json.dumps({"default": args.default, "benchmarks": benchmarks}, indent=1,
+                                                 default=float) + "\n")
+    (out / "quality.md").write_text("\n\n".join(f"## {n}\n\n{table(b)}" for n, b in benchmarks.items()) + "\n")
 
 
 def main(argv=None) -> None:
@@ -231,6 +238,8 @@ def main(argv=None) -> None:
     r.add_argument("--quick", action="store_true", help="the shipped defaults and the baselines only (no grids)")
     r.add_argument("--bench", action="append", default=None, help="a benchmark (specs.SPECS) to run; repeatable; default all")
     r.add_argument("--cached", action="store_true", help="only the methods whose scores the scratch folder already holds")
+    r.add_argument("--smoke", action="store_true", help="BM25, random and one cheap engine setting: checks `run` works")
+    r.add_argument("--results", default=str(RESULTS), help="folder for quality.json and quality.md")
     for s in (g, r):
         s.add_argument("--ground-truth", default=str(generate.GT))
         s.add_argument("--work", default="/tmp/logra-quality", help="scratch folder for the indexes")
