@@ -17,7 +17,7 @@ from .lanes import RETRY_AFTER_S, Busy, HeavyLane
 from .limits import RequestLimits
 from .metrics import Metrics, MetricsMiddleware
 from .routes import STATIC, admin, data, router
-from .search import HIGH_DEPTH, Attributor, IndexUnavailable
+from .search import HIGH_DEPTH, Attributor, IndexUnavailable, QueryError, UnknownDocument
 from .settings import ServerSettings
 
 
@@ -61,6 +61,14 @@ async def _unavailable(request: Request, exc: IndexUnavailable) -> JSONResponse:
     return _AsciiJSONResponse(status_code=503, content={"detail": str(exc)})
 
 
+async def _query_error(request: Request, exc: QueryError) -> JSONResponse:
+    return _AsciiJSONResponse(status_code=422, content={"detail": str(exc)})
+
+
+async def _unknown_document(request: Request, exc: UnknownDocument) -> JSONResponse:
+    return _AsciiJSONResponse(status_code=404, content={"detail": f"no document with id {exc.args[0]!r}"})
+
+
 async def _busy(request: Request, exc: Busy) -> JSONResponse:
     return _AsciiJSONResponse(status_code=503, content={"detail": str(exc)}, headers={"Retry-After": str(RETRY_AFTER_S)})
 
@@ -85,6 +93,8 @@ def create_app(index_dir: str | Path, model: str | None = None, device: str = "c
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(IndexUnavailable, _unavailable)
     app.add_exception_handler(Busy, _busy)
+    app.add_exception_handler(QueryError, _query_error)
+    app.add_exception_handler(UnknownDocument, _unknown_document)
     for r in (router, data, admin):
         app.include_router(r)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")

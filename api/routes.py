@@ -4,6 +4,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from typing import Annotated
+
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import FileResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -15,7 +17,7 @@ from indexer.value import report_csv
 
 from .schemas import (AttributeRequest, AttributeResponse, AttributeResult, Document, Health, QueryInfo, Reloaded,
                       TokenRequest, TokenResponse, TokenScore, ValueRequest, ValueResponse)
-from .search import Attributor, QueryError, UnknownDocument
+from .search import Attributor
 
 router = APIRouter()  # open to all: health, metrics, the page
 data = APIRouter(dependencies=[Depends(require_api_key)])  # the index's contents: the API key when one is set
@@ -27,14 +29,15 @@ def get_attributor(request: Request) -> Attributor:
     return request.app.state.attributor
 
 
+# QueryError (422) and UnknownDocument (404) are mapped to HTTP by the app's exception handlers (api.app).
+AttributorDep = Annotated[Attributor, Depends(get_attributor)]
+
+
 @data.post("/attribute", response_model=AttributeResponse)
-def attribute(body: AttributeRequest, att: Attributor = Depends(get_attributor)) -> AttributeResponse:
+def attribute(body: AttributeRequest, att: AttributorDep) -> AttributeResponse:
     started = time.perf_counter()
-    try:
-        hits, docs, info = att.attribute(body.prompt, body.response, body.k, body.mode, body.direction, body.where,
-                                         body.precision, messages=body.chat)
-    except QueryError as e:
-        raise HTTPException(status_code=422, detail=str(e)) from e
+    hits, docs, info = att.attribute(body.prompt, body.response, body.k, body.mode, body.direction, body.where,
+                                     body.precision, messages=body.chat)
     n_documents, precision = info.pop("n_documents"), info.pop("precision")
     results = [AttributeResult(rank=i + 1, id=d["id"], score=h.score, stage=h.stage, text=d["text"], prompt=d["prompt"] or "",
                                metadata=d["metadata"], source=d["source"], line=d["line"])
@@ -45,21 +48,16 @@ def attribute(body: AttributeRequest, att: Attributor = Depends(get_attributor))
 
 
 @data.post("/attribute/tokens", response_model=TokenResponse)
-def attribute_tokens(body: TokenRequest, att: Attributor = Depends(get_attributor)) -> TokenResponse:
+def attribute_tokens(body: TokenRequest, att: AttributorDep) -> TokenResponse:
     """Split one document's score over the response's tokens."""
-    try:
-        ts = att.token_scores(body.prompt, body.response, body.id, body.mode, precision=body.precision, messages=body.chat)
-    except UnknownDocument:
-        raise HTTPException(status_code=404, detail=f"no document with id {body.id!r}") from None
-    except QueryError as e:
-        raise HTTPException(status_code=422, detail=str(e)) from e
+    ts = att.token_scores(body.prompt, body.response, body.id, body.mode, precision=body.precision, messages=body.chat)
     return TokenResponse(id=body.id, mode=body.mode, tokens=[TokenScore(text=t, score=s) for t, s in zip(ts.texts, ts.scores)],
                          total=ts.total, document_score=ts.document_score, truncated=ts.truncated,
                          n_scored_tokens=ts.n_scored, max_tokens_scored=MAX_TOKENS_SCORED)
 
 
 @data.post("/value", response_model=ValueResponse, responses={200: {"content": {"text/csv": {}}}})
-def value(body: ValueRequest, request: Request, att: Attributor = Depends(get_attributor)):
+def value(body: ValueRequest, request: Request, att: AttributorDep):
     """What each group of documents (by metadata fields) was worth over a set of queries: the same
     report as `python -m indexer value` for the same queries and options."""
     started = time.perf_counter()
@@ -67,11 +65,8 @@ def value(body: ValueRequest, request: Request, att: Attributor = Depends(get_at
     if len(body.queries) > limit:
         raise HTTPException(status_code=422, detail=f"{len(body.queries)} queries; this server values at most {limit} "
                             "per request (LOGRA_MAX_VALUE_QUERIES; `python -m indexer value` has no limit)")
-    try:
-        report = att.value([q.chat or (q.prompt, q.response) for q in body.queries], body.group_by, body.mode,
-                           body.precision, body.top, body.bootstrap, body.seed)
-    except QueryError as e:
-        raise HTTPException(status_code=422, detail=str(e)) from e
+    report = att.value([q.chat or (q.prompt, q.response) for q in body.queries], body.group_by, body.mode,
+                       body.precision, body.top, body.bootstrap, body.seed)
     if body.format == "csv":
         return Response(report_csv(report), media_type="text/csv",
                         headers={"Content-Disposition": 'attachment; filename="value.csv"'})
@@ -79,13 +74,13 @@ def value(body: ValueRequest, request: Request, att: Attributor = Depends(get_at
 
 
 @data.get("/documents", response_model=Document)
-def document_by_query(id: str, att: Attributor = Depends(get_attributor)) -> Document:  # noqa: A002
+def document_by_query(id: str, att: AttributorDep) -> Document:  # noqa: A002
     """The same as /documents/{id}, for ids a URL path cannot carry ("." and "..": clients remove them)."""
     return document(id, att)
 
 
 @data.get("/documents/{doc_id:path}", response_model=Document)
-def document(doc_id: str, att: Attributor = Depends(get_attributor)) -> Document:
+def document(doc_id: str, att: AttributorDep) -> Document:
     doc = att.document(doc_id)
     if doc is None:
         raise HTTPException(status_code=404, detail=f"no document with id {doc_id!r}")
@@ -93,12 +88,12 @@ def document(doc_id: str, att: Attributor = Depends(get_attributor)) -> Document
 
 
 @router.get("/health", response_model=Health)
-def health(att: Attributor = Depends(get_attributor)) -> Health:
+def health(att: AttributorDep) -> Health:
     return Health(status="ok", n_documents=len(att.index), model=att.model_name)
 
 
 @data.get("/index")
-def index_manifest(att: Attributor = Depends(get_attributor)) -> dict:
+def index_manifest(att: AttributorDep) -> dict:
     return att.index.manifest
 
 
@@ -109,7 +104,7 @@ def metrics(request: Request) -> Response:
 
 
 @admin.post("/reload", response_model=Reloaded)
-def reload(att: Attributor = Depends(get_attributor)) -> Reloaded:
+def reload(att: AttributorDep) -> Reloaded:
     """Open the index folder again now if it was replaced (requests also notice it by themselves)."""
     reloaded = att.reload()
     return Reloaded(reloaded=reloaded, n_documents=len(att.index))
