@@ -9,6 +9,7 @@ import uvicorn
 from indexer.store import IndexFormatError
 
 from .app import create_app
+from .batching import MAX_BATCH
 from .search import HIGH_DEPTH, ModelMismatchError
 from .settings import ServerSettings
 
@@ -26,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="seconds before a request is answered 503 (default 60; LOGRA_REQUEST_TIMEOUT_S)")
     ap.add_argument("--cors-origin", action="append", default=None, dest="cors_origins",
                     help="allow browser pages from this origin (repeatable; default none; LOGRA_CORS_ORIGINS)")
-    ap.add_argument("--max-batch", type=int, default=16,
+    ap.add_argument("--max-batch", type=int, default=MAX_BATCH,
                     help="at most this many concurrent /attribute queries share one gradient pass (1: no batching)")
     ap.add_argument("--high-depth", type=int, default=HIGH_DEPTH,
                     help="precision high rescores the compact vectors' top max(k, this) documents")

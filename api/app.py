@@ -10,9 +10,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
-
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .batching import MAX_BATCH
 from .lanes import RETRY_AFTER_S, Busy, HeavyLane
 from .limits import RequestLimits
 from .metrics import Metrics, MetricsMiddleware
@@ -74,7 +74,7 @@ async def _busy(request: Request, exc: Busy) -> JSONResponse:
 
 
 def create_app(index_dir: str | Path, model: str | None = None, device: str = "cpu",
-               settings: ServerSettings | None = None, max_batch: int = 16, high_depth: int = HIGH_DEPTH) -> FastAPI:
+               settings: ServerSettings | None = None, max_batch: int = MAX_BATCH, high_depth: int = HIGH_DEPTH) -> FastAPI:
     """Open the index and load its model now, so a bad index or the wrong model fails at start-up,
     not on the first request. `model` overrides the manifest's model (e.g. a local copy).
     `settings`: limits, API key and CORS (default: from the LOGRA_* environment variables).

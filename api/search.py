@@ -30,7 +30,7 @@ from indexer.value import value_report
 from indexer.ranking import HIGH_DEPTH, Hit, rank
 from indexer.store import MANIFEST, Index, IndexFormatError, ModelMismatchError
 
-from .batching import MicroBatcher
+from .batching import MAX_BATCH, MicroBatcher
 from .lanes import Busy, HeavyLane, PassLock
 
 __all__ = ["HIGH_DEPTH", "Attributor", "Hit", "IndexUnavailable", "ModelMismatchError", "QueryError", "TokenScores",
@@ -119,7 +119,7 @@ class Attributor:
     """`max_batch`: at most this many concurrent queries share a gradient pass (1: no batching);
     `batch_wait_ms`: how long a pass waits for more queries once one is queued."""
 
-    def __init__(self, index_dir: str | Path, model: str | None = None, device: str = "cpu", max_batch: int = 16,
+    def __init__(self, index_dir: str | Path, model: str | None = None, device: str = "cpu", max_batch: int = MAX_BATCH,
                  batch_wait_ms: float = 2.0, high_depth: int = HIGH_DEPTH, heavy: HeavyLane | None = None):
         self.root = Path(index_dir)
         stamp = _stamp(self.root)  # before opening: a swap during the open is seen by the next request
