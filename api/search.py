@@ -25,7 +25,7 @@ import numpy as np
 
 from engine import (MAX_TOKENS_SCORED, LoGra, Preconditioner, TextFormat, encode_pairs, load_model, pair_vectors,
                     query_vectors, token_texts, token_vectors)
-from indexer.queries import Opened, query_matrix
+from indexer.queries import NOTHING_TO_SCORE, Opened, query_matrix
 from indexer.value import value_report
 from indexer.ranking import HIGH_DEPTH, Hit, rank
 from indexer.store import MANIFEST, Index, IndexFormatError, ModelMismatchError
@@ -234,7 +234,7 @@ class Attributor:
         info = {"n_tokens": len(enc.input_ids), "n_response_tokens": enc.n_loss_tokens, "truncated": enc.truncated,
                 "n_documents": len(s.index), "precision": "high" if high else "fast"}
         if enc.n_loss_tokens == 0:
-            raise QueryError("the response has no token to score: with an empty prompt it needs at least two tokens")
+            raise QueryError(NOTHING_TO_SCORE)
         rows = s.rows_where(where) if where else None
         high_q = None
         if high:
@@ -254,8 +254,7 @@ class Attributor:
             stage = opened.stage(precision)
             for i, e in enumerate(encode_pairs(self.tokenizer, pairs, s.logra.max_tokens)):
                 if e.n_loss_tokens == 0:
-                    raise QueryError(f"query {i}: the response has no token to score "
-                                     "(with an empty prompt it needs at least two tokens)")
+                    raise QueryError(f"query {i}: {NOTHING_TO_SCORE}")
             with self._heavy.enter("valuation"):
                 vectors = query_matrix(opened, stage, pairs, batch_size=HEAVY_BATCH, guard=self._passes.heavy)
             try:
@@ -288,7 +287,7 @@ class Attributor:
                                eigenbasis=high, guard=self._passes.heavy)
         enc = tv.encoded
         if not tv.positions:
-            raise QueryError("the response has no token to score: with an empty prompt it needs at least two tokens")
+            raise QueryError(NOTHING_TO_SCORE)
         if high:
             d_norm = float(s.index.high_norms[row])
             d = np.asarray(s.index.high_vectors[row], dtype=np.float64) * d_norm

@@ -22,7 +22,7 @@ from engine.encoding import Encoded
 
 from .distributed import Processes, is_input_error, world_size
 from .records import ReadStats, Record, TextFormatter, expand_inputs, is_dataset, read_records, source_identity
-from .store import INDEX_TYPES, Index, IndexWriter, document_pair
+from .store import INDEX_TYPES, Index, IndexWriter, document_pair, load_engine_state
 
 
 @dataclass
@@ -372,7 +372,7 @@ def _high_stage(cfg: BuildConfig, model, tokenizer, fast: LoGra, writer: IndexWr
     saved = writer.high_state
     if saved is None:
         pre = Preconditioner(cfg.high_preconditioner, logra.shapes, damping_ratio=cfg.high_damping)
-        sample = [pair for shard in writer.documents() for pair in shard][: cfg.high_sample]
+        sample = list(islice((pair for shard in writer.documents() for pair in shard), cfg.high_sample))
         encoded = encode_pairs(tokenizer, [document_pair(p, t) for p, t in sample], logra.max_tokens)
         batches = [[encoded[i] for i in idx] for idx in _batches(encoded, cfg.batch_size, cfg.batch_tokens)]
         progress = lambda what, it: tqdm(it, unit="batch", desc=f"high-fidelity {what}", disable=not cfg.progress,
@@ -382,7 +382,7 @@ def _high_stage(cfg: BuildConfig, model, tokenizer, fast: LoGra, writer: IndexWr
                  "fit_seconds": round(time.time() - t0, 2)}
         writer.save_high_state(saved)
     else:
-        pre = _restore(logra, saved["state"])
+        pre = load_engine_state(logra, saved["state"])
     t1 = time.time()
     _write_high(cfg, logra, pre, tokenizer, writer)
     info = {"layers": logra.layer_spec(), "dim": logra.dim,
@@ -391,13 +391,6 @@ def _high_stage(cfg: BuildConfig, model, tokenizer, fast: LoGra, writer: IndexWr
             "sample_documents": saved["sample_documents"], "stored": "float16 unit rows and float32 norms",
             "high_fit_seconds": saved["fit_seconds"], "high_seconds": round(time.time() - t1, 2)}
     return info, saved["state"]
-
-
-def _restore(logra: LoGra, state: dict) -> Preconditioner:
-    """Set `logra`'s projections from a saved engine state; its preconditioner."""
-    for name, p in state["projections"].items():
-        logra.projections[name] = tuple(None if t is None else t.to(next(logra.model.parameters()).device) for t in (p["in"], p["out"]))
-    return Preconditioner.from_state_dict(state["preconditioner"])
 
 
 def _write_high(cfg: BuildConfig, logra: LoGra, pre: Preconditioner, tokenizer, writer: IndexWriter) -> None:

@@ -17,6 +17,8 @@ from .records import BadRecordError, ReadStats, Record, TextFormatter, read_reco
 from .store import Index, document_pair
 
 STAGES = ("fast", "high")
+# A query whose encoding has no scored token (one token and no prompt: nothing predicts it).
+NOTHING_TO_SCORE = "the response has no token to score (with an empty prompt it needs at least two tokens)"
 
 
 @dataclass
@@ -73,8 +75,7 @@ def query_records(opened: Opened, paths: Sequence[str], *, text_field: str | Non
     for r in records:
         pair = document_pair(r.prompt, r.text)
         if encode_pairs(opened.tokenizer, [pair], max_tokens)[0].n_loss_tokens == 0:
-            message = (f"{r.source} line {r.line}: the response has no token to score "
-                       "(with an empty prompt it needs at least two tokens)")
+            message = f"{r.source} line {r.line}: {NOTHING_TO_SCORE}"
             if not skip_bad:
                 raise BadRecordError(message, source=r.source, line=r.line, reason="no token to score")
             stats._skip(message)

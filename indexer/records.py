@@ -231,15 +231,10 @@ def _dataset_source(source: str):
     return data
 
 
-def _dataset_rows(source: str) -> Iterator[tuple[int, Any, str | None]]:
-    for row, obj in enumerate(_dataset_source(source), start=1):
-        yield row, obj, None
-
-
 def _reader_for(source: str):
     if is_dataset(source):
-        _dataset_source(source)  # fail now on an unreachable or malformed source
-        return _dataset_rows
+        data = _dataset_source(source)  # loaded now: an unreachable or malformed source fails before any work
+        return lambda _source: ((row, obj, None) for row, obj in enumerate(data, start=1))
     path = Path(source)
     name = path.name.lower()
     if name.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz")):

@@ -364,7 +364,7 @@ class HighVectorWriter:
                 raise IndexFormatError(f"{base.root} has no high-fidelity vectors of dim {dim}")
             for s in range(0, len(base), 8192):
                 self._write_unit(np.asarray(base.high_vectors[s : s + 8192]), base.high_norms[s : s + 8192])
-            self._commit_progress()
+            self.checkpoint()
 
     def add(self, vectors: np.ndarray) -> None:
         """The next rows' vectors (float32 or float64); stored as unit rows and norms."""
@@ -380,7 +380,8 @@ class HighVectorWriter:
         self.norms[self.rows : self.rows + len(unit)] = norms
         self.rows += len(unit)
 
-    def _commit_progress(self) -> None:
+    def checkpoint(self) -> None:
+        """Make the rows added so far survive a kill."""
         self._file.flush()
         os.fsync(self._file.fileno())
         tmp = self.folder / "high-norms.partial.tmp.npy"
@@ -390,10 +391,6 @@ class HighVectorWriter:
         tmp.write_text(json.dumps({"total": self.total, "dim": self.dim, "rows": self.rows}))
         os.replace(tmp, self.folder / self.PROGRESS)
 
-    def checkpoint(self) -> None:
-        """Make the rows added so far survive a kill."""
-        self._commit_progress()
-
     def close(self) -> None:
         """All rows written: the final norms file."""
         if self.rows != self.total:
@@ -401,6 +398,16 @@ class HighVectorWriter:
         self._file.close()
         np.save(self.folder / HIGH_NORMS, self.norms)
         (self.folder / "high-norms.partial.npy").unlink(missing_ok=True)
+
+
+def load_engine_state(logra: "LoGra", state: dict) -> "Preconditioner":
+    """Give `logra` the projections of a saved engine state (on its model's device; None: a side kept
+    whole) and return the state's fitted preconditioner."""
+    from engine import Preconditioner
+    device = next(logra.model.parameters()).device
+    for name, p in state["projections"].items():
+        logra.projections[name] = tuple(None if t is None else t.to(device) for t in (p["in"], p["out"]))
+    return Preconditioner.from_state_dict(state["preconditioner"])
 
 
 def resolve_index_type(index_type: str, n: int, dim: int) -> str:
@@ -601,7 +608,7 @@ class Index:
         return self._engine(model, name or self.manifest["model"]["name_or_path"], high["layers"], self.state["high"])
 
     def _engine(self, model, name: str, layers: list[dict], state: dict) -> tuple["LoGra", "Preconditioner"]:
-        from engine import LoGra, LoGraConfig, Preconditioner
+        from engine import LoGra, LoGraConfig
         m = self.manifest
         shapes = {l["name"]: (l["r_out"], l["r_in"]) for l in layers}
         try:
@@ -611,28 +618,26 @@ class Index:
         if [(l.name, l.in_features, l.out_features) for l in logra.layers] != [
                 (l["name"], l["in_features"], l["out_features"]) for l in layers]:
             raise ModelMismatchError(f"model {name!r} does not have the layers recorded in {self.root}")
-        device = next(model.parameters()).device
-        for name_, p in state["projections"].items():  # None: a side kept whole
-            logra.projections[name_] = tuple(None if t is None else t.to(device) for t in (p["in"], p["out"]))
-        return logra, Preconditioner.from_state_dict(state["preconditioner"])
+        return logra, load_engine_state(logra, state)
 
-    def metadata_fields(self) -> set[str]:
-        """Every metadata field some document has (one scan of the metadata column)."""
-        fields: set[str] = set()
-        for batch in self.table.search().select(["metadata"]).limit(None).to_batches():
-            for meta in batch.column("metadata").to_pylist():
-                fields.update(json.loads(meta))
-        return fields
-
-    def rows_by_value(self, field: str) -> dict[str, np.ndarray]:
-        """For one metadata field: each value (as JSON text) -> the rows holding it, ascending. One
-        scan of the row and metadata columns; documents without the field are left out."""
-        groups: dict[str, list[int]] = {}
+    def _metadata(self) -> Iterable[tuple[int, dict]]:
+        """(row, decoded metadata) of every document: one scan of the row and metadata columns."""
         for batch in self.table.search().select(["row", "metadata"]).limit(None).to_batches():
             for row, meta in zip(batch.column("row").to_pylist(), batch.column("metadata").to_pylist()):
-                value = json.loads(meta).get(field, _MISSING)
-                if value is not _MISSING:
-                    groups.setdefault(json.dumps(value, sort_keys=True), []).append(row)
+                yield row, json.loads(meta)
+
+    def metadata_fields(self) -> set[str]:
+        """Every metadata field some document has."""
+        return {f for _, meta in self._metadata() for f in meta}
+
+    def rows_by_value(self, field: str) -> dict[str, np.ndarray]:
+        """For one metadata field: each value (as JSON text) -> the rows holding it, ascending;
+        documents without the field are left out."""
+        groups: dict[str, list[int]] = {}
+        for row, meta in self._metadata():
+            value = meta.get(field, _MISSING)
+            if value is not _MISSING:
+                groups.setdefault(json.dumps(value, sort_keys=True), []).append(row)
         return {v: np.sort(np.asarray(r, dtype=np.int64)) for v, r in groups.items()}
 
     @property
@@ -646,19 +651,17 @@ class Index:
     def groups(self, fields: list[str]) -> tuple[list[dict], np.ndarray]:
         """Documents grouped by their metadata values of `fields`: the groups ({field: value}, a field a
         document lacks left out of its dict: those documents form their own group) and each row's group
-        number. One scan of the row and metadata columns."""
+        number."""
         keys: dict[str, int] = {}
         groups: list[dict] = []
         codes = np.zeros(len(self), dtype=np.int64)
-        for batch in self.table.search().select(["row", "metadata"]).limit(None).to_batches():
-            for row, meta in zip(batch.column("row").to_pylist(), batch.column("metadata").to_pylist()):
-                meta = json.loads(meta)
-                group = {f: meta[f] for f in fields if f in meta}
-                key = json.dumps(group, sort_keys=True)
-                if key not in keys:
-                    keys[key] = len(groups)
-                    groups.append(group)
-                codes[row] = keys[key]
+        for row, meta in self._metadata():
+            group = {f: meta[f] for f in fields if f in meta}
+            key = json.dumps(group, sort_keys=True)
+            if key not in keys:
+                keys[key] = len(groups)
+                groups.append(group)
+            codes[row] = keys[key]
         return groups, codes
 
     def pairs(self, rows: list[int]) -> list[tuple[str, str]]:
