@@ -14,6 +14,17 @@ from .search import HIGH_DEPTH, ModelMismatchError
 from .settings import ServerSettings
 
 
+def _positive(kind):
+    """An argparse type: a bad flag value names the flag (a bad LOGRA_* value names the variable)."""
+    def parse(text: str):
+        value = kind(text)
+        if not value > 0 or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse's "invalid int value" for non-numbers
+    return parse
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m api", description="Serve a logra-search index over HTTP.",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -22,8 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--model", default=None, help="serve with this model path/name instead of the manifest's")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--max-body-bytes", type=int, default=None, help="413 above this (default 8 MiB; LOGRA_MAX_BODY_BYTES)")
-    ap.add_argument("--request-timeout", type=float, default=None,
+    ap.add_argument("--max-body-bytes", type=_positive(int), default=None, help="413 above this (default 8 MiB; LOGRA_MAX_BODY_BYTES)")
+    ap.add_argument("--request-timeout", type=_positive(float), default=None,
                     help="seconds before a request is answered 503 (default 60; LOGRA_REQUEST_TIMEOUT_S)")
     ap.add_argument("--cors-origin", action="append", default=None, dest="cors_origins",
                     help="allow browser pages from this origin (repeatable; default none; LOGRA_CORS_ORIGINS)")
@@ -36,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--max-batch and --high-depth must be at least 1")
     try:
         # The API key comes only from LOGRA_API_KEY: a command line is visible to every user of the machine.
+        # The flags given win over the environment; a bad LOGRA_* value is a SettingsError (a ValueError) naming it.
         settings = ServerSettings.from_env(max_body_bytes=args.max_body_bytes, request_timeout_s=args.request_timeout,
                                            cors_origins=args.cors_origins)
         app = create_app(args.index, model=args.model, device=args.device, settings=settings,

@@ -1,42 +1,78 @@
 """Server settings: limits, API key, CORS. Each can come from the environment (LOGRA_*), so a
-container or a process manager configures the server without code."""
+container or a process manager configures the server without code. Values given to the constructor
+(the command line's flags) win over the environment; a bad value is reported by its variable's name."""
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, field
+import json
+from typing import Annotated, Any
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ENV_PREFIX = "LOGRA_"
+_SECRET = frozenset({"api_key"})  # never echoed in an error message
 
 
-def _env_list(name: str) -> list[str]:
-    return [v.strip() for v in os.environ.get(name, "").split(",") if v.strip()]
+class SettingsError(ValueError):
+    """One line per bad setting, each naming its environment variable (or the argument given)."""
 
 
-@dataclass(frozen=True)
-class ServerSettings:
-    max_body_bytes: int = 8 * 2**20  # two 1M-character texts, JSON-escaped, fit
-    request_timeout_s: float = 60.0  # answered with 503 past this; the computation itself finishes in its thread
+def env_name(field: str) -> str:
+    return ENV_PREFIX + field.upper()
+
+
+class ServerSettings(BaseSettings):
+    # empty variables count as unset (LOGRA_API_KEY= means no key, as before)
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_ignore_empty=True, frozen=True)
+
+    max_body_bytes: int = Field(8 * 2**20, ge=1)  # two 1M-character texts, JSON-escaped, fit
+    # answered with 503 past this; the computation itself finishes in its thread
+    request_timeout_s: float = Field(60.0, gt=0, allow_inf_nan=False)
     # /attribute, /attribute/tokens, /documents and /index need it when set; admin endpoints always do
-    api_key: str | None = None
-    cors_origins: list[str] = field(default_factory=list)  # empty: no CORS headers (same-origin only)
-    max_value_queries: int = 256  # POST /value: queries per request at most (each costs a gradient pass)
+    api_key: str | None = Field(None, repr=False)
+    # empty: no CORS headers (same-origin only). LOGRA_CORS_ORIGINS: comma-separated, or a JSON list
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    max_value_queries: int = Field(256, ge=1)  # POST /value: queries per request at most (each costs a gradient pass)
     # slow requests (token views, valuations): this many compute at once, this many more wait (api.lanes)
-    heavy_running: int = 1
-    heavy_queued: int = 2
+    heavy_running: int = Field(1, ge=1)
+    heavy_queued: int = Field(2, ge=0)
 
-    def __post_init__(self):
-        if (self.max_body_bytes < 1 or self.request_timeout_s <= 0 or self.max_value_queries < 1 or self.heavy_running < 1
-                or self.heavy_queued < 0):
-            raise ValueError("max_body_bytes, request_timeout_s, max_value_queries and heavy_running must be positive, "
-                             "heavy_queued at least 0")
-        if self.api_key is not None and len(self.api_key) < 16:
+    @field_validator("api_key")
+    @classmethod
+    def _key_long_enough(cls, key: str | None) -> str | None:
+        if key is not None and len(key) < 16:
             raise ValueError("an API key needs at least 16 characters")
+        return key
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _origin_list(cls, value: Any) -> Any:
+        """`https://a.example,https://b.example` (what users set) or a JSON list."""
+        if not isinstance(value, str):
+            return value
+        if value.lstrip().startswith("["):
+            try:
+                return json.loads(value)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"not a JSON list ({e.msg})") from None
+        return [v.strip() for v in value.split(",") if v.strip()]
 
     @classmethod
     def from_env(cls, **overrides) -> "ServerSettings":
-        env = {"max_body_bytes": int(os.environ.get("LOGRA_MAX_BODY_BYTES", cls.max_body_bytes)),
-               "request_timeout_s": float(os.environ.get("LOGRA_REQUEST_TIMEOUT_S", cls.request_timeout_s)),
-               "api_key": os.environ.get("LOGRA_API_KEY") or None,
-               "cors_origins": _env_list("LOGRA_CORS_ORIGINS"),
-               "max_value_queries": int(os.environ.get("LOGRA_MAX_VALUE_QUERIES", cls.max_value_queries)),
-               "heavy_running": int(os.environ.get("LOGRA_HEAVY_RUNNING", cls.heavy_running)),
-               "heavy_queued": int(os.environ.get("LOGRA_HEAVY_QUEUED", cls.heavy_queued))}
-        return cls(**{**env, **{k: v for k, v in overrides.items() if v is not None}})
+        """The environment's settings with `overrides` (those not None) on top; SettingsError if any is bad."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        try:
+            return cls(**given)
+        except ValidationError as e:
+            raise SettingsError(describe(e, given)) from None
+
+
+def describe(error: ValidationError, given: dict) -> str:
+    """`LOGRA_MAX_BODY_BYTES='abc': Input should be a valid integer, ...`, one clause per bad value."""
+    parts = []
+    for err in error.errors(include_url=False):
+        field = str(err["loc"][0]) if err["loc"] else ""
+        name = (field if field in given else env_name(field)) + "".join(f"[{i}]" for i in err["loc"][1:])
+        reason = str(err["ctx"]["error"]) if err["type"] == "value_error" else err["msg"]
+        parts.append(f"{name}: {reason}" if field in _SECRET else f"{name}={err['input']!r}: {reason}")
+    return "invalid server setting: " + "; ".join(parts)
