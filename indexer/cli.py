@@ -22,50 +22,92 @@ def positive_int(text: str) -> int:
     return value
 
 
-def _add_build_args(p: argparse.ArgumentParser) -> None:
-    d = BuildConfig(model="", data=[], out="")
-    p.add_argument("--max-tokens", type=positive_int, default=d.max_tokens, help="truncate each document to this many tokens (recorded per document)")
-    p.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="documents per pass at most")
-    p.add_argument("--batch-tokens", type=positive_int, default=d.batch_tokens,
-                   help="padded tokens per pass at most: batches of short documents grow up to --batch-size")
-    p.add_argument("--rank", type=positive_int, default=d.rank,
-                   help="projection rank r_in = r_out for every layer (overrides --budget)")
-    p.add_argument("--budget", type=positive_int, default=d.budget,
-                   help="dimensions per document of the compact vectors, spread over the layers")
-    p.add_argument("--head-share", type=float, default=d.head_share, help="fraction of --budget given to the LM head")
-    p.add_argument("--no-head", dest="head", action="store_false", help="do not track the LM head (output embedding)")
-    p.add_argument("--no-high", dest="high", action="store_false",
-                   help="build no high-fidelity stage (queries then always use the compact vectors alone)")
-    p.add_argument("--high-budget", type=positive_int, default=d.high_budget,
-                   help="dimensions per document of the high-fidelity vectors (stored as float16: 2 bytes each)")
-    p.add_argument("--high-head-share", type=float, default=d.high_head_share,
-                   help="fraction of --high-budget given to the LM head")
-    p.add_argument("--high-preconditioner", choices=("none", "kfac", "ekfac"), default=d.high_preconditioner)
-    p.add_argument("--high-damping", type=float, default=d.high_damping)
-    p.add_argument("--high-sample", type=positive_int, default=d.high_sample,
-                   help="documents the high-fidelity preconditioner is fitted on (the first ones)")
-    p.add_argument("--seed", type=int, default=d.seed, help="projection seed")
-    p.add_argument("--preconditioner", choices=PRECONDITIONERS, default=d.preconditioner)
-    p.add_argument("--damping", type=float, default=d.damping, help="damping as a fraction of the mean eigenvalue")
-    p.add_argument("--layers", dest="include", default=None, help="regex: track only layers whose name matches")
-    p.add_argument("--exclude-layers", dest="exclude", default=None, help="regex: drop layers whose name matches")
-    p.add_argument("--device", default=d.device, help="cpu, cuda, cuda:1 or auto")
-    p.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--index-type", choices=INDEX_TYPES, default=d.index_type,
-                   help=f"FAISS index: flat (exact), ivf (= ivf-flat), ivf-sq8, ivf-pq (compressed; reranked exactly), or auto: "
-                        f"flat up to {FLAT_UP_TO_BYTES >> 20} MiB of vectors, {COMPRESSED_TYPE} above")
-    p.add_argument("--shard-size", type=positive_int, default=d.shard_size, help="documents per on-disk shard")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+Option = tuple[tuple[str, ...], dict]  # add_argument's flags and keywords
+
+
+def _opt(*flags: str, **kwargs) -> Option:
+    return flags, kwargs
+
+
+def add_options(p: argparse.ArgumentParser, options: list[Option], changes: dict[str, dict] | None = None) -> None:
+    """Add `options` to `p`; `changes` (first flag -> keywords) adjusts some for this command."""
+    for flags, kwargs in options:
+        p.add_argument(*flags, **{**kwargs, **(changes or {}).get(flags[0], {})})
+
+
+_D = BuildConfig(model="", data=[], out="")
+
+# What `build` and `append` share, declared once. The documents and how their records are read:
+DATA_OPTIONS: list[Option] = [
+    _opt("--data", required=True, nargs="+",
+         help=".jsonl / .jsonl.gz / .parquet files, folders of them (shards) or glob patterns (quote them)"),
+    _opt("--text-field", default=_D.text_field),
+    _opt("--prompt-field", default=_D.prompt_field, help="with --response-field: prompt/response records"),
+    _opt("--response-field", default=_D.response_field),
+    _opt("--id-field", default=_D.id_field, help="generated as <file stem>-<line> when a record has none"),
+    _opt("--skip-bad", action="store_true", help="skip and count malformed records instead of stopping"),
+]
+# ... and how the gradient passes run (batching changes no vector):
+PASS_OPTIONS: list[Option] = [
+    _opt("--batch-size", type=positive_int, default=_D.batch_size, help="documents per pass at most"),
+    _opt("--batch-tokens", type=positive_int, default=_D.batch_tokens,
+         help="padded tokens per pass at most: batches of short documents grow up to --batch-size"),
+    _opt("--shard-size", type=positive_int, default=_D.shard_size, help="documents per on-disk shard"),
+    _opt("--device", default=_D.device, help="cpu, cuda, cuda:1 or auto"),
+    _opt("--no-progress", dest="progress", action="store_false"),
+]
+# `append` reads the record fields the index recorded unless told otherwise.
+FIELDS_FROM_INDEX = {flag: {"default": None, "help": "default: as recorded in the index"}
+                     for flag in ("--text-field", "--prompt-field", "--response-field", "--id-field")}
+MODEL_ELSEWHERE = _opt("--model", default=None, help="the index's model from another place (must have the same weights)")
+
+# `build` alone: the model, how documents are formatted and truncated, and what the index holds
+# (an append keeps the index's projections, preconditioners and format).
+BUILD_OPTIONS: list[Option] = [
+    _opt("--model", required=True, help="Hugging Face causal LM: hub name or local folder"),
+    _opt("--out", required=True, help="index folder to create"),
+    _opt("--chat-template", default=_D.chat_template,
+         help="prompt/response and chat (messages) records: auto (the tokenizer's chat template, if it has one), "
+              "none, or a Jinja template file"),
+    _opt("--separator", default=_D.separator, help="between prompt and response when no chat template applies"),
+    _opt("--overwrite", action="store_true", help="replace an existing index folder"),
+    _opt("--trust-remote-code", action="store_true"),
+    _opt("--max-tokens", type=positive_int, default=_D.max_tokens,
+         help="truncate each document to this many tokens (recorded per document)"),
+    _opt("--rank", type=positive_int, default=_D.rank, help="projection rank r_in = r_out for every layer (overrides --budget)"),
+    _opt("--budget", type=positive_int, default=_D.budget,
+         help="dimensions per document of the compact vectors, spread over the layers"),
+    _opt("--head-share", type=float, default=_D.head_share, help="fraction of --budget given to the LM head"),
+    _opt("--no-head", dest="head", action="store_false", help="do not track the LM head (output embedding)"),
+    _opt("--no-high", dest="high", action="store_false",
+         help="build no high-fidelity stage (queries then always use the compact vectors alone)"),
+    _opt("--high-budget", type=positive_int, default=_D.high_budget,
+         help="dimensions per document of the high-fidelity vectors (stored as float16: 2 bytes each)"),
+    _opt("--high-head-share", type=float, default=_D.high_head_share, help="fraction of --high-budget given to the LM head"),
+    _opt("--high-preconditioner", choices=("none", "kfac", "ekfac"), default=_D.high_preconditioner),
+    _opt("--high-damping", type=float, default=_D.high_damping),
+    _opt("--high-sample", type=positive_int, default=_D.high_sample,
+         help="documents the high-fidelity preconditioner is fitted on (the first ones)"),
+    _opt("--seed", type=int, default=_D.seed, help="projection seed"),
+    _opt("--preconditioner", choices=PRECONDITIONERS, default=_D.preconditioner),
+    _opt("--damping", type=float, default=_D.damping, help="damping as a fraction of the mean eigenvalue"),
+    _opt("--layers", dest="include", default=_D.include, help="regex: track only layers whose name matches"),
+    _opt("--exclude-layers", dest="exclude", default=_D.exclude, help="regex: drop layers whose name matches"),
+    _opt("--dtype", default=_D.dtype, choices=["float32", "bfloat16", "float16"]),
+    _opt("--index-type", choices=INDEX_TYPES, default=_D.index_type,
+         help=f"FAISS index: flat (exact), ivf (= ivf-flat), ivf-sq8, ivf-pq (compressed; reranked exactly), or auto: "
+              f"flat up to {FLAT_UP_TO_BYTES >> 20} MiB of vectors, {COMPRESSED_TYPE} above"),
+]
 
 
 def _add_query_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--index", required=True)
     p.add_argument("--queries", required=True, nargs="+", help=".jsonl / .jsonl.gz / .parquet query records")
-    for flag in ("--text-field", "--prompt-field", "--response-field", "--id-field"):
-        p.add_argument(flag, default=None, help="default: as recorded in the index")
+    for flag, kwargs in FIELDS_FROM_INDEX.items():
+        p.add_argument(flag, **kwargs)
     p.add_argument("--precision", choices=("high", "fast"), default="high")
     p.add_argument("--batch-size", type=positive_int, default=16, help="queries per forward and backward pass")
-    p.add_argument("--model", default=None, help="the index's model from another place (must have the same weights)")
+    add_options(p, [MODEL_ELSEWHERE])
     p.add_argument("--device", default="cpu")
     p.add_argument("--skip-bad", action="store_true", help="skip and count malformed query records instead of stopping")
     p.add_argument("--no-progress", dest="progress", action="store_false")
@@ -77,35 +119,14 @@ def parser() -> argparse.ArgumentParser:
     defaults = {"formatter_class": argparse.ArgumentDefaultsHelpFormatter}  # --help shows every default
 
     b = sub.add_parser("build", **defaults, help="index a dataset with a model")
-    b.add_argument("--model", required=True, help="Hugging Face causal LM: hub name or local folder")
-    b.add_argument("--data", required=True, nargs="+",
-                   help=".jsonl / .jsonl.gz / .parquet files, folders of them (shards) or glob patterns (quote them)")
-    b.add_argument("--out", required=True, help="index folder to create")
-    b.add_argument("--text-field", default="text")
-    b.add_argument("--prompt-field", default=None, help="with --response-field: prompt/response records")
-    b.add_argument("--response-field", default=None)
-    b.add_argument("--id-field", default="id", help="generated as <file stem>-<line> when a record has none")
-    b.add_argument("--chat-template", default="auto",
-                   help="prompt/response and chat (messages) records: auto (the tokenizer's chat template, if it has one), "
-                        "none, or a Jinja template file")
-    b.add_argument("--separator", default="\n", help="between prompt and response when no chat template applies")
-    b.add_argument("--skip-bad", action="store_true", help="skip and count malformed records instead of stopping")
-    b.add_argument("--overwrite", action="store_true", help="replace an existing index folder")
-    b.add_argument("--trust-remote-code", action="store_true")
-    _add_build_args(b)
+    for options in (DATA_OPTIONS, BUILD_OPTIONS, PASS_OPTIONS):
+        add_options(b, options)
 
     a = sub.add_parser("append", **defaults, help="add documents to an index, with its own projection and preconditioner")
     a.add_argument("--index", required=True, help="index folder to extend")
-    a.add_argument("--data", required=True, nargs="+", help="files, folders of them or glob patterns, as for build")
-    a.add_argument("--model", default=None, help="the index's model from another place (must have the same weights)")
-    for flag in ("--text-field", "--prompt-field", "--response-field", "--id-field"):
-        a.add_argument(flag, default=None, help="default: as recorded in the index")
-    a.add_argument("--batch-size", type=positive_int, default=8)
-    a.add_argument("--batch-tokens", type=positive_int, default=None)
-    a.add_argument("--shard-size", type=positive_int, default=1024)
-    a.add_argument("--device", default="cpu")
-    a.add_argument("--skip-bad", action="store_true")
-    a.add_argument("--no-progress", dest="progress", action="store_false")
+    add_options(a, [MODEL_ELSEWHERE])
+    add_options(a, DATA_OPTIONS, FIELDS_FROM_INDEX)
+    add_options(a, PASS_OPTIONS)
 
     q = sub.add_parser("attribute", **defaults, help="the top-k documents of every query in a file (as POST /attribute)")
     _add_query_args(q)
