@@ -48,9 +48,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import faiss  # noqa: E402
 import httpx  # noqa: E402
 
+from api.server import serve_in_subprocess  # noqa: E402
 from indexer import store  # noqa: E402
 from large_index import exact_top_k, generate  # noqa: E402
-from tests.conftest import running_api  # noqa: E402
 
 K = 10
 SHARD = 100_000  # synthetic documents per IndexWriter shard
@@ -188,9 +188,10 @@ def search_measures(index_dir: Path, queries: np.ndarray) -> dict:
 
 @contextlib.contextmanager
 def server(index_dir: Path, log_dir: Path, max_batch: int = 16):
-    """A real `python -m api` process (the tests' fixture), yielding its base URL."""
+    """A real `python -m api` process (api.server, as the tests start theirs), yielding its base URL."""
     log_dir.mkdir(parents=True, exist_ok=True)
-    with running_api(index_dir, log_dir, ready_s=300, args=("--max-batch", str(max_batch))) as (base, _, _):
+    with serve_in_subprocess(index_dir, log_dir, ready_s=300, args=("--max-batch", str(max_batch)),
+                             env={"HF_HUB_OFFLINE": "1"}) as (base, _, _):
         yield base
 
 

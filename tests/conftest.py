@@ -1,19 +1,10 @@
-"""Shared fixtures: a synthetic corpus, a tokenizer trained on it here, and tiny GPT-2 (Conv1D) and
+"""Shared fixtures: a tokenizer trained here on the synthetic corpus, and tiny GPT-2 (Conv1D) and
 Llama-style (nn.Linear) models saved to local folders, loaded back through the real
-`from_pretrained` path. Nothing comes from a model hub."""
+`from_pretrained` path. Nothing comes from a model hub. Shared helpers live in tests/support.py."""
 from __future__ import annotations
 
-import contextlib
-import json
 import os
-import random
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
 
-import httpx
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -24,38 +15,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from indexer.demo_corpus import train_tokenizer  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
-
-WORDS = ("river stone cloud lamp orbit signal garden copper winter engine paper violet harbor needle "
-         "falcon marble thunder velvet lantern meadow cipher anchor quartz ember willow canyon socket "
-         "prism tundra beacon ledger nickel saddle raven cobalt").split()
-
-
-def synthetic_corpus(n: int, seed: int = 0) -> list[dict]:
-    """Documents of random words with provenance fields; distinct enough that a document's own
-    gradient should find it."""
-    rng = random.Random(seed)
-    docs = []
-    for i in range(n):
-        text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 30)))
-        docs.append({"id": f"doc-{i}", "text": text, "source": rng.choice(["web", "books", "code"]), "position": i})
-    return docs
-
-
-def build_corpus_index(root, model_dir, records, **config):
-    """`records` written to root/data.jsonl and indexed into root/index with the library's default
-    settings (overridden by `config`). Returns the index folder."""
-    from indexer.build import BuildConfig, build_index
-    data = write_jsonl(root / "data.jsonl", records)
-    build_index(BuildConfig(model=model_dir, data=[data], out=str(root / "index"), progress=False, **config))
-    return root / "index"
-
-
-def write_jsonl(path, records) -> str:
-    with open(path, "w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-    return str(path)
+from .support import synthetic_corpus  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -93,50 +53,3 @@ def llama_dir(tmp_path_factory, tokenizer_dir):
 @pytest.fixture(params=["gpt2", "llama"])
 def model_dir(request):
     return request.getfixturevalue(f"{request.param}_dir")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def api_cmd(*args) -> list[str]:
-    return [sys.executable, "-m", "api", *args]
-
-
-@contextlib.contextmanager
-def running_api(index_dir, log_dir, ready_s: float = 60, args: tuple[str, ...] = ()):
-    """A real `python -m api` process on a free loopback port (more options in `args`), yielded once
-    /health answers, as (base_url, process, stderr file). Terminated (then killed) on exit if still
-    running. Also used by benchmarks/serving.py."""
-    port = free_port()
-    out, err = open(Path(log_dir) / "out", "w+"), open(Path(log_dir) / "err", "w+")
-    proc = subprocess.Popen(api_cmd("--index", str(index_dir), "--host", "127.0.0.1", "--port", str(port), *args),
-                            cwd=REPO, stdout=out, stderr=err, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + ready_s
-        while True:
-            if proc.poll() is not None:
-                err.seek(0)
-                pytest.fail(f"server exited with {proc.returncode}: {err.read()[-3000:]}")
-            try:
-                if httpx.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not ready within {ready_s} s")
-            time.sleep(0.2)
-        yield base, proc, err
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        out.close()
-        err.close()

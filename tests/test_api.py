@@ -21,11 +21,13 @@ from hypothesis import given as hypothesis_given
 
 from api import create_app
 from api.search import ModelMismatchError
-from engine import LoGra, LoGraConfig, Preconditioner, load_model, query_vectors
+from api.server import stop
+from engine import query_vectors
 from indexer.build import BuildConfig, append_documents, build_index
-from indexer.store import VECTORS, Index, IndexFormatError
+from indexer.store import VECTORS, IndexFormatError
 
-from .conftest import REPO, api_cmd, build_corpus_index, running_api, synthetic_corpus, write_jsonl
+from .support import (REPO, build_corpus_index, exact_scores, post_ok, reference_engine, running_api, subprocess_env,
+                      synthetic_corpus, write_jsonl)
 
 N_DOCS = 80
 # Ids that would be dangerous if anything used them as paths; they must be plain lookup keys.
@@ -55,16 +57,8 @@ def client(index_dir):
 def reference(index_dir, gpt2_dir):
     """Query vectors computed outside the API (own model load, LoGra rebuilt from the manifest and
     the stored projections/preconditioner) and every stored vector, in float64."""
-    idx = Index.open(index_dir)
-    m = idx.manifest
-    model, tok = load_model(gpt2_dir)
-    logra = LoGra(model, LoGraConfig(seed=m["seed"], max_tokens=m["max_tokens"]),
-                  shapes={l["name"]: (l["r_out"], l["r_in"]) for l in m["layers"]})
-    for name, p in idx.state["projections"].items():
-        logra.projections[name] = (p["in"], p["out"])
-    pre = Preconditioner.from_state_dict(idx.state["preconditioner"])
-
-    sep = m["text_format"]["separator"]  # no chat template here: a prompt is followed by the separator
+    idx, _, tok, logra, pre = reference_engine(index_dir, gpt2_dir)
+    sep = idx.manifest["text_format"]["separator"]  # no chat template here: a prompt is followed by the separator
 
     def qvec(prompt: str, response: str) -> np.ndarray:
         v, _ = query_vectors(logra, pre, tok, [(prompt + sep if prompt else "", response)])
@@ -76,18 +70,9 @@ def reference(index_dir, gpt2_dir):
 
 
 def brute_force(ref, prompt, response, mode):
-    q = ref["qvec"](prompt, response)
-    scores = ref["vectors"] @ q
-    if mode == "cosine":
-        scores = scores / (np.linalg.norm(ref["vectors"], axis=1) * np.linalg.norm(q))
+    scores = exact_scores(ref["vectors"], ref["qvec"](prompt, response), mode)
     order = np.argsort(-scores, kind="stable")
     return [ref["ids"][i] for i in order], scores[order]
-
-
-def post_ok(client, path: str, body: dict) -> dict:
-    r = client.post(path, json=body)
-    assert r.status_code == 200, r.text
-    return r.json()
 
 
 def attribute(client, **body):
@@ -409,12 +394,10 @@ def cli_missing_index(tmp_path_factory):
     # Started early and left running beside the server: each process spends most of its time importing.
     log = tmp_path_factory.mktemp("cli")
     out, err = open(log / "out", "w+"), open(log / "err", "w+")
-    proc = subprocess.Popen(api_cmd("--index", "/nonexistent/index"), cwd=REPO, stdout=out, stderr=err,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.Popen([sys.executable, "-m", "api", "--index", "/nonexistent/index"], cwd=REPO, stdout=out,
+                            stderr=err, env=subprocess_env())
     yield proc, out, err
-    if proc.poll() is None:
-        proc.kill()
-    proc.wait()
+    stop(proc, grace_s=0)
     out.close()
     err.close()
 
@@ -490,19 +473,11 @@ def test_token_scores_sum_to_the_document_score(client, reference, mode, prompt,
 def test_token_scores_against_brute_force_single_token_vectors(client, reference, index_dir, corpus):
     # Independent of the API: the reference LoGra's vector for the loss of one token, dotted with the row.
     from engine.encoding import collate, encode
-    idx = Index.open(index_dir)
     response = corpus[4]["text"]
     doc = corpus[9]["id"]
     t = tokens(client, prompt="", response=response, id=doc, mode="influence")
-    tok = reference["tokenizer"]
+    idx, _, tok, logra, pre = reference_engine(index_dir)
     enc = encode(tok, "", response, idx.manifest["max_tokens"])
-    m = idx.manifest
-    model, _ = load_model(m["model"]["name_or_path"])
-    logra = LoGra(model, LoGraConfig(seed=m["seed"], max_tokens=m["max_tokens"]),
-                  shapes={l["name"]: (l["r_out"], l["r_in"]) for l in m["layers"]})
-    for name, p in idx.state["projections"].items():
-        logra.projections[name] = (p["in"], p["out"])
-    pre = Preconditioner.from_state_dict(idx.state["preconditioner"])
     row = reference["vectors"][reference["ids"].index(doc)]
     for j in (1, 3, len(enc.input_ids) - 1):
         batch = collate([enc], tok.pad_token_id, label_positions=[[j]])

@@ -12,7 +12,7 @@ import pytest
 from api.batching import MicroBatcher
 from api.search import Attributor, QueryError
 
-from .conftest import build_corpus_index, synthetic_corpus
+from .support import build_corpus_index, synthetic_corpus
 
 
 def _same_scores(got, want) -> None:

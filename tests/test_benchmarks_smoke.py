@@ -4,15 +4,14 @@ here, not for the next person who runs it. About 3 minutes in all."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
-from .conftest import REPO
+from .support import REPO, subprocess_env
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+ENV = subprocess_env(OMP_NUM_THREADS="1")
 
 
 def run(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:

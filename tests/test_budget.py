@@ -11,8 +11,7 @@ from engine import LoGra, LoGraConfig, Preconditioner, allocate, collate, encode
 from engine.budget import sides
 from engine.layers import TrackedLayer
 
-from .conftest import synthetic_corpus
-from .test_engine import autograd_gradient
+from .support import autograd_gradient, fit, synthetic_corpus
 
 
 def _layer(name, i, o):
@@ -74,13 +73,7 @@ def test_high_stage_equals_full_gradient_ekfac(gpt2_dir):
     logra = LoGra(model, LoGraConfig(max_side=10**6, head=False, max_tokens=64))
     pre = Preconditioner("ekfac", logra.shapes, damping_ratio=0.1)
     enc = [encode(tok, "", t, 64) for t in texts]
-    outs = [logra.gradients(collate(enc[i:i + 8], tok.pad_token_id), token_stats=True)
-            for i in range(0, len(enc), 8)]
-    for o in outs:
-        pre.update(o.grads, o.token_stats)
-    for o in outs:
-        pre.update_second(o.grads)
-    pre.finalize()
+    fit(pre, [logra.gradients(collate(enc[i:i + 8], tok.pad_token_id), token_stats=True) for i in range(0, len(enc), 8)])
     for eigenbasis in (False, True):
         vd = pair_vectors(logra, pre, tok, [("", t) for t in texts], eigenbasis=eigenbasis).double().numpy()
         vq = pair_vectors(logra, pre, tok, [("", q) for q in queries], eigenbasis=eigenbasis).double().numpy()
@@ -105,12 +98,8 @@ def test_whole_vocabulary_side_with_a_diagonal_factor_against_brute_force(llama_
     enc = [encode(tok, "", t, 64) for t in texts]
     pre = Preconditioner("ekfac", logra.shapes, damping_ratio=0.1, diagonal_out=logra.diagonal_out)
     outs = [logra.gradients(collate(enc[i:i + 4], tok.pad_token_id), token_stats=True) for i in range(0, 12, 4)]
-    for o in outs:
-        assert o.token_stats[head.name][1].shape == (head.out_features,)  # the diagonal only
-        pre.update(o.grads, o.token_stats)
-    for o in outs:
-        pre.update_second(o.grads)
-    pre.finalize()
+    assert all(o.token_stats[head.name][1].shape == (head.out_features,) for o in outs)  # the diagonal only
+    fit(pre, outs)
     engine = pair_vectors(logra, pre, tok, [("", t) for t in texts], eigenbasis=False).double()
     # by hand: inputs of the head projected by P_in, their covariance's eigenbasis, per-document gradients
     p_in, _ = logra.projection(head.name)
@@ -148,13 +137,7 @@ def test_folding_the_eigenbases_into_the_projections_keeps_every_vector(gpt2_dir
     texts = [d["text"] for d in synthetic_corpus(24, seed=8)]
     enc = [encode(tok, "", t, 64) for t in texts]
     pre = Preconditioner(kind, logra.shapes, diagonal_out=logra.diagonal_out)
-    outs = [logra.gradients(collate(enc[i:i + 8], tok.pad_token_id), token_stats=True) for i in range(0, 24, 8)]
-    for o in outs:
-        pre.update(o.grads, o.token_stats)
-    if pre.needs_second_pass:
-        for o in outs:
-            pre.update_second(o.grads)
-    pre.finalize()
+    fit(pre, [logra.gradients(collate(enc[i:i + 8], tok.pad_token_id), token_stats=True) for i in range(0, 24, 8)])
     folded = copy.copy(logra)
     folded.projections, fpre = pre.fold(logra.projections)
     pairs = [("", t) for t in texts[:6]] + [("river stone", " cloud lamp orbit")]

@@ -12,9 +12,8 @@ from fastapi.testclient import TestClient
 
 from api import create_app
 from indexer.attribute import AttributeConfig, attribute_queries
-from indexer.cli import main as cli_main
 
-from .conftest import build_corpus_index, synthetic_corpus, write_jsonl
+from .support import build_corpus_index, run_cli, synthetic_corpus, write_jsonl
 
 N_DOCS = 40
 QUERIES = [{"id": f"q{i}", "prompt": p, "response": r, "team": i % 2} for i, (p, r) in enumerate([
@@ -40,12 +39,6 @@ def read_hits(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
-def cli(argv, capsys) -> tuple[int, str, str]:
-    code = cli_main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def attribute_args(index_dir, queries, out, *extra):
     return ["attribute", "--index", index_dir, "--queries", queries, "--prompt-field", "prompt", "--response-field",
             "response", "--out", out, "--no-progress", *extra]
@@ -54,8 +47,8 @@ def attribute_args(index_dir, queries, out, *extra):
 @pytest.mark.parametrize("precision,fmt", [("high", "jsonl"), ("fast", "parquet"), ("high", "parquet")])
 def test_bulk_hits_equal_the_apis(index_dir, queries, tmp_path, capsys, precision, fmt):
     out = tmp_path / f"hits.{fmt}"
-    code, printed, err = cli(attribute_args(index_dir, queries, out, "--k", 5, "--precision", precision,
-                                            "--batch-size", 3, "--mode", "influence"), capsys)
+    code, printed, err = run_cli(attribute_args(index_dir, queries, out, "--k", 5, "--precision", precision,
+                                                "--batch-size", 3, "--mode", "influence"), capsys)
     assert code == 0, err
     assert f"attributed {len(QUERIES)} queries" in printed and sorted(p.name for p in tmp_path.iterdir()) == [out.name]
     rows = read_hits(out)
@@ -106,12 +99,12 @@ def test_bad_query_records_name_their_file_and_line(index_dir, tmp_path, capsys)
     bad = tmp_path / "bad.jsonl"
     bad.write_text("\n".join(lines[:2] + ["{not json"] + lines[2:]) + "\n")
     out = tmp_path / "hits.jsonl"
-    code, _, err = cli(attribute_args(index_dir, bad, out), capsys)
+    code, _, err = run_cli(attribute_args(index_dir, bad, out), capsys)
     assert code == 2 and "line 3" in err and str(bad) in err and not out.exists()
 
     empty = tmp_path / "empty.jsonl"  # one token with no prompt: nothing to score
     write_jsonl(empty, [QUERIES[0], {"id": "e", "prompt": "", "response": "river"}])
-    code, _, err = cli(attribute_args(index_dir, empty, out), capsys)
+    code, _, err = run_cli(attribute_args(index_dir, empty, out), capsys)
     assert code == 2 and "line 2" in err and "no token to score" in err
-    code, printed, err = cli(attribute_args(index_dir, empty, out, "--skip-bad"), capsys)
+    code, printed, err = run_cli(attribute_args(index_dir, empty, out, "--skip-bad"), capsys)
     assert code == 0 and "skipped 1" in printed and {r["query_id"] for r in read_hits(out)} == {"q0"}

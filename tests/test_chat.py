@@ -18,7 +18,7 @@ from indexer.build import BuildConfig, build_index
 from indexer.cli import main as cli_main
 from indexer.store import Index
 
-from .conftest import write_jsonl
+from .support import write_jsonl
 
 TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
             "{% if add_generation_prompt %}<|assistant|>{% endif %}")

@@ -10,7 +10,7 @@ from engine import LoGra, LoGraConfig, encode, load_model, projected_gradients
 from indexer.build import BuildConfig, build_index
 from indexer.store import Index
 
-from .conftest import synthetic_corpus, write_jsonl
+from .support import synthetic_corpus, write_jsonl
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
 

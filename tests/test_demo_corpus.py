@@ -1,12 +1,9 @@
 """The demo's corpus (stdlib docstrings), tokenizer and tiny GPT-2 trainer."""
 
-import os
 import sysconfig
 from pathlib import Path
 
 import pytest
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may come from a model hub
 
 from indexer.demo_corpus import stdlib_docstrings, train_tiny_gpt2, train_tokenizer
 

@@ -18,10 +18,10 @@ import torch
 from indexer import store
 from indexer.build import BuildConfig, build_index
 from indexer.store import Index
-from tests.conftest import synthetic_corpus, write_jsonl
-from tests.test_indexer import leftovers, table_rows
 
-REPO = Path(__file__).resolve().parents[1]
+from .support import (REPO, checkpointed_shards, fit_preconditioner, leftovers, subprocess_env, synthetic_corpus,
+                      table_rows, write_jsonl)
+
 SHARD = 8
 # raw: 60 documents in 8 shards: rank 0 writes 0, 2, 4, 6 and rank 1 writes 1, 3, 5, 7 (the short last one).
 # kfac: 120 documents in 15 shards, killed once both processes have checkpointed a shard, then rerun.
@@ -31,9 +31,7 @@ BAD_LINE = 3 * SHARD + 2  # in shard 3, which rank 1 computes (every process rea
 
 
 def torchrun(gpt2_dir, data, out, *extra) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
-           "LOGRA_DIST_TIMEOUT_S": "120"}
+    env = subprocess_env(OMP_NUM_THREADS="1", LOGRA_DIST_TIMEOUT_S="120")
     log = Path(out).with_name(Path(out).name + ".log")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "indexer", "build", "--model", str(gpt2_dir), "--data", str(data), "--out", str(out),
@@ -43,10 +41,7 @@ def torchrun(gpt2_dir, data, out, *extra) -> subprocess.Popen:
 
 
 def checkpointed(building: Path, rank: int) -> int:
-    try:
-        return torch.load(building / f"checkpoint-{rank}.pt", weights_only=True)["n_shards"]
-    except Exception:  # not written yet, or being replaced this instant
-        return 0
+    return checkpointed_shards(building, f"checkpoint-{rank}.pt")
 
 
 def descendants(pid: int) -> list[int]:
@@ -181,10 +176,9 @@ def test_statistics_summed_over_processes_fit_the_one_process_preconditioner(gpt
     """Three processes: two hold half the batches each, one holds none (more processes than
     shards); after the sums each fits the preconditioner one process fits on all the batches."""
     from engine import LoGra, LoGraConfig, Preconditioner, load_model
-    from tests.test_engine import _fit
     model, tok = load_model(gpt2_dir)
     logra = LoGra(model, LoGraConfig(rank=3))
-    whole, outs = _fit(kind, logra, tok, [("", d["text"]) for d in synthetic_corpus(24, seed=6)])
+    whole, outs = fit_preconditioner(kind, logra, tok, [("", d["text"]) for d in synthetic_corpus(24, seed=6)])
     parts = [outs[:3], outs[3:], []]
     pres = [Preconditioner(kind, logra.shapes) for _ in parts]
     for pre, part in zip(pres, parts):

@@ -4,33 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers.pytorch_utils import Conv1D
 
 from engine import (LoGra, LoGraConfig, Preconditioner, collate, encode, find_tracked_layers, load_model,
                     model_fingerprint, per_example_loss, projected_gradients, query_vectors, scored_positions,
                     token_texts, token_vectors)
-from engine.encoding import Encoded
+
+from .support import autograd_gradient, fit_preconditioner, synthetic_corpus
 
 PAIRS = [("", "river stone cloud lamp orbit signal"),
          ("garden copper winter", " engine paper violet harbor needle falcon marble"),
          ("thunder", " velvet"),
          ("", "lantern meadow cipher anchor quartz ember willow canyon socket prism tundra beacon")]
-
-
-def autograd_gradient(model, layer, enc: Encoded, pad_id: int, labels: torch.Tensor | None = None) -> torch.Tensor:
-    """G = dL/dW for one example alone, from plain autograd, in (out, in) orientation. The LM head's
-    weight is usually tied to the input embedding: it gets a weight of its own for the duration, so
-    that G is the gradient of the head's use alone (what LoGra tracks), not of the embedding lookup."""
-    batch = collate([enc], pad_id)
-    shared = layer.module.weight
-    w = torch.nn.Parameter(shared.detach().clone())
-    layer.module.weight = w
-    try:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        (g,) = torch.autograd.grad(per_example_loss(logits, batch["labels"] if labels is None else labels).sum(), w)
-    finally:
-        layer.module.weight = shared
-    return g.T if isinstance(layer.module, Conv1D) else g
 
 
 @pytest.fixture
@@ -103,26 +87,12 @@ def test_prompt_tokens_enter_only_as_context(loaded):
     assert not torch.allclose(g, whole, rtol=1e-3)  # prompt tokens carry no loss of their own
 
 
-def _fit(kind, logra, tok, pairs):
-    pre = Preconditioner(kind, logra.shapes)
-    encoded = [encode(tok, p, r, 64) for p, r in pairs]
-    outs = [projected_gradients(logra, tok, encoded[i:i + 3], token_stats=pre.needs_token_stats)
-            for i in range(0, len(encoded), 3)]
-    for o in outs:
-        pre.update(o.grads, o.token_stats)
-    if pre.needs_second_pass:
-        for o in outs:
-            pre.update_second(o.grads)
-    return pre.finalize(), outs
-
-
 @pytest.mark.parametrize("kind", ["none", "raw", "kfac", "ekfac"])
 def test_influence_equals_explicit_damped_inverse(gpt2_dir, kind):
-    from tests.conftest import synthetic_corpus
     model, tok = load_model(gpt2_dir)
     logra = LoGra(model, LoGraConfig(rank=3))
     docs = [("", d["text"]) for d in synthetic_corpus(40, seed=5)]
-    pre, outs = _fit(kind, logra, tok, docs)
+    pre, outs = fit_preconditioner(kind, logra, tok, docs)
     queries = [("river stone", " cloud lamp orbit"), ("", "winter engine paper")]
     v_q, _ = query_vectors(logra, pre, tok, queries)
     v_d = pre.apply(outs[0].grads)
@@ -189,7 +159,7 @@ def test_token_vectors_sum_to_query_and_match_single_token_losses(loaded, prompt
     logra = LoGra(model, LoGraConfig(rank=3))
     docs = [("", d) for d in ("quartz ember willow canyon socket", "falcon marble thunder velvet lantern meadow",
                               "cobalt raven saddle nickel ledger beacon", "tundra prism socket canyon willow")] * 3
-    pre, outs = _fit("raw", logra, tok, docs)
+    pre, outs = fit_preconditioner("raw", logra, tok, docs)
     v_d = pre.apply(outs[0].grads).double()  # a few document vectors
     tv = token_vectors(logra, pre, tok, prompt, response, batch_size=3)  # several batches
     enc = encode(tok, prompt, response, logra.max_tokens)

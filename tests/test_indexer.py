@@ -4,7 +4,6 @@ streaming. Real models (the tiny local GPT-2 and Llama of conftest), real files,
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -18,16 +17,18 @@ import pytest
 import torch
 
 from api.search import Attributor
+from api.server import stop
 from engine import PRECONDITIONERS, load_model, model_fingerprint
 from indexer import store
 from engine.encoding import Encoded
 from indexer.build import BuildConfig, _batches, build_index, resume_key
 from indexer.cli import main as cli_main
-from indexer.records import BadRecordError, read_records
+from indexer.records import BadRecordError
 from indexer.store import REQUIRED, Index
-from tests.conftest import synthetic_corpus, write_jsonl
 
-REPO = Path(__file__).resolve().parents[1]
+from .support import (checkpointed_shards, exact_scores, leftovers, run_cli, subprocess_env, synthetic_corpus,
+                      table_rows, write_jsonl)
+
 MODELS = ("gpt2", "llama")
 N_SELF = 150
 
@@ -42,18 +43,6 @@ def one_torch_thread():
     torch.set_num_threads(n)
 
 
-def leftovers(parent: Path) -> list[str]:
-    """Temporary folders an interrupted or failed build might leave next to its output."""
-    return [p.name for p in Path(parent).iterdir() if ".building" in p.name or ".old-" in p.name or p.name.endswith(".lock")]
-
-
-def run(argv: list[str], capsys) -> tuple[int, str, str]:
-    """The CLI in process (`main` is what `python -m indexer` calls): exit code, stdout, stderr."""
-    code = cli_main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def error_lines(stderr: str) -> list[str]:
     # transformers draws its own "Loading weights" bar on stderr even with --no-progress; skip it
     return [line for line in stderr.splitlines() if line.startswith("error: ")]
@@ -64,14 +53,6 @@ def build_args(model, data, out, *extra) -> list[str]:
     return ["build", "--model", model, "--data", *map(str, data), "--out", out, "--no-progress", *extra]
 
 
-def table_rows(index_dir) -> list[dict]:
-    """The LanceDB rows in physical order, metadata decoded."""
-    rows = Index.open(index_dir).table.to_arrow().to_pylist()
-    for r in rows:
-        r["metadata"] = json.loads(r["metadata"])
-    return rows
-
-
 def snapshot(index_dir: Path) -> tuple[bytes, bytes]:
     return (index_dir / store.MANIFEST).read_bytes(), (index_dir / store.VECTORS).read_bytes()
 
@@ -79,8 +60,7 @@ def snapshot(index_dir: Path) -> tuple[bytes, bytes]:
 # -- the documented command, as a real subprocess ---------------------------------------------------
 
 def _spawn(argv: list[str], cwd: Path, log: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    env = subprocess_env(OMP_NUM_THREADS="1")
     # Output to files, not pipes: several processes run at once and none may block on a full pipe.
     with open(log.with_suffix(".out"), "w") as out, open(log.with_suffix(".err"), "w") as err:
         return subprocess.Popen([sys.executable, "-m", "indexer", *map(str, argv)], cwd=cwd, env=env,
@@ -99,9 +79,7 @@ def _run_all(jobs: dict[str, list[str]], cwd: Path) -> dict[str, subprocess.Comp
                                                      log.with_suffix(".err").read_text())
     finally:
         for p in procs.values():  # never leave a hung build behind
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+            stop(p, grace_s=0)
     return done
 
 
@@ -164,7 +142,7 @@ def test_cli_info_subprocess_prints_manifest(cli):
 def test_cli_info_manifest_fields(cli, model, request, capsys):
     d, res = cli
     assert res[f"build-{model}"].returncode == 0
-    code, out, err = run(["info", d / f"idx-{model}", "--json"], capsys)
+    code, out, err = run_cli(["info", d / f"idx-{model}", "--json"], capsys)
     assert code == 0, err
     printed = json.loads(out)
     assert printed == json.loads((d / f"idx-{model}" / store.MANIFEST).read_text())
@@ -189,7 +167,7 @@ def test_cli_info_manifest_fields(cli, model, request, capsys):
 
 
 def test_cli_info_on_a_non_index(tmp_path, capsys):
-    code, _, err = run(["info", tmp_path], capsys)
+    code, _, err = run_cli(["info", tmp_path], capsys)
     assert code != 0 and error_lines(err) and "not an index folder" in err
 
 
@@ -244,7 +222,7 @@ def test_metadata_kept_and_ids_generated(tmp_path, gpt2_dir, capsys):
         {"text": "harbor needle falcon marble"},  # no id, no metadata
     ]
     data = write_jsonl(tmp_path / "prov.jsonl", records)
-    code, out, err = run(build_args(gpt2_dir, data, tmp_path / "idx"), capsys)
+    code, out, err = run_cli(build_args(gpt2_dir, data, tmp_path / "idx"), capsys)
     assert code == 0, err
     rows = table_rows(tmp_path / "idx")
     assert [r["id"] for r in rows] == ["a", "prov-2", "7", "prov-4"]  # <file stem>-<line>
@@ -260,7 +238,7 @@ def test_prompt_response_records(tmp_path, gpt2_dir, capsys):
     records = [{"id": "p1", "q": "river stone", "a": " cloud lamp orbit", "text": "ignored here", "lang": "en"},
                {"id": "p2", "q": "", "a": "signal garden copper winter", "split": "train"}]
     data = write_jsonl(tmp_path / "pairs.jsonl", records)
-    code, _, err = run(build_args(gpt2_dir, data, tmp_path / "idx", "--prompt-field", "q", "--response-field", "a"),
+    code, _, err = run_cli(build_args(gpt2_dir, data, tmp_path / "idx", "--prompt-field", "q", "--response-field", "a"),
                        capsys)
     assert code == 0, err
     rows = table_rows(tmp_path / "idx")
@@ -284,7 +262,7 @@ def test_parquet_input_through_cli(tmp_path, gpt2_dir, capsys):
     })
     path = tmp_path / "docs.parquet"
     pq.write_table(table, path)
-    code, out, err = run(build_args(gpt2_dir, path, tmp_path / "idx", "--text-field", "body", "--id-field", "doc_id"),
+    code, out, err = run_cli(build_args(gpt2_dir, path, tmp_path / "idx", "--text-field", "body", "--id-field", "doc_id"),
                          capsys)
     assert code == 0, err
     assert "indexed 3 documents" in out
@@ -302,7 +280,7 @@ def test_truncation_recorded_per_document(tmp_path, model_dir, capsys):
     records = [{"id": "short", "text": "river stone"}, {"id": "long", "text": long},
                {"id": "long2", "text": long + " garden"}]
     data = write_jsonl(tmp_path / "t.jsonl", records)
-    code, _, err = run(build_args(model_dir, data, tmp_path / "idx", "--max-tokens", "16"), capsys)
+    code, _, err = run_cli(build_args(model_dir, data, tmp_path / "idx", "--max-tokens", "16"), capsys)
     assert code == 0, err
     rows = {r["id"]: r for r in table_rows(tmp_path / "idx")}
     assert rows["long"]["truncated"] and rows["long"]["n_tokens"] == 16
@@ -321,7 +299,7 @@ def test_skip_bad_counts_skipped_records(tmp_path, gpt2_dir, capsys):
     lines[3] = "{not json"
     data = tmp_path / "d.jsonl"
     data.write_text("\n".join(lines) + "\n")
-    code, out, err = run(build_args(gpt2_dir, data, tmp_path / "idx", "--skip-bad"), capsys)
+    code, out, err = run_cli(build_args(gpt2_dir, data, tmp_path / "idx", "--skip-bad"), capsys)
     assert code == 0, err
     manifest = json.loads((tmp_path / "idx" / store.MANIFEST).read_text())
     assert manifest["n_documents"] == 5
@@ -343,7 +321,7 @@ def test_skip_bad_counts_skipped_records(tmp_path, gpt2_dir, capsys):
 def test_bad_records_refused_with_clear_message(tmp_path, gpt2_dir, capsys, case, lines, message):
     data = tmp_path / f"{case}.jsonl"
     data.write_text("\n".join(lines) + "\n")
-    code, out, err = run(build_args(gpt2_dir, data, tmp_path / "idx"), capsys)
+    code, out, err = run_cli(build_args(gpt2_dir, data, tmp_path / "idx"), capsys)
     assert code != 0
     (line,) = error_lines(err)
     assert str(data) in line and re.search(message, line), err
@@ -351,7 +329,7 @@ def test_bad_records_refused_with_clear_message(tmp_path, gpt2_dir, capsys, case
 
 
 def test_nonexistent_data_file(tmp_path, gpt2_dir, capsys):
-    code, _, err = run(build_args(gpt2_dir, tmp_path / "nope.jsonl", tmp_path / "idx"), capsys)
+    code, _, err = run_cli(build_args(gpt2_dir, tmp_path / "nope.jsonl", tmp_path / "idx"), capsys)
     assert code != 0
     (line,) = error_lines(err)
     assert "no such file" in line and "nope.jsonl" in line, err
@@ -362,21 +340,21 @@ def test_existing_index_refused_then_overwritten(tmp_path, gpt2_dir, capsys):
     first = write_jsonl(tmp_path / "first.jsonl", synthetic_corpus(8, seed=1))
     second = write_jsonl(tmp_path / "second.jsonl", synthetic_corpus(5, seed=2))
     out = tmp_path / "idx"
-    assert run(build_args(gpt2_dir, first, out), capsys)[0] == 0
+    assert run_cli(build_args(gpt2_dir, first, out), capsys)[0] == 0
     before = snapshot(out)
 
-    code, _, err = run(build_args(gpt2_dir, second, out), capsys)
+    code, _, err = run_cli(build_args(gpt2_dir, second, out), capsys)
     assert code != 0 and "already exists" in err and "--overwrite" in err
     assert snapshot(out) == before
 
     # --overwrite with a build that fails must keep the old index too
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": "a", "text": "river"}\n{oops\n')
-    code, _, err = run(build_args(gpt2_dir, bad, out, "--overwrite"), capsys)
+    code, _, err = run_cli(build_args(gpt2_dir, bad, out, "--overwrite"), capsys)
     assert code != 0 and "bad.jsonl line 2" in err
     assert snapshot(out) == before and leftovers(tmp_path) == []
 
-    code, _, err = run(build_args(gpt2_dir, second, out, "--overwrite"), capsys)
+    code, _, err = run_cli(build_args(gpt2_dir, second, out, "--overwrite"), capsys)
     assert code == 0, err
     assert json.loads((out / store.MANIFEST).read_text())["n_documents"] == 5
     assert [r["id"] for r in table_rows(out)] == [f"doc-{i}" for i in range(5)]
@@ -388,7 +366,7 @@ def test_overwrite_never_replaces_a_folder_that_is_not_an_index(tmp_path, gpt2_d
     precious = tmp_path / "precious"
     precious.mkdir()
     (precious / "notes.txt").write_text("keep me")
-    code, _, err = run(build_args(gpt2_dir, data, precious, "--overwrite"), capsys)
+    code, _, err = run_cli(build_args(gpt2_dir, data, precious, "--overwrite"), capsys)
     assert code != 0 and "not an index folder" in err
     assert (precious / "notes.txt").read_text() == "keep me" and leftovers(tmp_path) == []
 
@@ -477,17 +455,6 @@ def test_batch_settings_change_no_vector_and_a_build_resumes_with_others(tmp_pat
 
 # -- streaming ---------------------------------------------------------------------------------------
 
-def test_read_records_is_lazy(tmp_path):
-    lines = [json.dumps(r) for r in synthetic_corpus(4, seed=0)]
-    lines[2] = "{broken"
-    data = tmp_path / "d.jsonl"
-    data.write_text("\n".join(lines) + "\n")
-    it = read_records(data)  # no error yet: nothing read
-    assert next(it).id == "doc-0" and next(it).id == "doc-1"
-    with pytest.raises(BadRecordError, match="line 3"):
-        next(it)
-
-
 def test_sharded_build_keeps_input_order(tmp_path, gpt2_dir, capsys, monkeypatch):
     docs = synthetic_corpus(100, seed=8)
     data = write_jsonl(tmp_path / "d.jsonl", docs)
@@ -495,7 +462,7 @@ def test_sharded_build_keeps_input_order(tmp_path, gpt2_dir, capsys, monkeypatch
     real_add = store.IndexWriter.add_shard
     monkeypatch.setattr(store.IndexWriter, "add_shard",
                         lambda self, rows, raw, **kw: (written.append(len(rows)), real_add(self, rows, raw, **kw))[1])
-    code, _, err = run(build_args(gpt2_dir, data, tmp_path / "idx", "--shard-size", "32", "--batch-size", "8"), capsys)
+    code, _, err = run_cli(build_args(gpt2_dir, data, tmp_path / "idx", "--shard-size", "32", "--batch-size", "8"), capsys)
     assert code == 0, err
     assert written == [32, 32, 32, 4]
     rows = table_rows(tmp_path / "idx")
@@ -517,7 +484,7 @@ def test_document_with_nothing_to_score_is_kept_and_reported(tmp_path, gpt2_dir,
     # One token and no BOS: no position is predicted, so the document has no gradient.
     docs = [{"id": "tiny", "text": "a"}] + synthetic_corpus(4, seed=3)
     data = write_jsonl(tmp_path / "d.jsonl", docs)
-    code, out, err = run(build_args(gpt2_dir, data, tmp_path / "idx"), capsys)
+    code, out, err = run_cli(build_args(gpt2_dir, data, tmp_path / "idx"), capsys)
     assert code == 0, err
     assert "indexed 5 documents" in out and "1 documents have no token to score" in err
     index = Index.open(tmp_path / "idx")
@@ -570,12 +537,6 @@ def anisotropic_vectors(n: int, dim: int, seed: int) -> np.ndarray:
     return (x * rng.lognormal(0, 0.7, (n, 1))).astype(np.float32)
 
 
-def brute_force(vectors: np.ndarray, norms: np.ndarray, q: np.ndarray, mode: str) -> np.ndarray:
-    """Exact float64 scores; cosine divides by the norms as stored (float32, as in norms.npy)."""
-    scores = vectors.astype(np.float64) @ q.astype(np.float64)
-    return scores / (norms.astype(np.float64) * np.linalg.norm(q.astype(np.float64))) if mode == "cosine" else scores
-
-
 @pytest.mark.parametrize("kind", ["ivf-flat", "ivf-sq8", "ivf-pq"])
 def test_compressed_index_with_rerank_returns_the_exact_top_k(tmp_path, kind):
     """With every list probed, what is left is quantization error: the rerank over rerank_factor x
@@ -596,7 +557,7 @@ def test_compressed_index_with_rerank_returns_the_exact_top_k(tmp_path, kind):
         index = faiss.read_index(str(store.faiss_path(tmp_path, mode)))
         assert index.ntotal == n
         for q in x[n:] + 0.1 * np.random.default_rng(1).standard_normal((40, dim)).astype(np.float32):
-            exact = brute_force(x[:n], norms, q, mode)
+            exact = exact_scores(x[:n], q, mode, norms)
             hits = rerank_search(index, vectors, norms, q, k, mode, info["rerank_factor"])
             assert [h.row for h in hits] == list(np.argsort(-exact, kind="stable")[:k])
             assert [h.score for h in hits] == pytest.approx(exact[[h.row for h in hits]], rel=1e-6)
@@ -615,7 +576,7 @@ def test_ivf_pq_pads_a_dim_its_codes_do_not_divide(tmp_path):
     assert index.d == 64
     found = 0
     for q in x[n:]:
-        exact = brute_force(x[:n], norms, q, "cosine")
+        exact = exact_scores(x[:n], q, "cosine", norms)
         hits = rerank_search(index, vectors, norms, q, k, "cosine", info["rerank_factor"])
         assert [h.score for h in hits] == pytest.approx(exact[[h.row for h in hits]], rel=1e-6)  # padding adds nothing
         found += len({h.row for h in hits} & set(np.argsort(-exact)[:k]))
@@ -647,20 +608,13 @@ def test_vector_file_reads_blocks_and_rows_like_numpy(tmp_path):
 
 # -- resume after SIGKILL ----------------------------------------------------------------------------
 
-def _checkpointed_shards(building: Path) -> int:
-    try:
-        return torch.load(building / "checkpoint.pt", weights_only=True)["n_shards"]
-    except Exception:  # not written yet, or being replaced this instant
-        return -1
-
-
 def test_killed_build_resumes_to_the_identical_index(tmp_path, gpt2_dir):
     """SIGKILL the indexer at several points (early, mid-pass, after the gradient pass); rerunning
     the same command continues from the last complete shard and ends with exactly the index an
     uninterrupted build makes."""
     data = write_jsonl(tmp_path / "d.jsonl", synthetic_corpus(240, seed=21))
     args = ["--shard-size", "16", "--batch-size", "4", "--preconditioner", "kfac", "--no-progress"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = subprocess_env(OMP_NUM_THREADS="1")
     cmd = lambda out: [sys.executable, "-m", "indexer", "build", "--model", gpt2_dir, "--data", data, "--out", str(out), *args]
     reference = tmp_path / "reference"
     subprocess.run(cmd(reference), check=True, env=env, capture_output=True)
@@ -671,13 +625,12 @@ def test_killed_build_resumes_to_the_identical_index(tmp_path, gpt2_dir):
     for wait_for in (1, 6, 15):  # shards checkpointed before the kill
         proc = subprocess.Popen(cmd(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            while proc.poll() is None and _checkpointed_shards(building) < wait_for:
+            while proc.poll() is None and checkpointed_shards(building) < wait_for:
                 time.sleep(0.005)
         finally:
-            proc.kill()
-            proc.wait()
+            stop(proc, grace_s=0)  # SIGKILL
         assert not out.exists(), "the build finished before it could be killed"
-        kills.append(_checkpointed_shards(building))
+        kills.append(checkpointed_shards(building))
     assert kills == sorted(kills) and kills[0] >= 1  # each run went on from where the last stopped
     high_rows = lambda: json.loads((building / "high-progress.json").read_text())["rows"] \
         if (building / "high-progress.json").is_file() else -1
@@ -686,8 +639,7 @@ def test_killed_build_resumes_to_the_identical_index(tmp_path, gpt2_dir):
         while proc.poll() is None and high_rows() < 32:
             time.sleep(0.005)
     finally:
-        proc.kill()
-        proc.wait()
+        stop(proc, grace_s=0)  # SIGKILL
     assert not out.exists() and 32 <= high_rows() < 240, "the build finished before it could be killed"
     done = subprocess.run(cmd(out), env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
@@ -737,11 +689,11 @@ def test_append_adds_documents_with_the_index_own_preconditioner(tmp_path, gpt2_
     old = write_jsonl(tmp_path / "old.jsonl", old_docs)
     new = write_jsonl(tmp_path / "new.jsonl", new_docs)
     idx = tmp_path / "idx"
-    assert run(build_args(gpt2_dir, old, idx, "--preconditioner", "kfac"), capsys)[0] == 0
+    assert run_cli(build_args(gpt2_dir, old, idx, "--preconditioner", "kfac"), capsys)[0] == 0
     before = Index.open(idx)
     old_vectors, old_state = np.array(before.vectors), before.state
 
-    code, out, err = run(["append", "--index", idx, "--data", new, "--no-progress", "--shard-size", "7"], capsys)
+    code, out, err = run_cli(["append", "--index", idx, "--data", new, "--no-progress", "--shard-size", "7"], capsys)
     assert code == 0, err
     assert "appended 30 documents" in out and leftovers(tmp_path) == []
     after = Index.open(idx)
@@ -765,10 +717,10 @@ def test_append_adds_documents_with_the_index_own_preconditioner(tmp_path, gpt2_
 def test_append_refuses_duplicate_ids_and_keeps_the_index(tmp_path, gpt2_dir, capsys):
     docs = synthetic_corpus(20, seed=41)
     idx = tmp_path / "idx"
-    assert run(build_args(gpt2_dir, write_jsonl(tmp_path / "a.jsonl", docs), idx), capsys)[0] == 0
+    assert run_cli(build_args(gpt2_dir, write_jsonl(tmp_path / "a.jsonl", docs), idx), capsys)[0] == 0
     before = snapshot(idx)
     dup = write_jsonl(tmp_path / "dup.jsonl", [{"id": "fresh", "text": "river stone"}, docs[5]])
-    code, _, err = run(["append", "--index", idx, "--data", dup, "--no-progress"], capsys)
+    code, _, err = run_cli(["append", "--index", idx, "--data", dup, "--no-progress"], capsys)
     assert code != 0 and "duplicate id 'doc-5'" in err
     assert snapshot(idx) == before and leftovers(tmp_path) == []
 
@@ -776,9 +728,9 @@ def test_append_refuses_duplicate_ids_and_keeps_the_index(tmp_path, gpt2_dir, ca
 def test_append_refuses_another_model(tmp_path, gpt2_dir, llama_dir, capsys):
     docs = synthetic_corpus(10, seed=42)
     idx = tmp_path / "idx"
-    assert run(build_args(gpt2_dir, write_jsonl(tmp_path / "a.jsonl", docs), idx), capsys)[0] == 0
+    assert run_cli(build_args(gpt2_dir, write_jsonl(tmp_path / "a.jsonl", docs), idx), capsys)[0] == 0
     new = write_jsonl(tmp_path / "b.jsonl", [{"id": "x1", "text": "river stone cloud"}])
-    code, _, err = run(["append", "--index", idx, "--data", new, "--model", llama_dir, "--no-progress"], capsys)
+    code, _, err = run_cli(["append", "--index", idx, "--data", new, "--model", llama_dir, "--no-progress"], capsys)
     assert code != 0 and "is not the model that built" in err
 
 
@@ -799,7 +751,7 @@ def test_build_from_a_folder_of_shards(tmp_path, gpt2_dir, capsys):
     (tmp_path / "data" / "2024").mkdir(parents=True)
     write_jsonl(tmp_path / "data" / "2024" / "b.jsonl", docs[6:])
     write_jsonl(tmp_path / "data" / "a.jsonl", docs[:6])
-    code, _, err = run(build_args(gpt2_dir, tmp_path / "data", tmp_path / "idx"), capsys)
+    code, _, err = run_cli(build_args(gpt2_dir, tmp_path / "data", tmp_path / "idx"), capsys)
     assert code == 0, err
     rows = table_rows(tmp_path / "idx")
     assert [r["id"] for r in rows] == [d["id"] for d in docs[6:] + docs[:6]]  # sorted paths: 2024/b.jsonl first
@@ -811,10 +763,10 @@ def test_build_from_a_folder_of_shards(tmp_path, gpt2_dir, capsys):
 def test_append_reports_skipped_records_like_build(tmp_path, gpt2_dir, capsys):
     docs = synthetic_corpus(10, seed=8)
     old = write_jsonl(tmp_path / "old.jsonl", docs[:6])
-    assert run(build_args(gpt2_dir, old, tmp_path / "idx"), capsys)[0] == 0
+    assert run_cli(build_args(gpt2_dir, old, tmp_path / "idx"), capsys)[0] == 0
     new = tmp_path / "new.jsonl"
     new.write_text("\n".join([json.dumps(docs[6]), "{broken", json.dumps(docs[7])]) + "\n")
-    code, out, err = run(["append", "--index", tmp_path / "idx", "--data", new, "--skip-bad", "--no-progress"], capsys)
+    code, out, err = run_cli(["append", "--index", tmp_path / "idx", "--data", new, "--skip-bad", "--no-progress"], capsys)
     assert code == 0, err
     assert "appended 2 documents" in out and "skipped 1" in out
     assert "skipped:" in err and f"{new} line 2" in err
@@ -827,7 +779,7 @@ def test_an_error_after_the_progress_bar_starts_on_its_own_line(tmp_path, gpt2_d
     data.write_text("\n".join([json.dumps(d) for d in docs[:30]] + ["{broken"] + [json.dumps(d) for d in docs[30:]]) + "\n")
     r = subprocess.run([sys.executable, "-m", "indexer", "build", "--model", gpt2_dir, "--data", str(data), "--out",
                         str(tmp_path / "idx"), "--shard-size", "8", "--batch-size", "4"],
-                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                       capture_output=True, text=True, env=subprocess_env(OMP_NUM_THREADS="1"))
     assert r.returncode == 2 and "gradients" in r.stderr  # the bar was drawn
     error = r.stderr[r.stderr.index("error:"):]
     assert r.stderr[r.stderr.index("error:") - 1] == "\n" and "line 31" in error.splitlines()[0]
@@ -837,10 +789,10 @@ def test_build_from_a_saved_dataset(tmp_path, gpt2_dir, capsys):
     datasets = pytest.importorskip("datasets")
     docs = synthetic_corpus(8, seed=12)
     datasets.DatasetDict({"train": datasets.Dataset.from_list(docs)}).save_to_disk(tmp_path / "ds")
-    code, _, err = run(build_args(gpt2_dir, f"{tmp_path / 'ds'}@train", tmp_path / "idx"), capsys)
+    code, _, err = run_cli(build_args(gpt2_dir, f"{tmp_path / 'ds'}@train", tmp_path / "idx"), capsys)
     assert code == 0, err
     rows = table_rows(tmp_path / "idx")
     assert [r["id"] for r in rows] == [d["id"] for d in docs]
     assert rows[3]["source"] == f"{tmp_path / 'ds'}@train" and rows[3]["line"] == 4
-    code, _, err = run(build_args(gpt2_dir, "hf://no-such-owner/no-such-data", tmp_path / "idx2"), capsys)
+    code, _, err = run_cli(build_args(gpt2_dir, "hf://no-such-owner/no-such-data", tmp_path / "idx2"), capsys)
     assert code == 2 and "cannot load this dataset" in err and "Traceback" not in err

@@ -13,7 +13,7 @@ import pytest
 
 from api.lanes import Busy, HeavyLane, PassLock
 
-from .conftest import WORDS, build_corpus_index, running_api, synthetic_corpus
+from .support import WORDS, build_corpus_index, running_api, synthetic_corpus
 
 
 def _until(condition) -> None:

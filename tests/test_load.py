@@ -9,11 +9,11 @@ import time
 
 import httpx
 
-from .conftest import build_corpus_index, running_api, synthetic_corpus
+from .support import WORDS, build_corpus_index, running_api, synthetic_corpus
 
 CLIENTS = 16
 SECONDS = 10.0
-WORDS = "river stone cloud lamp orbit signal garden copper winter engine paper violet harbor needle".split()
+VOCABULARY = WORDS[:14]
 
 
 def test_sixteen_clients_for_ten_seconds(tmp_path, gpt2_dir):
@@ -24,8 +24,8 @@ def test_sixteen_clients_for_ten_seconds(tmp_path, gpt2_dir):
         rng = random.Random(i)
         with httpx.Client(base_url=base, timeout=60) as c:
             while time.monotonic() < stop_at:
-                body = {"prompt": " ".join(rng.choices(WORDS, k=rng.randint(0, 6))),
-                        "response": " ".join(rng.choices(WORDS, k=rng.randint(2, 12))),
+                body = {"prompt": " ".join(rng.choices(VOCABULARY, k=rng.randint(0, 6))),
+                        "response": " ".join(rng.choices(VOCABULARY, k=rng.randint(2, 12))),
                         "k": rng.choice([1, 10, 50]), "mode": rng.choice(["influence", "cosine"])}
                 sent[i] += 1
                 try:

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from fastapi.testclient import TestClient
 
 from api import create_app
 from engine import load_model, pair_vectors
 from indexer.store import Index
 
-from .conftest import build_corpus_index, synthetic_corpus
+from .support import build_corpus_index, exact_scores, post_ok, synthetic_corpus
 
 N_DOCS = 60
 QUERIES = [("", "river stone cloud lamp orbit signal garden copper"), ("winter engine", " paper violet harbor needle")]
@@ -43,8 +42,7 @@ def high_reference(index_dir):
 
     def scores(prompt, response, mode):
         q = pair_vectors(logra, pre, tok, [(prompt + sep if prompt else "", response)], eigenbasis=False)[0].double().numpy()
-        s = docs @ q
-        return s / (np.linalg.norm(docs, axis=1) * np.linalg.norm(q)) if mode == "cosine" else s
+        return exact_scores(docs, q, mode)
 
     return {"scores": scores, "ids": ids}
 
@@ -66,17 +64,11 @@ def check_ranked(results, ref: dict, candidates, k: int, sign: float = 1.0):
     assert all(sign * ref[i] <= worst + 2 * tol for i in set(candidates) - set(got))
 
 
-def post(client, path, body):
-    r = client.post(path, json=body)
-    assert r.status_code == 200, r.text
-    return r.json()
-
-
 @pytest.mark.parametrize("mode", ["influence", "cosine"])
 @pytest.mark.parametrize("prompt,response", QUERIES)
 def test_high_scores_every_document_when_k_covers_the_index(index_dir, high_reference, mode, prompt, response):
     with TestClient(create_app(index_dir)) as c:
-        out = post(c, "/attribute", {"prompt": prompt, "response": response, "k": 1000, "mode": mode})
+        out = post_ok(c, "/attribute", {"prompt": prompt, "response": response, "k": 1000, "mode": mode})
     assert out["precision"] == "high" and len(out["results"]) == N_DOCS
     assert {r["stage"] for r in out["results"]} == {"high"}
     s = high_reference["scores"](prompt, response, mode)
@@ -88,10 +80,10 @@ def test_high_rescores_the_fast_stage_candidates_to_the_configured_depth(index_d
     s = high_reference["scores"](prompt, response, "cosine")
     by_id = dict(zip(high_reference["ids"], s))
     with TestClient(create_app(index_dir, high_depth=8)) as c:
-        fast = post(c, "/attribute", {"prompt": prompt, "response": response, "k": 8, "precision": "fast"})
-        high = post(c, "/attribute", {"prompt": prompt, "response": response, "k": 3})
+        fast = post_ok(c, "/attribute", {"prompt": prompt, "response": response, "k": 8, "precision": "fast"})
+        high = post_ok(c, "/attribute", {"prompt": prompt, "response": response, "k": 3})
         # k past the depth: every returned document is still rescored (max(k, depth) candidates)
-        wide = post(c, "/attribute", {"prompt": prompt, "response": response, "k": 12})
+        wide = post_ok(c, "/attribute", {"prompt": prompt, "response": response, "k": 12})
     assert fast["precision"] == "fast" and {r["stage"] for r in fast["results"]} == {"fast"}
     candidates = [r["id"] for r in fast["results"]]
     check_ranked(high["results"], by_id, candidates, 3)
@@ -103,9 +95,9 @@ def test_opponents_and_filters_go_through_the_high_stage(index_dir, high_referen
     prompt, response = QUERIES[1]
     s = high_reference["scores"](prompt, response, "influence")
     with TestClient(create_app(index_dir, high_depth=N_DOCS)) as c:
-        opp = post(c, "/attribute", {"prompt": prompt, "response": response, "k": 4, "mode": "influence",
+        opp = post_ok(c, "/attribute", {"prompt": prompt, "response": response, "k": 4, "mode": "influence",
                                      "direction": "opponents"})
-        web = post(c, "/attribute", {"prompt": prompt, "response": response, "k": 4, "mode": "influence",
+        web = post_ok(c, "/attribute", {"prompt": prompt, "response": response, "k": 4, "mode": "influence",
                                      "where": {"source": "web"}})
     by_id = dict(zip(high_reference["ids"], s))
     check_ranked(opp["results"], by_id, high_reference["ids"], 4, sign=-1.0)
@@ -117,8 +109,8 @@ def test_opponents_and_filters_go_through_the_high_stage(index_dir, high_referen
 def test_high_token_view_sums_to_the_high_score(index_dir, corpus, mode):
     prompt, response = QUERIES[0]
     with TestClient(create_app(index_dir)) as c:
-        top = post(c, "/attribute", {"prompt": prompt, "response": response, "k": 1, "mode": mode})["results"][0]
-        t = post(c, "/attribute/tokens", {"prompt": prompt, "response": response, "id": top["id"], "mode": mode})
+        top = post_ok(c, "/attribute", {"prompt": prompt, "response": response, "k": 1, "mode": mode})["results"][0]
+        t = post_ok(c, "/attribute/tokens", {"prompt": prompt, "response": response, "id": top["id"], "mode": mode})
     assert t["document_score"] == pytest.approx(top["score"], rel=1e-4)
     assert t["total"] == pytest.approx(t["document_score"], rel=1e-3, abs=1e-6)
 
@@ -127,6 +119,6 @@ def test_an_index_without_the_high_stage_answers_fast(tmp_path, gpt2_dir, corpus
     idx = build_corpus_index(tmp_path, gpt2_dir, corpus[:20], high=False)
     assert "high" not in Index.open(idx).manifest and Index.open(idx).high_engine(None) is None
     with TestClient(create_app(idx)) as c:
-        out = post(c, "/attribute", {"response": corpus[3]["text"], "k": 3})
+        out = post_ok(c, "/attribute", {"response": corpus[3]["text"], "k": 3})
     assert out["precision"] == "fast" and {r["stage"] for r in out["results"]} == {"fast"}
     assert out["results"][0]["id"] == corpus[3]["id"]

@@ -14,7 +14,7 @@ from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 from benchmarks.quality.reference import EKFAC, FullGradients, bm25_scores, full_gradients, rankdata, spearman
 from engine import collate, encode, find_tracked_layers, per_example_loss, prepare_model
 
-from .conftest import synthetic_corpus
+from .support import synthetic_corpus
 
 
 def test_rankdata_and_spearman_by_hand():

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from .conftest import REPO
+from .support import REPO
 
 COMMANDS = ("build", "append", "attribute", "value", "info", "demo")
 

@@ -9,13 +9,7 @@ import pytest
 
 from indexer.records import BadRecordError, ReadStats, Record, read_records
 
-
-def write_jsonl(path, rows):
-    """rows: dicts/values are JSON-encoded; str rows are written verbatim."""
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write((row if isinstance(row, str) else json.dumps(row)) + "\n")
-    return path
+from .support import write_jsonl
 
 
 def test_plain_documents_keep_metadata(tmp_path):

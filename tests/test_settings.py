@@ -2,16 +2,14 @@
 the command line's flags winning over them."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from api.settings import ServerSettings, SettingsError, env_name
 
-REPO = Path(__file__).resolve().parent.parent
+from .support import REPO, subprocess_env
 
 KEY = "k" * 8 + "-secret-123"
 
@@ -139,7 +137,7 @@ def test_a_bad_flag_is_named_by_argparse(capsys, argv):
 
 
 def test_python_m_api_with_a_bad_variable_exits_with_one_line_naming_it(tmp_path):
-    env = {**os.environ, "LOGRA_MAX_BODY_BYTES": "abc", "HF_HUB_OFFLINE": "1"}
+    env = subprocess_env(LOGRA_MAX_BODY_BYTES="abc")
     done = subprocess.run([sys.executable, "-m", "api", "--index", str(tmp_path / "no-index")], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr

@@ -15,7 +15,7 @@ import pytest
 
 from engine import encode, load_model
 
-from .conftest import REPO, build_corpus_index, running_api, synthetic_corpus
+from .support import REPO, build_corpus_index, running_api, synthetic_corpus
 
 SHOTS = REPO / "artifacts" / "screenshots"
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")

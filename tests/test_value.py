@@ -13,10 +13,9 @@ from fastapi.testclient import TestClient
 
 from api import create_app
 from api.settings import ServerSettings
-from indexer.cli import main as cli_main
 from indexer.value import CONFIDENCE
 
-from .conftest import build_corpus_index, synthetic_corpus, write_jsonl
+from .support import build_corpus_index, run_cli, synthetic_corpus, write_jsonl
 
 N_DOCS = 36
 QUERIES = [{"prompt": p, "response": r} for p, r in [
@@ -61,8 +60,7 @@ def exact(index_dir):
 
 
 def cli(argv, capsys):
-    code = cli_main([str(a) for a in argv])
-    out, err = capsys.readouterr()
+    code, out, err = run_cli(argv, capsys)
     assert code == 0, err
     return out
 
@@ -159,5 +157,5 @@ def test_value_refuses_what_it_cannot_answer(index_dir, gpt2_dir):
 
 
 def test_cli_refuses_an_output_it_cannot_write_before_any_work(index_dir, queries, tmp_path, capsys):
-    code = cli_main([str(a) for a in value_args(index_dir, queries, tmp_path / "v.xlsx", "--group-by", "source")])
-    assert code == 2 and "--out must end with" in capsys.readouterr().err and not any(tmp_path.iterdir())
+    code, _, err = run_cli(value_args(index_dir, queries, tmp_path / "v.xlsx", "--group-by", "source"), capsys)
+    assert code == 2 and "--out must end with" in err and not any(tmp_path.iterdir())
