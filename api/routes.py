@@ -94,7 +94,7 @@ def health(att: AttributorDep) -> Health:
 
 @data.get("/index")
 def index_manifest(att: AttributorDep) -> dict:
-    return att.index.manifest
+    return att.index.manifest.to_json()
 
 
 @router.get("/metrics", include_in_schema=False)

@@ -38,6 +38,9 @@ __all__ = ["HIGH_DEPTH", "Attributor", "Hit", "IndexUnavailable", "ModelMismatch
 
 log = logging.getLogger("logra_search.api")
 T = TypeVar("T")
+# a query that failed while the folder was being swapped (two renames) waits up to this long for the
+# new index to appear before the error counts as real
+SWAP_WAIT_S, SWAP_POLL_S = 2.0, 0.05
 
 
 class QueryError(ValueError):
@@ -125,8 +128,8 @@ class Attributor:
         stamp = _stamp(self.root)  # before opening: a swap during the open is seen by the next request
         index = Index.open(self.root)
         m = index.manifest
-        self.model_name = model or m["model"]["name_or_path"]
-        self.model, self.tokenizer = load_model(self.model_name, device=device, dtype=m["model"].get("dtype", "float32"))
+        self.model_name = model or m.model.name_or_path
+        self.model, self.tokenizer = load_model(self.model_name, device=device, dtype=m.model.dtype)
         self.high_depth = high_depth
         self._served = self._serve(index, stamp)
         self._refused_stamp = None  # a replacement that could not be served; not retried until it changes
@@ -140,7 +143,7 @@ class Attributor:
     def _serve(self, index: Index, stamp) -> Served:
         return Served(index, *index.engine(self.model, self.model_name), stamp,
                       high=index.high_engine(self.model, self.model_name),
-                      text_format=TextFormat.from_dict(index.manifest.get("text_format")))
+                      text_format=TextFormat.from_dict(index.manifest.text_format))
 
     def texts(self, s: Served, prompt: str, response: str, messages: list[dict] | None = None) -> tuple[str, str]:
         """A query's prompt and response texts, formatted as the index's documents were (its chat
@@ -197,10 +200,10 @@ class Attributor:
         except (QueryError, UnknownDocument, Busy):
             raise
         except Exception:
-            for _ in range(40):  # a swap is two renames: give the second a moment
+            for _ in range(round(SWAP_WAIT_S / SWAP_POLL_S)):  # a swap is two renames: give the second a moment
                 if _stamp(self.root) is not None:
                     break
-                time.sleep(0.05)
+                time.sleep(SWAP_POLL_S)
             fresh = self.current()
             if fresh is not served:
                 return fn(fresh)

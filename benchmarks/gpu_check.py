@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from indexer.build import BuildConfig, build_index
     from indexer.demo_corpus import stdlib_docstrings, train_tokenizer
-    from indexer.store import Index, build_faiss
+    from indexer.store import Index, write_faiss
     dtype = "float32" if args.device == "cpu" else "bfloat16"
     if args.smoke:
         args.docs, args.queries = 200, 5
@@ -98,15 +98,14 @@ def main(argv: list[str] | None = None) -> None:
                                        progress=False))
     build_s = time.perf_counter() - t
     train_rates.append(training_tokens_per_s(model_dir, texts, args.device, dtype, args.batch_size, args.max_tokens))
-    result["build"] = {"seconds": round(build_s, 1), "gradient_tokens_per_s": manifest["build"]["tokens_per_s"],
+    result["build"] = {"seconds": round(build_s, 1), "gradient_tokens_per_s": manifest.build.tokens_per_s,
                        "training_step_tokens_per_s": [round(r, 1) for r in train_rates],
-                       "index_over_training": round(manifest["build"]["tokens_per_s"] / statistics.mean(train_rates), 3),
-                       "high_fit_seconds": manifest["build"].get("high_fit_seconds"),
-                       "high_seconds": manifest["build"].get("high_seconds"),
+                       "index_over_training": round(manifest.build.tokens_per_s / statistics.mean(train_rates), 3),
+                       "high_fit_seconds": manifest.build.high_fit_seconds,
                        "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)
-                       if args.device.startswith("cuda") else None, "faiss": manifest["faiss"]}
+                       if args.device.startswith("cuda") else None, "faiss": manifest.faiss.model_dump(exclude_none=True)}
     t = time.perf_counter()
-    result["faiss_rebuild"] = {**build_faiss(work / "index", "ivf-pq" if len(docs) >= 4096 else "flat"),
+    result["faiss_rebuild"] = {**write_faiss(work / "index", "ivf-pq" if len(docs) >= 4096 else "flat"),
                                "seconds": round(time.perf_counter() - t, 2)}
 
     from fastapi.testclient import TestClient

@@ -5,6 +5,11 @@
    optimizer excluded) on the same model and the same batches, alternated in one process. Two
    model sizes (random weights: speed does not depend on what the model learned).
 2. Memory: peak RSS of `python -m indexer build` at two corpus sizes, each in a fresh process.
+3. Whole build against a plain epoch ("build_vs_epoch"): `python -m indexer build` with the default
+   options against a plain forward+backward epoch over the same documents and model (a training
+   script as a user writes it: same batches, no optimizer), both as whole processes (imports and model
+   load included), alternated; the median ratio, quiet and under a competing CPU load (another
+   process multiplying matrices on every core), and each one's slowdown under that load.
 
     python benchmarks/indexing.py            # writes benchmarks/results/indexing.json
     python benchmarks/indexing.py --quick    # smaller
@@ -34,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 from engine import LoGra, LoGraConfig, Preconditioner, collate, per_example_loss, prepare_model  # noqa: E402
 from engine.encoding import Encoded  # noqa: E402
 from indexer.build import BuildConfig  # noqa: E402
+from indexer.store import read_manifest  # noqa: E402
 
 MODELS = {  # name -> GPT2Config kwargs
     "gpt2-tiny (2x128)": dict(n_layer=2, n_embd=128, n_head=4, vocab_size=4096),
@@ -113,11 +119,82 @@ def peak_rss(n_docs: int, workdir: Path, model_dir: Path) -> dict:
         raise RuntimeError(proc.stderr[-2000:])
     _, rc, base_kib, kib, seconds = line[0].split()
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-    build = json.loads((out / "manifest.json").read_text())["build"]
+    build = read_manifest(out).build
     return {"documents": n_docs, "peak_rss_mib": round(int(kib) / 1024, 1),
             "rss_after_imports_mib": round(int(base_kib) / 1024, 1), "seconds": round(float(seconds), 1),
-            "build_tokens_per_s": build.get("tokens_per_s"),
+            "build_tokens_per_s": build.tokens_per_s,
             "index_mib": round(size / 2**20, 1)}
+
+
+EPOCH = """
+import json, sys, time
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model_dir, data, batch_size, max_tokens, shard = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6])
+tok, model = AutoTokenizer.from_pretrained(model_dir), AutoModelForCausalLM.from_pretrained(model_dir)
+ids = [x[:max_tokens] for x in tok([json.loads(l)["text"] for l in open(data)])["input_ids"]]
+for s in range(0, len(ids), shard):  # length-sorted batches within shards, as the indexer makes them
+    chunk = sorted(ids[s : s + shard], key=len)
+    for b in range(0, len(chunk), batch_size):
+        batch = chunk[b : b + batch_size]
+        width = max(map(len, batch))
+        x = torch.tensor([i + [0] * (width - len(i)) for i in batch])
+        mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in batch])
+        model.zero_grad(set_to_none=True)
+        model(input_ids=x, attention_mask=mask, labels=x.masked_fill(mask == 0, -100)).loss.backward()
+"""
+
+LOAD = """
+import torch
+a = torch.randn(512, 512)
+while True:
+    a = torch.tanh(a @ a)
+"""
+
+
+def build_vs_epoch(workdir: Path, n_docs: int, rounds: int, batch_size: int = 16, max_tokens: int = 128) -> dict:
+    """Seconds of `python -m indexer build` (defaults) and of a plain epoch, whole processes,
+    alternated `rounds` times quiet and `rounds` times beside a competing load; median ratios."""
+    from indexer.demo_corpus import stdlib_docstrings, train_tokenizer
+    docs = stdlib_docstrings(max_docs=n_docs)
+    data = workdir / "docs.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    model_dir = workdir / "model"  # the demo's shape, random weights: speed does not depend on what it learned
+    tokenizer = train_tokenizer([d["text"] for d in docs], model_dir)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=max_tokens, n_embd=128, n_layer=2, n_head=4,
+                               bos_token_id=0, eos_token_id=0)).save_pretrained(model_dir)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("OMP_NUM_THREADS", None)  # every core, as a user runs them
+    commands = {
+        "epoch": [sys.executable, "-c", EPOCH, str(model_dir), str(data), str(batch_size), str(max_tokens), "1024"],
+        "build": [sys.executable, "-m", "indexer", "build", "--model", str(model_dir), "--data", str(data), "--out",
+                  str(workdir / "index"), "--overwrite", "--no-progress", "--batch-size", str(batch_size),
+                  "--max-tokens", str(max_tokens)]}
+    seconds: dict[str, dict[str, list[float]]] = {c: {"epoch": [], "build": []} for c in ("quiet", "loaded")}
+    for condition in ("quiet", "loaded"):
+        load = subprocess.Popen([sys.executable, "-c", LOAD], env=env) if condition == "loaded" else None
+        try:
+            for _ in range(rounds):
+                for label, cmd in commands.items():
+                    t = time.perf_counter()
+                    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+                    if done.returncode:
+                        raise RuntimeError(f"{label} failed ({done.returncode}): {done.stderr[-2000:]}")
+                    seconds[condition][label].append(time.perf_counter() - t)
+        finally:
+            if load is not None:
+                load.kill()
+                load.wait()
+    med = {c: {k: statistics.median(v) for k, v in d.items()} for c, d in seconds.items()}
+    ratio = lambda c: statistics.median(b / e for b, e in zip(seconds[c]["build"], seconds[c]["epoch"]))
+    slowdown = {k: round(med["loaded"][k] / med["quiet"][k], 3) for k in ("epoch", "build")}
+    return {"documents": len(docs), "rounds": rounds, "batch_size": batch_size, "max_tokens": max_tokens,
+            "seconds": {c: {k: [round(x, 2) for x in v] for k, v in d.items()} for c, d in seconds.items()},
+            "build_over_epoch_quiet": round(ratio("quiet"), 3), "build_over_epoch_loaded": round(ratio("loaded"), 3),
+            "slowdown_under_load": slowdown,
+            # the issue's check: a build suffers a competing load no worse than 1.5x what an epoch suffers
+            "build_slowdown_over_epoch_slowdown": round(slowdown["build"] / slowdown["epoch"], 3)}
 
 
 def tiny_model_dir(workdir: Path) -> Path:
@@ -138,7 +215,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="the tiny model, one batch, 200 and 400 documents")
-    ap.add_argument("--only", choices=["throughput", "memory"], default=None)
+    ap.add_argument("--only", choices=["throughput", "memory", "build_vs_epoch"], default=None)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "indexing.json"))
     args = ap.parse_args()
     q = args.quick
@@ -165,6 +242,11 @@ def main() -> None:
                 r = peak_rss(n, Path(tmp), model_dir)
                 print(json.dumps(r), flush=True)
                 results["memory"].append(r)
+    if args.only in (None, "build_vs_epoch"):
+        n_docs, rounds = (120, 1) if args.smoke else (1500, 2) if q else (3000, 3)
+        with tempfile.TemporaryDirectory() as tmp:
+            results["build_vs_epoch"] = build_vs_epoch(Path(tmp), n_docs, rounds)
+        print(json.dumps(results["build_vs_epoch"]), flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {out}")

@@ -1,7 +1,7 @@
 """Index types for large corpora: build cost, size, memory, latency and recall@10 after the exact rerank.
 
 Builds each IVF type (ivf-flat, ivf-sq8, ivf-pq) over N synthetic vectors through the indexer's own
-code path (`indexer.store.build_faiss`, what `IndexWriter.write_faiss` runs), each in its own child
+code path (`indexer.store.write_faiss`, what `IndexWriter.write_faiss` runs), each in its own child
 process so that its peak RSS is its own, and searches it through the API's own function
 (`indexer.ranking.rerank_search`: FAISS candidates, exact float64 rerank from the memory-mapped
 vectors). Recall@10 is measured against exact brute force (float64, chunked) for held-out, perturbed
@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))  # this checkout's packages, not an installed copy
 
 import faiss  # noqa: E402
 
-from indexer import store  # noqa: E402
+from indexer import ann, store  # noqa: E402
 
 TYPES = ("ivf-flat", "ivf-sq8", "ivf-pq")
 K = 10
@@ -74,7 +74,7 @@ def exact_top_k(vf: store.VectorFile, norms: np.ndarray, queries: np.ndarray, k:
     """Exact top-k rows per query in both modes, scanning the vectors in chunks (bounded memory)."""
     q = queries.astype(dtype)
     qn = np.linalg.norm(q, axis=1)
-    best = {mode: (np.full((len(q), 0), -np.inf), np.zeros((len(q), 0), dtype=np.int64)) for mode in store.MODES}
+    best = {mode: (np.full((len(q), 0), -np.inf), np.zeros((len(q), 0), dtype=np.int64)) for mode in ann.MODES}
     for s, x in vf.blocks(CHUNK):
         raw = x.astype(dtype, copy=False) @ q.T  # (rows, queries)
         for mode, scores in (("influence", raw), ("cosine", raw / (norms[s : s + len(x), None] * qn[None, :]))):
@@ -140,10 +140,10 @@ def child(work: Path, kind: str) -> dict:
             (folder / name).symlink_to(work / name)
     rss_start = proc_status_kib("VmRSS")
     t = time.perf_counter()
-    info = store.build_faiss(folder, kind)
+    info = store.write_faiss(folder, kind)
     build_s = time.perf_counter() - t
     rss_build = proc_status_kib("VmHWM")
-    sizes = {mode: store.faiss_path(folder, mode).stat().st_size for mode in store.MODES}
+    sizes = {mode: store.faiss_path(folder, mode).stat().st_size for mode in ann.MODES}
     n = np.load(work / store.VECTORS, mmap_mode="r").shape[0]
     result = {"type": kind, "faiss": info, "build_s": round(build_s, 1),
               "index_bytes": sizes, "index_bytes_per_document": round(sum(sizes.values()) / n, 1),
@@ -165,7 +165,7 @@ def child(work: Path, kind: str) -> dict:
         return {"recall_at_10": round(recalled / (K * len(queries)), 4), "ms_p50": round(float(np.median(ms)), 2),
                 "ms_p99": round(float(np.percentile(ms, 99)), 2), "ms_mean": round(float(ms.mean()), 2)}
 
-    for mode in store.MODES:
+    for mode in ann.MODES:
         truth = np.load(work / f"truth-{mode}.npy")
         index = faiss.read_index(str(store.faiss_path(folder, mode)))
         measure(index, mode, info["rerank_factor"], truth[:10], queries[:10])  # warm the page cache and FAISS
@@ -222,9 +222,9 @@ def main(argv: list[str] | None = None) -> None:
                              stdout=subprocess.PIPE, text=True, check=True)  # its stderr shows here
         r = json.loads(out.stdout.strip().splitlines()[-1])
         r["search_speedup_vs_brute_force"] = {
-            mode: round(prepared["brute_force_ms_per_query"] / r["modes"][mode]["default"]["ms_mean"], 1) for mode in store.MODES}
+            mode: round(prepared["brute_force_ms_per_query"] / r["modes"][mode]["default"]["ms_mean"], 1) for mode in ann.MODES}
         print(json.dumps({k: r[k] for k in ("type", "build_s", "index_bytes_per_document", "peak_rss_build_mib")}
-                         | {m: r["modes"][m]["default"] for m in store.MODES}), flush=True)
+                         | {m: r["modes"][m]["default"] for m in ann.MODES}), flush=True)
         # written after each type; a run of some --types replaces those and keeps the others measured
         # on the same corpus. Other sections of the file belong to other benchmarks.
         results = json.loads(path.read_text()) if path.is_file() else {}

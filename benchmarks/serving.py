@@ -49,7 +49,8 @@ import faiss  # noqa: E402
 import httpx  # noqa: E402
 
 from api.server import serve_in_subprocess  # noqa: E402
-from indexer import store  # noqa: E402
+from indexer import ann, store  # noqa: E402
+from indexer.manifest import FaissInfo  # noqa: E402
 from large_index import exact_top_k, generate  # noqa: E402
 
 K = 10
@@ -77,7 +78,7 @@ def make_queries(corpus: Path, n: int, seed: int = 0) -> list[tuple[str, str]]:
 def query_vectors_of(index_dir: Path, pairs: list[tuple[str, str]]) -> np.ndarray:
     from engine import load_model, query_vectors
     index = store.Index.open(index_dir)
-    model, tok = load_model(index.manifest["model"]["name_or_path"])
+    model, tok = load_model(index.manifest.model.name_or_path)
     logra, pre = index.engine(model)
     rows = [query_vectors(logra, pre, tok, pairs[i : i + 16])[0].numpy() for i in range(0, len(pairs), 16)]
     return np.concatenate(rows).astype(np.float32)
@@ -99,7 +100,7 @@ def enlarged_index(base_dir: Path, out: Path, n: int, work: Path) -> dict:
     already built for the same n and generator."""
     tag = {"n": n, "synthetic": SYNTHETIC, "base": str(base_dir)}
     try:
-        if store.read_manifest(out).get("serving_benchmark") == tag:
+        if (store.read_manifest(out).extra or {}).get("serving_benchmark") == tag:
             return json.loads((out / "build.json").read_text())
     except (store.IndexFormatError, FileNotFoundError):
         pass
@@ -129,10 +130,11 @@ def enlarged_index(base_dir: Path, out: Path, n: int, work: Path) -> dict:
         real = np.asarray(base.high_vectors, dtype=np.float32) * base.high_norms[:, None]
         for s in range(high.rows - len(base), extra, len(base)):
             high.add(real[: min(len(base), extra - s)])
-        high.close()
+        high.close(len(base) + extra)
     faiss_info = writer.write_faiss("auto")
     m = base.manifest
-    writer.commit({**m, "faiss": faiss_info, "serving_benchmark": tag}, base.state)
+    writer.commit(m.model_copy(update={"faiss": FaissInfo(**faiss_info),
+                                       "extra": {**(m.extra or {}), "serving_benchmark": tag}}), base.state)
     gen.unlink()
     info = {"build_s": round(time.perf_counter() - started, 1), "faiss": faiss_info}
     (out / "build.json").write_text(json.dumps(info))
@@ -162,7 +164,7 @@ def search_measures(index_dir: Path, queries: np.ndarray) -> dict:
         return {"recall_at_10": round(recalled / (K * len(queries)), 4), "ann_search": pct(times)}
 
     out = {}
-    for mode in store.MODES:
+    for mode in ann.MODES:
         search(index, queries[0], K, mode)  # warm
         out[mode] = measure(mode, queries)
         ix = index.faiss[mode]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -179,29 +180,49 @@ class LoGra:
     def gradients(self, batch: dict[str, torch.Tensor], token_stats: bool = False) -> ProjectedGradients:
         """Projected gradients of each example's summed loss over its labelled tokens.
         `batch` comes from `engine.encoding.collate` (labels -100 on prompt and padding)."""
-        device = next(self.model.parameters()).device
-        ids, mask, labels = (_to_device(batch[k], device) for k in ("input_ids", "attention_mask", "labels"))
-        grads: dict[str, torch.Tensor] = {}
-        stats: dict | None = {} if token_stats else None
-        with torch.enable_grad(), self._hooks(mask.float(), grads, stats):
-            logits = self.model(input_ids=ids, attention_mask=mask).logits.float()
-            losses = per_example_loss(logits, labels)
-            if losses.requires_grad:
-                losses.sum().backward()
-        n_tok = (labels[:, 1:] != -100).sum(dim=1)
-        for layer in self.layers:  # a batch with no loss token at all gets zero gradients
-            if layer.name not in grads:
-                grads[layer.name] = torch.zeros(ids.shape[0], *self.shapes[layer.name], device=device)
-        out_stats = {}
+        return joint_gradients([self], batch, [token_stats])[0]
+
+    def _empty(self, out: ProjectedGradients, batch_size: int, n_tokens: int, stats: dict | None, device) -> None:
+        """Fill in what a layer the backward pass never reached has: zeros (a batch with no loss
+        token at all), and the token statistics' shapes."""
+        for layer in self.layers:
+            if layer.name not in out.grads:
+                out.grads[layer.name] = torch.zeros(batch_size, *self.shapes[layer.name], device=device)
         if stats is not None:
-            n = int(mask.sum())
             for layer in self.layers:
                 r_out, r_in = self.shapes[layer.name]
                 xx = stats.get(layer.name, {}).get(0, torch.zeros(r_in, r_in, device=device))
                 empty = torch.zeros(r_out, device=device) if layer.name in self.diagonal_out else torch.zeros(r_out, r_out, device=device)
                 gg = stats.get(layer.name, {}).get(1, empty)
-                out_stats[layer.name] = (xx, gg, n)
-        return ProjectedGradients(grads, losses.detach(), n_loss_tokens=n_tok, token_stats=out_stats)
+                out.token_stats[layer.name] = (xx, gg, n_tokens)
+
+
+def joint_gradients(logras: Sequence[LoGra], batch: dict[str, torch.Tensor],
+                    token_stats: Sequence[bool]) -> list[ProjectedGradients]:
+    """`LoGra.gradients` of several projectors of the same model and layers (e.g. the index's compact
+    and high-fidelity stages) from one forward and one backward pass: the model's work is shared,
+    only the projections are per projector. Each result equals that projector's own `gradients`."""
+    first = logras[0]
+    if any(l.model is not first.model or l.head_only != first.head_only for l in logras[1:]):
+        raise ValueError("joint_gradients needs projectors of one model that start the backward pass alike")
+    device = next(first.model.parameters()).device
+    ids, mask, labels = (_to_device(batch[k], device) for k in ("input_ids", "attention_mask", "labels"))
+    grads: list[dict[str, torch.Tensor]] = [{} for _ in logras]
+    stats: list[dict | None] = [{} if s else None for s in token_stats]
+    with torch.enable_grad(), contextlib.ExitStack() as hooks:
+        for logra, g, s in zip(logras, grads, stats):
+            hooks.enter_context(logra._hooks(mask.float(), g, s))
+        logits = first.model(input_ids=ids, attention_mask=mask).logits.float()
+        losses = per_example_loss(logits, labels)
+        if losses.requires_grad:
+            losses.sum().backward()
+    n_tok = (labels[:, 1:] != -100).sum(dim=1)
+    outs = []
+    for logra, g, s in zip(logras, grads, stats):
+        out = ProjectedGradients(g, losses.detach(), n_loss_tokens=n_tok)
+        logra._empty(out, ids.shape[0], int(mask.sum()), s, device)
+        outs.append(out)
+    return outs
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:

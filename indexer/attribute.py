@@ -25,6 +25,7 @@ from tqdm import tqdm
 from .queries import open_index, query_records, stage_vectors
 from .ranking import DIRECTIONS, HIGH_DEPTH, rank
 from .records import ReadStats, expand_inputs, source_identity
+from .manifest import Manifest
 
 OUTPUT_FORMATS = (".jsonl", ".parquet")
 HIT_SCHEMA = pa.schema([("query_id", pa.string()), ("rank", pa.int64()), ("id", pa.string()), ("score", pa.float64()),
@@ -63,11 +64,11 @@ class AttributeConfig:
             raise ValueError(f"direction must be one of {tuple(DIRECTIONS)}, got {self.direction!r}")
 
 
-def _key(cfg: AttributeConfig, manifest: dict) -> str:
+def _key(cfg: AttributeConfig, manifest: Manifest) -> str:
     """What a partial run must share with this one to be continued."""
     files = [source_identity(str(p)) for p in cfg.queries]
     opts = {k: v for k, v in asdict(cfg).items() if k not in ("out", "progress", "device", "batch_size", "queries")}
-    index = (manifest["model"]["fingerprint"], manifest["n_documents"], manifest.get("build", {}).get("seconds"))
+    index = (manifest.model.fingerprint, manifest.n_documents, manifest.build.seconds)
     return hashlib.sha256(json.dumps([files, opts, index], sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -16,13 +16,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from engine import (LoGra, LoGraConfig, Preconditioner, TextFormat, encode_pairs, fit_preconditioner, load_model,
-                    model_fingerprint, pair_vectors, projected_gradients)
+from engine import (LoGra, LoGraConfig, Preconditioner, TextFormat, collate, encode_pairs, fit_preconditioner,
+                    joint_gradients, load_model, model_fingerprint, pair_vectors)
 from engine.encoding import Encoded
 
 from .distributed import Processes, is_input_error, world_size
+from .manifest import (AppendInfo, Budget, BuildInfo, DataInfo, FaissInfo, Manifest, ModelInfo, PreconditionerInfo,
+                       Stats)
 from .records import ReadStats, Record, TextFormatter, expand_inputs, is_dataset, read_records, source_identity
-from .store import INDEX_TYPES, Index, IndexWriter, document_pair, load_engine_state
+from .ann import INDEX_TYPES
+from .store import HighVectorWriter, Index, IndexWriter, document_pair, load_engine_state
 
 
 @dataclass
@@ -64,7 +67,7 @@ class BuildConfig:
     dtype: str = "float32"
     skip_bad: bool = False
     overwrite: bool = False
-    index_type: str = "auto"  # store.INDEX_TYPES; auto: by corpus size (store.resolve_index_type)
+    index_type: str = "auto"  # ann.INDEX_TYPES; auto: by corpus size (ann.resolve_index_type)
     shard_size: int = 1024  # documents per shard: bounds memory and is the unit written to disk
     progress: bool = True
     trust_remote_code: bool = False
@@ -132,7 +135,7 @@ def count_records(paths: Sequence[str]) -> int | None:
     return total
 
 
-def build_index(cfg: BuildConfig) -> dict | None:
+def build_index(cfg: BuildConfig) -> Manifest | None:
     """Build the index described by `cfg` and return its manifest. A build that is killed or
     crashes keeps its completed shards; the same call again resumes after them.
 
@@ -186,7 +189,7 @@ def append_documents(index_dir: str | Path, data: Sequence[str], *, model: str |
                      text_field: str | None = None, prompt_field: str | None = None, response_field: str | None = None,
                      id_field: str | None = None, batch_size: int = 8, batch_tokens: int | None = None,
                      shard_size: int = 1024, device: str = "cpu",
-                     skip_bad: bool = False, progress: bool = True) -> dict:
+                     skip_bad: bool = False, progress: bool = True) -> Manifest:
     """Add documents to an index with the index's own projections and preconditioner (not refitted,
     so existing scores do not move). Ids already in the index are refused. The new index is built
     beside the old one, which stays valid until the new one is renamed into place."""
@@ -194,19 +197,19 @@ def append_documents(index_dir: str | Path, data: Sequence[str], *, model: str |
         raise ValueError("append runs in one process: run `python -m indexer append` without torchrun")
     started = time.time()
     base = Index.open(index_dir)
-    m, d = base.manifest, base.manifest["data"]
-    pick = lambda given, key: given if given is not None else d.get(key)
-    cfg = BuildConfig(model=model or m["model"]["name_or_path"], data=list(data), out=str(index_dir),
-                      text_field=pick(text_field, "text_field") or "text", prompt_field=pick(prompt_field, "prompt_field"),
-                      response_field=pick(response_field, "response_field"), id_field=pick(id_field, "id_field") or "id",
-                      max_tokens=m["max_tokens"], batch_size=batch_size, batch_tokens=batch_tokens, rank=m["rank"], seed=m["seed"],
-                      preconditioner=m["preconditioner"]["kind"], damping=m["preconditioner"]["damping_ratio"],
-                      include=m.get("include"), exclude=m.get("exclude"), device=device, dtype=m["model"]["dtype"],
-                      skip_bad=skip_bad, overwrite=True, index_type=m.get("index_type", "auto"),
+    m, d = base.manifest, base.manifest.data
+    pick = lambda given, recorded: given if given is not None else recorded
+    cfg = BuildConfig(model=model or m.model.name_or_path, data=list(data), out=str(index_dir),
+                      text_field=pick(text_field, d.text_field) or "text", prompt_field=pick(prompt_field, d.prompt_field),
+                      response_field=pick(response_field, d.response_field), id_field=pick(id_field, d.id_field) or "id",
+                      max_tokens=m.max_tokens, batch_size=batch_size, batch_tokens=batch_tokens, rank=m.rank, seed=m.seed,
+                      preconditioner=m.preconditioner.kind, damping=m.preconditioner.damping_ratio,
+                      include=m.include, exclude=m.exclude, device=device, dtype=m.model.dtype,
+                      skip_bad=skip_bad, overwrite=True, index_type=m.index_type,
                       shard_size=shard_size, progress=progress)
     lm, tokenizer = _load(cfg)
     logra, pre = base.engine(lm, cfg.model)
-    fingerprint = m["model"]["fingerprint"]
+    fingerprint = m.model.fingerprint
     writer = IndexWriter(index_dir, overwrite=True, key=f"append/{len(base)}/{resume_key(cfg, fingerprint)}", base=base)
 
     def work():
@@ -214,25 +217,25 @@ def append_documents(index_dir: str | Path, data: Sequence[str], *, model: str |
         records = read_records(cfg.data, text_field=cfg.text_field, prompt_field=cfg.prompt_field,
                                response_field=cfg.response_field, id_field=cfg.id_field, skip_bad=skip_bad,
                                stats=stats, seen_ids=set(base.row_of_id),
-                               formatter=TextFormatter(TextFormat.from_dict(m.get("text_format")), tokenizer))
-        counts, seconds, _, _ = _gradient_pass(cfg, records, logra, tokenizer, pre, writer, fit=False)
+                               formatter=TextFormatter(TextFormat.from_dict(m.text_format), tokenizer))
+        high = base.high_engine(lm, cfg.model)  # the index's own high-fidelity stage too, not refitted
+        if high is not None:
+            high = HighStage(*high, base.state["high"], 0, m.high.preconditioner.damping_ratio, 0.0)
+        counts, seconds, _, _ = _gradient_pass(cfg, records, logra, tokenizer, pre, writer, fit=False, high=high)
         if writer.n_rows == 0:
             raise ValueError(f"no new documents in {', '.join(map(str, cfg.data))} (skipped {stats.skipped})")
         faiss_info = _write_vectors(cfg, pre, writer, logra.dim)
-        high = base.high_engine(lm, cfg.model)
-        if high is not None:  # the index's own high-fidelity stage too, not refitted
-            _write_high(cfg, *high, tokenizer, writer)
-        old_stats = m.get("stats", {})
-        manifest = {**m, "faiss": faiss_info,
-                    "data": {**d, "files": list(d.get("files", [])) + [str(p) for p in cfg.data]},
-                    "stats": {**{k: old_stats.get(k, 0) + v for k, v in counts.items()},
-                              "documents": len(base) + writer.n_rows,
-                              "skipped": old_stats.get("skipped", 0) + stats.skipped,
-                              "skipped_examples": (old_stats.get("skipped_examples", []) + stats.skipped_reasons)[:5]},
-                    "appends": m.get("appends", []) + [{"files": [str(p) for p in cfg.data], "documents": writer.n_rows,
-                                                        "skipped": stats.skipped, "skipped_examples": stats.skipped_reasons[:5],
-                                                        "seconds": round(time.time() - started, 2),
-                                                        "gradient_seconds": round(seconds, 2)}]}
+        old = m.stats
+        manifest = m.model_copy(update={
+            "faiss": FaissInfo(**faiss_info),
+            "data": d.model_copy(update={"files": d.files + [str(p) for p in cfg.data]}),
+            "stats": Stats(**{k: getattr(old, k) + v for k, v in counts.items()}, documents=len(base) + writer.n_rows,
+                           skipped=old.skipped + stats.skipped,
+                           skipped_examples=(old.skipped_examples + stats.skipped_reasons)[:5]),
+            "appends": m.appends + [AppendInfo(files=[str(p) for p in cfg.data], documents=writer.n_rows,
+                                               skipped=stats.skipped, skipped_examples=stats.skipped_reasons[:5],
+                                               seconds=round(time.time() - started, 2),
+                                               gradient_seconds=round(seconds, 2))]})
         return writer.commit(manifest, base.state)
 
     return _run(writer, work)
@@ -286,7 +289,7 @@ def _load(cfg: BuildConfig):
 
 
 def _build(cfg: BuildConfig, model, tokenizer, writer: IndexWriter, started: float,
-           procs: Processes = Processes()) -> dict | None:
+           procs: Processes = Processes()) -> Manifest | None:
     logra = LoGra(model, cfg.logra_config())
     max_tokens = logra.max_tokens
     pre = Preconditioner(cfg.preconditioner, logra.shapes, damping_ratio=cfg.damping)
@@ -295,9 +298,19 @@ def _build(cfg: BuildConfig, model, tokenizer, writer: IndexWriter, started: flo
     records = read_records(cfg.data, text_field=cfg.text_field, prompt_field=cfg.prompt_field,
                            response_field=cfg.response_field, id_field=cfg.id_field, skip_bad=cfg.skip_bad, stats=stats,
                            formatter=TextFormatter(fmt, tokenizer))
+    # One process: the high-fidelity stage is fitted on the first documents first, so the gradient
+    # pass computes both stages' vectors from one forward and backward pass per batch (a bad record
+    # is skipped here: the gradient pass reports it or skips it too, so the sample is the first rows). Several
+    # processes fit it once their shards are merged, and compute its vectors in a pass of their own.
+    high = None
+    if cfg.high and procs.world == 1:
+        sample = (document_pair(r.prompt, r.text) for r in read_records(
+            cfg.data, text_field=cfg.text_field, prompt_field=cfg.prompt_field, response_field=cfg.response_field,
+            id_field=cfg.id_field, skip_bad=True, stats=ReadStats(), formatter=TextFormatter(fmt, tokenizer)))
+        high = _fit_high(cfg, model, tokenizer, logra, writer, sample)
     with procs.step():
         counts, gradient_seconds, n_done_before, tokens_at_start = _gradient_pass(cfg, records, logra, tokenizer, pre,
-                                                                                  writer, procs=procs)
+                                                                                  writer, procs=procs, high=high)
     # Sums over the processes (each of them holds its own shards' share); the identity in one process.
     pre.reduce(procs.sum)
     counts = procs.total(counts)
@@ -320,37 +333,32 @@ def _build(cfg: BuildConfig, model, tokenizer, writer: IndexWriter, started: flo
     n_done_before, tokens_at_start = done["before"], done["tokens_at_start"]
     pre.finalize()
     faiss_info = _write_vectors(cfg, pre, writer, logra.dim)
-    high, high_state = _high_stage(cfg, model, tokenizer, logra, writer) if cfg.high else (None, None)
+    if cfg.high and high is None:
+        high = _fit_high(cfg, model, tokenizer, logra, writer, (p for shard in writer.documents() for p in shard))
+        _write_high(cfg, high, tokenizer, writer)
 
     total_seconds = time.time() - started
-    manifest = {
-        "model": {"name_or_path": model_reference(cfg.model), "fingerprint": model_fingerprint(model), "class": type(model).__name__,
-                  "dtype": cfg.dtype},
-        "layers": logra.layer_spec(),
-        "rank": cfg.rank,
-        "budget": None if cfg.rank is not None else {"dims": cfg.budget, "head_share": cfg.head_share},
-        "seed": cfg.seed,
-        "include": cfg.include,
-        "exclude": cfg.exclude,
-        "max_tokens": max_tokens,
-        "text_format": fmt.to_dict(),
-        "dim": logra.dim,
-        "preconditioner": {"kind": cfg.preconditioner, "damping_ratio": cfg.damping},
-        "faiss": faiss_info,
-        "index_type": cfg.index_type,
-        **({"high": {k: v for k, v in high.items() if not k.endswith("seconds")}} if high else {}),
-        "data": {"files": [str(p) for p in cfg.data], "text_field": cfg.text_field, "prompt_field": cfg.prompt_field,
-                 "response_field": cfg.response_field, "id_field": cfg.id_field},
-        "stats": {**counts, "documents": writer.n_rows, "skipped": stats.skipped,
-                  "skipped_examples": stats.skipped_reasons[:5]},
-        "build": {"seconds": round(total_seconds, 2), "gradient_seconds": round(gradient_seconds, 2),
-                  "tokens_per_s": round((counts["tokens"] - tokens_at_start) / max(gradient_seconds, 1e-9), 1),
-                  "docs_per_s": round((writer.n_rows - n_done_before) / max(gradient_seconds, 1e-9), 2),
-                  "resumed_at_document": n_done_before, "device": cfg.device, "processes": procs.world,
-                  **({k: high[k] for k in ("high_fit_seconds", "high_seconds")} if high else {})},
+    manifest = Manifest(
+        n_documents=writer.n_rows,
+        model=ModelInfo(name_or_path=model_reference(cfg.model), fingerprint=model_fingerprint(model),
+                        class_name=type(model).__name__, dtype=cfg.dtype),
+        layers=logra.layer_spec(), rank=cfg.rank,
+        budget=None if cfg.rank is not None else Budget(dims=cfg.budget, head_share=cfg.head_share),
+        seed=cfg.seed, include=cfg.include, exclude=cfg.exclude, max_tokens=max_tokens, text_format=fmt.to_dict(),
+        dim=logra.dim, preconditioner=PreconditionerInfo(kind=cfg.preconditioner, damping_ratio=cfg.damping),
+        faiss=faiss_info, index_type=cfg.index_type,
+        **({"high": high.manifest()} if high else {}),
+        data=DataInfo(files=[str(p) for p in cfg.data], text_field=cfg.text_field, prompt_field=cfg.prompt_field,
+                      response_field=cfg.response_field, id_field=cfg.id_field),
+        stats=Stats(**counts, documents=writer.n_rows, skipped=stats.skipped, skipped_examples=stats.skipped_reasons[:5]),
+        build=BuildInfo(seconds=round(total_seconds, 2), gradient_seconds=round(gradient_seconds, 2),
+                        tokens_per_s=round((counts["tokens"] - tokens_at_start) / max(gradient_seconds, 1e-9), 1),
+                        docs_per_s=round((writer.n_rows - n_done_before) / max(gradient_seconds, 1e-9), 2),
+                        resumed_at_document=n_done_before, device=cfg.device, processes=procs.world,
+                        **({"high_fit_seconds": high.fit_seconds} if high else {})),
         **({"extra": cfg.extra} if cfg.extra else {}),
-    }
-    state = {**_engine_state(logra, pre), **({"high": high_state} if high else {})}
+    )
+    state = {**_engine_state(logra, pre), **({"high": high.state} if high else {})}
     return writer.commit(manifest, state)
 
 
@@ -360,20 +368,42 @@ def _engine_state(logra: LoGra, pre: Preconditioner) -> dict:
             "preconditioner": pre.state_dict()}
 
 
-def _high_stage(cfg: BuildConfig, model, tokenizer, fast: LoGra, writer: IndexWriter) -> tuple[dict, dict]:
-    """The high-fidelity stage: its preconditioner fitted on the first `high_sample` documents (K-FAC
-    factors in one pass, EK-FAC's eigenvalues in a second: engine.fit_preconditioner), then every
-    document's vector, written to disk (float16 unit rows). Same layers as the compact vectors, a
-    larger budget. The fitted state is saved before the vectors are written, and the vectors a shard
-    at a time, so a killed build resumes where it stopped."""
+@dataclass
+class HighStage:
+    """The high-fidelity stage of a build: its projector, fitted preconditioner and saved state."""
+    logra: LoGra
+    pre: Preconditioner
+    state: dict
+    sample_documents: int
+    damping: float
+    fit_seconds: float
+
+    def manifest(self) -> dict:
+        return {"layers": self.logra.layer_spec(), "dim": self.logra.dim,
+                "budget": {"dims": self.logra.config.budget, "head_share": self.logra.config.head_share},
+                "preconditioner": {"kind": self.pre.kind, "damping_ratio": self.damping},
+                "sample_documents": self.sample_documents, "stored": "float16 unit rows and float32 norms"}
+
+    def vectors(self, grads) -> torch.Tensor:
+        """Stored vectors of projected gradients: in the preconditioner's eigenbasis (inner products
+        and norms are the same there), float32."""
+        return self.pre.apply(grads, eigenbasis=True, dtype=torch.float32)
+
+
+def _fit_high(cfg: BuildConfig, model, tokenizer, fast: LoGra, writer: IndexWriter,
+              documents: Iterator[tuple[str, str]]) -> HighStage:
+    """The high-fidelity stage: same layers as the compact vectors, a larger budget, its preconditioner
+    fitted on the first `high_sample` of `documents` ((prompt, text) pairs): K-FAC factors in one pass,
+    EK-FAC's eigenvalues in a second (engine.fit_preconditioner). Saved in the build folder, so a
+    killed build does not fit it again."""
     t0 = time.time()
     config = replace(fast.config, rank=None, budget=cfg.high_budget, head_share=cfg.high_head_share)
     logra = LoGra(model, config, layers=fast.layers)
     saved = writer.high_state
     if saved is None:
         pre = Preconditioner(cfg.high_preconditioner, logra.shapes, damping_ratio=cfg.high_damping)
-        sample = list(islice((pair for shard in writer.documents() for pair in shard), cfg.high_sample))
-        encoded = encode_pairs(tokenizer, [document_pair(p, t) for p, t in sample], logra.max_tokens)
+        sample = list(islice(documents, cfg.high_sample))
+        encoded = encode_pairs(tokenizer, sample, logra.max_tokens)
         batches = [[encoded[i] for i in idx] for idx in _batches(encoded, cfg.batch_size, cfg.batch_tokens)]
         progress = lambda what, it: tqdm(it, unit="batch", desc=f"high-fidelity {what}", disable=not cfg.progress,
                                          dynamic_ncols=True)
@@ -383,20 +413,13 @@ def _high_stage(cfg: BuildConfig, model, tokenizer, fast: LoGra, writer: IndexWr
         writer.save_high_state(saved)
     else:
         pre = load_engine_state(logra, saved["state"])
-    t1 = time.time()
-    _write_high(cfg, logra, pre, tokenizer, writer)
-    info = {"layers": logra.layer_spec(), "dim": logra.dim,
-            "budget": {"dims": cfg.high_budget, "head_share": cfg.high_head_share},
-            "preconditioner": {"kind": pre.kind, "damping_ratio": cfg.high_damping},
-            "sample_documents": saved["sample_documents"], "stored": "float16 unit rows and float32 norms",
-            "high_fit_seconds": saved["fit_seconds"], "high_seconds": round(time.time() - t1, 2)}
-    return info, saved["state"]
+    return HighStage(logra, pre, saved["state"], saved["sample_documents"], cfg.high_damping, saved["fit_seconds"])
 
 
-def _write_high(cfg: BuildConfig, logra: LoGra, pre: Preconditioner, tokenizer, writer: IndexWriter) -> None:
-    """Every new document's high-fidelity vector (in the preconditioner's eigenbasis: inner products
-    and norms are the same there), after those a killed run already wrote."""
-    out = writer.high_vectors(logra.dim)
+def _write_high(cfg: BuildConfig, high: HighStage, tokenizer, writer: IndexWriter) -> None:
+    """Every document's high-fidelity vector in a pass of its own (builds of several processes),
+    after those a killed run already wrote."""
+    out = writer.high_vectors(high.logra.dim)
     done = out.rows - writer.row_offset
     with tqdm(total=writer.n_rows, initial=done, unit="doc", desc="high-fidelity vectors", disable=not cfg.progress,
               dynamic_ncols=True) as bar:
@@ -407,16 +430,17 @@ def _write_high(cfg: BuildConfig, logra: LoGra, pre: Preconditioner, tokenizer, 
             if not todo:
                 continue
             pairs = [document_pair(p, t) for p, t in todo]
-            out.add(pair_vectors(logra, pre, tokenizer, pairs, batch_size=cfg.batch_size).numpy())
+            out.add(pair_vectors(high.logra, high.pre, tokenizer, pairs, batch_size=cfg.batch_size).numpy())
             out.checkpoint()
             bar.update(len(todo))
-    out.close()
+    out.close(writer.row_offset + writer.n_rows)
 
 
 def _gradient_pass(cfg: BuildConfig, records, logra: LoGra, tokenizer, pre: Preconditioner, writer: IndexWriter,
-                   fit: bool = True, procs: Processes = Processes()):
+                   fit: bool = True, procs: Processes = Processes(), high: HighStage | None = None):
     """Pass 1: raw projected gradients of every record, shard by shard, checkpointed; with `fit`,
-    the preconditioner's statistics too. Resumes after the writer's last checkpoint. With several
+    the preconditioner's statistics too; with `high`, the high-fidelity vectors from the same
+    forward and backward passes. Resumes after the writer's last checkpoint. With several
     processes, this one computes the shards the writer says it owns (every `world`-th) and reads
     past the others; its counts and statistics cover its own shards."""
     counts = {"tokens": 0, "loss_tokens": 0, "truncated": 0, "no_loss_tokens": 0}
@@ -438,20 +462,33 @@ def _gradient_pass(cfg: BuildConfig, records, logra: LoGra, tokenizer, pre: Prec
         bar.update(n_docs)
         bar.set_postfix(tok_s=f"{(counts['tokens'] - tokens_at_start) / max(time.time() - t0, 1e-9):,.0f}", refresh=False)
 
+    high_out = None
+    if high is not None:  # its rows written before each shard's checkpoint: at least as many as the checkpoint's
+        high_out = writer.high_vectors(high.logra.dim)
+        high_out.rewind(writer.row_offset + writer.n_rows)
+
+    def write(rows, raw, state, high_rows):
+        if high_rows is not None:
+            high_out.add_unit(*high_rows)
+            high_out.checkpoint()
+        writer.add_shard(rows, raw, state=state)
+
     # Shards are written by one background thread while the next is computed; at most one waits.
     io, pending = ThreadPoolExecutor(1, thread_name_prefix="shard-writer"), None
     try:  # the bar is closed on errors too, so an error message starts on a line of its own
         for number, shard in enumerate(_chunks(records, cfg.shard_size), start=first_shard):
             if not writer.owns(number):
                 continue
-            raw, encoded = _shard_gradients(cfg, shard, logra, tokenizer, pre, fit, counts, progress)
+            raw, high_rows, encoded = _shard_gradients(cfg, shard, logra, tokenizer, pre, fit, counts, progress, high)
             rows = [_row(r, e) for r, e in zip(shard, encoded)]
             state = {"counts": dict(counts), **({"preconditioner": pre.stats_state()} if fit else {})}  # snapshots
             if pending is not None:
                 pending.result()  # a write error stops the pass here
-            pending = io.submit(writer.add_shard, rows, raw, state=state)
+            pending = io.submit(write, rows, raw, state, high_rows)
         if pending is not None:
             pending.result()
+        if high_out is not None:
+            high_out.close(writer.row_offset + writer.n_rows)
     finally:
         io.shutdown(wait=True)
         bar.close()
@@ -459,23 +496,31 @@ def _gradient_pass(cfg: BuildConfig, records, logra: LoGra, tokenizer, pre: Prec
 
 
 def _shard_gradients(cfg: BuildConfig, shard: list[Record], logra: LoGra, tokenizer, pre: Preconditioner, fit: bool,
-                     counts: dict, progress) -> tuple[np.ndarray, list[Encoded]]:
-    """Raw projected gradients of one shard (and statistics with `fit`); `counts` updated in place,
-    `progress(n)` called after each batch of n documents. Returns the gradients and the encodings."""
+                     counts: dict, progress, high: HighStage | None = None
+                     ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray] | None, list[Encoded]]:
+    """Raw projected gradients of one shard (and statistics with `fit`), with `high` its high-fidelity
+    vectors as stored (unit rows, norms); `counts` updated in place, `progress(n)` called after each
+    batch of n documents. Returns the gradients, the high-fidelity rows and the encodings."""
     encoded = encode_pairs(tokenizer, [document_pair(r.prompt, r.text) for r in shard], logra.max_tokens)
     raw = np.zeros((len(shard), logra.dim), dtype=np.float32)
+    if high is not None:
+        unit, norms = np.zeros((len(shard), high.logra.dim), dtype=np.float16), np.zeros(len(shard), dtype=np.float32)
+    projectors = [logra] + ([high.logra] if high is not None else [])
     for idx in _batches(encoded, cfg.batch_size, cfg.batch_tokens):
-        out = projected_gradients(logra, tokenizer, [encoded[i] for i in idx], token_stats=fit and pre.needs_token_stats)
+        batch = collate([encoded[i] for i in idx], tokenizer.pad_token_id)
+        out = joint_gradients(projectors, batch, [fit and pre.needs_token_stats, False])
         if fit:
-            pre.update(out.grads, out.token_stats)
-        raw[idx] = logra.flatten(out.grads).cpu().numpy()
+            pre.update(out[0].grads, out[0].token_stats)
+        raw[idx] = logra.flatten(out[0].grads).cpu().numpy()
+        if high is not None:
+            unit[idx], norms[idx] = HighVectorWriter.unit(high.vectors(out[1].grads).cpu().numpy())
         counts["tokens"] += sum(len(encoded[i].input_ids) for i in idx)
         progress(len(idx))
     for e in encoded:
         counts["loss_tokens"] += e.n_loss_tokens
         counts["truncated"] += e.truncated
         counts["no_loss_tokens"] += e.n_loss_tokens == 0
-    return raw, encoded
+    return raw, ((unit, norms) if high is not None else None), encoded
 
 
 def _write_vectors(cfg, pre: Preconditioner, writer: IndexWriter, dim: int) -> dict:

@@ -12,7 +12,8 @@ from .build import BuildConfig, append_documents, build_index
 from .ranking import HIGH_DEPTH
 from .distributed import PeerFailed
 from .records import BadRecordError
-from .store import COMPRESSED_TYPE, FLAT_UP_TO_BYTES, INDEX_TYPES, IndexFormatError, read_manifest
+from .ann import COMPRESSED_TYPE, FLAT_UP_TO_BYTES, INDEX_TYPES
+from .store import IndexFormatError, read_manifest
 
 
 def positive_int(text: str) -> int:
@@ -172,19 +173,20 @@ def main(argv: list[str] | None = None) -> int:
             manifest = build_index(cfg)
             if manifest is None:  # a torchrun process other than rank 0: its shards are written, rank 0 does the rest
                 return 0
-            st = manifest["stats"]
-            print(f"indexed {manifest['n_documents']} documents into {args.out} "
-                  f"(dim {manifest['dim']}, {manifest['build']['seconds']} s, {manifest['build']['tokens_per_s']:,.0f} tokens/s); "
-                  f"truncated {st['truncated']}, skipped {st['skipped']}")
-            if st["no_loss_tokens"]:
-                print(f"warning: {st['no_loss_tokens']} documents have no token to score (a single token and no BOS): "
+            st = manifest.stats
+            print(f"indexed {manifest.n_documents} documents into {args.out} "
+                  f"(dim {manifest.dim}, {manifest.build.seconds} s, {manifest.build.tokens_per_s:,.0f} tokens/s); "
+                  f"truncated {st.truncated}, skipped {st.skipped}")
+            if st.no_loss_tokens:
+                print(f"warning: {st.no_loss_tokens} documents have no token to score (a single token and no BOS): "
                       "their vectors are zero and they never rank above 0", file=sys.stderr)
         elif args.command == "append":
             opts = {k: v for k, v in vars(args).items() if k not in ("command", "index", "data")}
             manifest = append_documents(args.index, args.data, **opts)
-            added, skipped = manifest["appends"][-1]["documents"], manifest["appends"][-1].get("skipped", 0)
-            print(f"appended {added} documents to {args.index} ({manifest['n_documents']} in all); skipped {skipped}")
-            for reason in manifest["appends"][-1].get("skipped_examples", []):
+            last = manifest.appends[-1]
+            print(f"appended {last.documents} documents to {args.index} ({manifest.n_documents} in all); "
+                  f"skipped {last.skipped}")
+            for reason in last.skipped_examples:
                 print(f"  skipped: {reason}", file=sys.stderr)
         elif args.command == "attribute":
             from .attribute import AttributeConfig, attribute_queries
@@ -197,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
             _value(args)
         elif args.command == "info":
             from .info import summary
-            print(json.dumps(read_manifest(args.index), indent=2, sort_keys=True) if args.json else summary(args.index))
+            print(json.dumps(read_manifest(args.index).to_json(), indent=2, sort_keys=True) if args.json else summary(args.index))
         elif args.command == "demo":
             from .demo import build_demo
             build_demo(args.out, max_docs=args.max_docs, epochs=args.epochs, overwrite=args.overwrite, progress=args.progress)

@@ -24,7 +24,7 @@ def build_demo(out: str | Path = "demo", max_docs: int = 3000, epochs: int = 2, 
     if not overwrite:
         try:
             manifest = read_manifest(index_dir)
-            print(f"demo index already built at {index_dir} ({manifest['n_documents']} documents); "
+            print(f"demo index already built at {index_dir} ({manifest.n_documents} documents); "
                   "pass --overwrite to rebuild")
             return manifest
         except IndexFormatError:
@@ -52,6 +52,6 @@ def build_demo(out: str | Path = "demo", max_docs: int = 3000, epochs: int = 2, 
                                        max_tokens=MAX_TOKENS, batch_size=16, progress=progress,
                                        extra={"demo": {"training": training, "max_docs": max_docs}}))
     size = sum(p.stat().st_size for p in index_dir.rglob("*") if p.is_file())
-    print(f"index: {manifest['n_documents']} documents, dim {manifest['dim']}, {size / 2**20:.1f} MiB -> {index_dir} "
+    print(f"index: {manifest.n_documents} documents, dim {manifest.dim}, {size / 2**20:.1f} MiB -> {index_dir} "
           f"(demo built in {time.time() - started:.0f} s)", flush=True)
     return manifest

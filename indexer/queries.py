@@ -39,8 +39,8 @@ def open_index(index_dir: str, model: str | None = None, device: str = "cpu") ->
     """The index and the model that built it (checked), with both stages' engines."""
     index = Index.open(index_dir)
     m = index.manifest
-    name = model or m["model"]["name_or_path"]
-    lm, tokenizer = load_model(name, device=device, dtype=m["model"].get("dtype", "float32"))
+    name = model or m.model.name_or_path
+    lm, tokenizer = load_model(name, device=device, dtype=m.model.dtype)
     return Opened(index, tokenizer, index.engine(lm, name), index.high_engine(lm, name))
 
 
@@ -62,14 +62,14 @@ def query_records(opened: Opened, paths: Sequence[str], *, text_field: str | Non
     response fields default to those the index was built with, chat `messages` records too; the id
     field to "id"). A query whose response has no token to score is a bad record: an error
     naming its file and line, or skipped and counted with `skip_bad`."""
-    d = opened.index.manifest.get("data", {})
-    pick = lambda given, key, default: given if given is not None else (d.get(key) or default)
+    d = opened.index.manifest.data
+    pick = lambda given, key, default: given if given is not None else (getattr(d, key) or default)
     stats = stats if stats is not None else ReadStats()
     records = read_records(paths, text_field=pick(text_field, "text_field", "text"),
                            prompt_field=pick(prompt_field, "prompt_field", None),
                            response_field=pick(response_field, "response_field", None),
                            id_field=id_field or "id", skip_bad=skip_bad, stats=stats,
-                           formatter=TextFormatter(TextFormat.from_dict(opened.index.manifest.get("text_format")),
+                           formatter=TextFormatter(TextFormat.from_dict(opened.index.manifest.text_format),
                                                    opened.tokenizer))
     max_tokens = opened.fast[0].max_tokens
     for r in records:

@@ -9,11 +9,19 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
-from .store import Index, pad_to, unit_rows
+from .ann import pad_to, unit_rows
+from .store import Index
 
 __all__ = ["DIRECTIONS", "HIGH_DEPTH", "Hit", "exact_scores", "exact_search", "high_scores", "rank", "rerank_search", "search"]
 
 DIRECTIONS = {"proponents": 1.0, "opponents": -1.0}
+# FAISS candidates for the exact rerank: rerank_factor x max(CANDIDATES_PER_HIT x k, k + CANDIDATES_MIN_EXTRA),
+# and HIGH_CANDIDATES_PER_DEPTH x depth where they only feed the high stage (its top `depth` need only be roughly right)
+CANDIDATES_PER_HIT = 4
+CANDIDATES_MIN_EXTRA = 64
+HIGH_CANDIDATES_PER_DEPTH = 4
+HIGH_BLOCK_ROWS = 8192  # float16 high-fidelity rows read per block (about 1 GiB at the default dims)
+SCAN_BLOCK_ROWS = 65536  # compact rows scored per block by the exact scan
 # The high-fidelity stage rescores this many of the compact vectors' best candidates (or k, if more):
 # README "Two stages" gives the k = 10 answers' agreement with the top 10 over every document by depth.
 HIGH_DEPTH = 150
@@ -41,14 +49,14 @@ def exact_scores(vectors: np.ndarray, norms: np.ndarray, rows: np.ndarray, q: np
 def rerank_search(index: faiss.Index, vectors: np.ndarray, norms: np.ndarray, q: np.ndarray, k: int, mode: str,
                   rerank_factor: int = 1, direction: str = "proponents", candidates: int | None = None) -> list[Hit]:
     """Top-k rows of `vectors` for query q: `index` (over vectors, or their unit rows for cosine)
-    proposes `candidates` (default rerank_factor x max(4k, k + 64)) rows, exact float64 scores rank
+    proposes `candidates` (default rerank_factor x max(4k, k + 64), as above) rows, exact float64 scores rank
     them. Opponents (the lowest scores) are the top rows for -q: the same index, probed the other way."""
     n = len(vectors)
     k = min(k, n)
     sign = DIRECTIONS[direction]
     q = q.astype(np.float32)[None, :]
     probe = pad_to(sign * (unit_rows(q) if mode == "cosine" else q), index.d)
-    _, cand = index.search(probe, min(n, candidates or max(4 * k, k + 64) * rerank_factor))
+    _, cand = index.search(probe, min(n, candidates or max(CANDIDATES_PER_HIT * k, k + CANDIDATES_MIN_EXTRA) * rerank_factor))
     cand = np.unique(cand[0][cand[0] >= 0])
     exact = exact_scores(vectors, norms, cand, q[0], mode)
     order = np.lexsort((cand, -sign * exact))[:k]  # best first; ties broken by row for reproducibility
@@ -57,7 +65,7 @@ def rerank_search(index: faiss.Index, vectors: np.ndarray, norms: np.ndarray, q:
 
 
 
-def high_scores(index: Index, rows: np.ndarray, q: np.ndarray, mode: str, block: int = 8192) -> np.ndarray:
+def high_scores(index: Index, rows: np.ndarray, q: np.ndarray, mode: str, block: int = HIGH_BLOCK_ROWS) -> np.ndarray:
     """Scores of `rows` for the high-fidelity query vector q, from the stored vectors (float16 unit
     rows, float32 norms), read a block at a time in file order."""
     q = np.asarray(q, dtype=np.float32)
@@ -77,12 +85,12 @@ def search(index: Index, q: np.ndarray, k: int, mode: str, direction: str = "pro
            candidates: int | None = None) -> list[Hit]:
     """Top-k rows of an opened index for a query vector, with the candidate count its manifest asks
     (or `candidates`)."""
-    factor = (index.manifest.get("faiss") or {}).get("rerank_factor", 1)  # absent in older indexes
+    factor = index.manifest.faiss.rerank_factor
     return rerank_search(index.faiss[mode], index.vectors, index.norms, q, k, mode, factor, direction, candidates)
 
 
 def exact_search(index: Index, rows: np.ndarray, q: np.ndarray, k: int, mode: str, direction: str = "proponents",
-                 block: int = 65536) -> list[Hit]:
+                 block: int = SCAN_BLOCK_ROWS) -> list[Hit]:
     """Top-k of `rows` (ascending) by exact float64 score, read from the stored vectors in blocks: the
     search behind metadata filters, whose cost grows with the number of matching rows."""
     sign = DIRECTIONS[direction]
@@ -106,7 +114,7 @@ def rank(index: Index, fast_q: np.ndarray, k: int, mode: str, direction: str = "
     depth = max(k, depth) if high_q is not None else k
     # The high stage needs the compact vectors' top `depth` roughly right, not their exact k: 4 x depth
     # FAISS candidates reranked exactly (rerank_factor x that read ~160 MB a query at depth 150 and 100k).
-    hits = (search(index, fast_q, depth, mode, direction, candidates=4 * depth if high_q is not None else None)
+    hits = (search(index, fast_q, depth, mode, direction, candidates=HIGH_CANDIDATES_PER_DEPTH * depth if high_q is not None else None)
             if rows is None else exact_search(index, rows, fast_q, depth, mode, direction))
     if high_q is None or not hits:
         return hits

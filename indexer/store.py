@@ -14,16 +14,22 @@ sibling temporary folder and renamed into place, so DIR is never half-written.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
+import struct
 import shutil
 import fcntl
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
 import faiss
+
+from pydantic import ValidationError
+
+from .ann import MODES, build_faiss, unit_rows  # noqa: F401  (unit_rows: the writers' and readers' one definition)
+from .manifest import FORMAT_VERSION, LayerInfo, Manifest
 
 # LanceDB logs a warning for every table it creates ("No existing dataset ... it will be created"):
 # noise on every build. Its Rust logger reads LANCEDB_LOG once, at import; a user's setting wins.
@@ -37,7 +43,6 @@ import torch
 if TYPE_CHECKING:
     from engine import LoGra, Preconditioner
 
-FORMAT_VERSION = 2  # 2: the high-fidelity stage stores its vectors (high.npy); 1 recomputed them
 MANIFEST = "manifest.json"
 STATE = "state.pt"
 VECTORS = "vectors.npy"
@@ -47,31 +52,7 @@ HIGH_VECTORS = "high.npy"
 HIGH_NORMS = "high-norms.npy"
 NORMS = "norms.npy"
 TABLE = "documents"
-MODES = ("influence", "cosine")
 REQUIRED = (MANIFEST, STATE, VECTORS, NORMS, "faiss-influence.index", "faiss-cosine.index", f"{TABLE}.lance")
-INDEX_TYPES = ("auto", "flat", "ivf", "ivf-flat", "ivf-sq8", "ivf-pq")  # "ivf" is "ivf-flat"
-# index_type "auto": exact (flat) while the float32 vectors fit FLAT_UP_TO_BYTES (or below FLAT_BELOW
-# documents), COMPRESSED_TYPE above. Preconditioned gradients are nearly isotropic, which IVF handles
-# poorly: recall is set by the share of lists probed, whatever the quantizer (benchmarks/large_index.py;
-# at 100k x 4073 of the demo's vectors, cosine recall@10 0.73 / 0.86 / 0.94 at 1/8, 1/4, 1/2 of the
-# lists for IVF-flat, IVF-SQ8 and IVF-PQ alike). What differs is the cost of a probed list there, one
-# thread: IVF-PQ 19 / 23 / 31 ms, IVF-flat 20 / 38 ms (1/8, 1/4), IVF-SQ8 61 / 116 ms; flat scan 118 ms
-# (30 ms at 256 MiB).
-FLAT_BELOW = 4096
-FLAT_UP_TO_BYTES = 256 << 20
-COMPRESSED_TYPE = "ivf-pq"
-PQ_DIMS_PER_CODE = 8  # IVF-PQ: one byte per this many dimensions (vectors zero-padded to a multiple)
-# Quantized scores only propose candidates; the exact rerank keeps results exact when the true
-# top k are among them, so compressed types ask FAISS for this many times more (api.search).
-# Measured (benchmarks/large_index.py, 1M x 512): SQ8 lost nothing even at 1, but heavy-tailed norms
-# stretch its 8-bit ranges (at 2 the stress test in tests/test_indexer.py misses); PQ (64 B) reached
-# 0.986 at 4 and 0.9965 at 16; at 100k x 4073 (the demo's, 510 B) 0.923 / 0.928 / 0.928 (cosine) at
-# 4 / 8 / 16, in 19 / 22 / 32 ms: the exact rerank of the extra candidates is what costs.
-RERANK_FACTOR = {"flat": 1, "ivf-flat": 1, "ivf-sq8": 4, "ivf-pq": 8}
-TRAIN_POINTS_PER_LIST = 64  # k-means sample per IVF list (FAISS warns below 39)
-TRAIN_BYTES = 512 << 20  # ...and at most this much float32 sample, so training memory is bounded
-BLOCK_BYTES = 128 << 20  # vectors are read and added in blocks of this size
-
 DOCUMENT_SCHEMA = pa.schema([
     ("row", pa.int64()),
     ("id", pa.string()),
@@ -100,39 +81,29 @@ def faiss_path(root: Path, mode: str) -> Path:
     return root / f"faiss-{mode}.index"
 
 
-# Keys every reader relies on, with their types.
-MANIFEST_KEYS = {"format_version": int, "n_documents": int, "dim": int, "model": dict, "layers": list,
-                 "rank": (int, type(None)), "seed": int, "max_tokens": int, "preconditioner": dict}
-
-
-def read_manifest(root: str | Path) -> dict:
+def read_manifest(root: str | Path) -> Manifest:
     path = Path(root) / MANIFEST
     if not path.is_file():
         raise IndexFormatError(f"{root} is not an index folder: no {MANIFEST}")
     try:
-        manifest = json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise IndexFormatError(f"{path} is corrupt: {e}") from e
-    if not isinstance(manifest, dict):
+    if not isinstance(data, dict):
         raise IndexFormatError(f"{path} is corrupt: not a JSON object")
-    bad = [k for k, t in MANIFEST_KEYS.items() if not isinstance(manifest.get(k), t)]
-    if bad:
-        raise IndexFormatError(f"{path} is corrupt: missing or mistyped {', '.join(bad)}")
-    for key in ("name_or_path", "fingerprint"):
-        if not isinstance(manifest["model"].get(key), str):
-            raise IndexFormatError(f"{path} is corrupt: model.{key} missing")
-    return manifest
+    if data.get("format_version") != FORMAT_VERSION:
+        raise IndexFormatError(f"{root} has index format {data.get('format_version')}; this version reads {FORMAT_VERSION}")
+    try:
+        return Manifest.model_validate(data)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()[:5])
+        raise IndexFormatError(f"{path} is corrupt: {problems}") from None
 
 
 def document_pair(prompt: str, text: str) -> tuple[str, str]:
     """A document is stored as its whole text and the prompt that begins it; the response (the part
     whose tokens carry the loss) is the rest."""
     return prompt, text[len(prompt):]
-
-
-def unit_rows(x: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.where(norms > 0, norms, 1.0)
 
 
 class IndexWriter:
@@ -297,17 +268,18 @@ class IndexWriter:
         _atomic_torch_save(state, self.tmp / "high-state.pt")
 
     def high_vectors(self, dim: int) -> "HighVectorWriter":
-        return HighVectorWriter(self.tmp, self.row_offset + self.n_rows, dim, self.base)
+        return HighVectorWriter(self.tmp, dim, self.base)
 
     def write_faiss(self, index_type: str = "auto", nlist: int | None = None, block: int | None = None) -> dict:
-        return build_faiss(self.tmp, index_type, nlist=nlist, block=block)
+        return write_faiss(self.tmp, index_type, nlist=nlist, block=block)
 
-    def commit(self, manifest: dict, state: dict) -> dict:
+    def commit(self, manifest: Manifest, state: dict) -> Manifest:
         """Write table, manifest and state, then rename the folder into place; returns the manifest."""
         self.write_table()
         torch.save(state, self.tmp / STATE)
-        manifest = {**manifest, "format_version": FORMAT_VERSION, "n_documents": self.row_offset + self.n_rows}
-        (self.tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        manifest = Manifest.model_validate({**manifest.to_json(), "format_version": FORMAT_VERSION,
+                                            "n_documents": self.row_offset + self.n_rows})
+        (self.tmp / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=2, sort_keys=True))
         shutil.rmtree(self.shard_dir)
         for path in [*self.tmp.glob("checkpoint*.pt"), self.tmp / "key"]:
             path.unlink()
@@ -339,65 +311,98 @@ class IndexWriter:
 
 
 class HighVectorWriter:
-    """Writes HIGH_VECTORS and HIGH_NORMS into a build folder, rows in order, a block at a time (plain
-    writes, not a memory map, so the indexer's memory does not grow with the corpus). After each
-    block the file is flushed and PROGRESS records the rows written: a killed build resumes after
-    them (`rows`). An append's writer starts with the base index's rows."""
+    """Writes HIGH_VECTORS and HIGH_NORMS into a build folder, rows appended in order, a block at a
+    time (plain writes, not a memory map, so the indexer's memory does not grow with the corpus); the
+    number of rows need not be known ahead (the gradient pass streams). After each `checkpoint` the
+    file is flushed and PROGRESS records the rows written: a killed build resumes after them (`rows`).
+    An append's writer starts with the base index's rows."""
     PROGRESS = "high-progress.json"
+    # room for the .npy header of any row count; the final header is padded to it (`close`)
+    _RESERVED_SHAPE = (10**15, 0)
 
-    def __init__(self, folder: Path, total: int, dim: int, base: "Index | None" = None):
-        self.folder, self.total, self.dim = folder, total, dim
+    def __init__(self, folder: Path, dim: int, base: "Index | None" = None):
+        self.folder, self.dim = folder, dim
+        self.offset = len(_npy_header((self._RESERVED_SHAPE[0], dim)))
         progress = folder / self.PROGRESS
         done = json.loads(progress.read_text()) if progress.is_file() else {}
-        if done.get("total") == total and done.get("dim") == dim:
-            self.rows, self.norms = done["rows"], np.load(folder / "high-norms.partial.npy")
+        if done.get("dim") == dim and done.get("offset") == self.offset:
+            self.rows, self.norms = done["rows"], [np.load(folder / "high-norms.partial.npy")]
             self._file = open(folder / HIGH_VECTORS, "r+b")
-            self.offset = np.load(folder / HIGH_VECTORS, mmap_mode="r").offset
             return
-        self.rows, self.norms = 0, np.zeros(total, dtype=np.float32)
+        self.rows, self.norms = 0, []
         self._file = open(folder / HIGH_VECTORS, "w+b")
-        np.lib.format.write_array_header_1_0(self._file, {"descr": "<f2", "fortran_order": False, "shape": (total, dim)})
-        self.offset = self._file.tell()
-        self._file.truncate(self.offset + total * dim * 2)
+        self._file.write(_npy_header((self._RESERVED_SHAPE[0], dim)))
         if base is not None:
             if base.high_vectors is None or base.high_vectors.shape[1] != dim:
                 raise IndexFormatError(f"{base.root} has no high-fidelity vectors of dim {dim}")
             for s in range(0, len(base), 8192):
-                self._write_unit(np.asarray(base.high_vectors[s : s + 8192]), base.high_norms[s : s + 8192])
+                self.add_unit(np.asarray(base.high_vectors[s : s + 8192]), base.high_norms[s : s + 8192])
             self.checkpoint()
 
-    def add(self, vectors: np.ndarray) -> None:
-        """The next rows' vectors (float32 or float64); stored as unit rows and norms."""
+    @staticmethod
+    def unit(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """What is stored of float vectors: float16 unit rows (their entries fit float16; a whitened
+        gradient's need not) and float32 norms."""
         norms = np.linalg.norm(vectors, axis=1)
         unit = vectors / np.where(norms > 0, norms, 1.0)[:, None]
-        self._write_unit(unit.astype(np.float16), norms.astype(np.float32))
+        return unit.astype(np.float16), norms.astype(np.float32)
 
-    def _write_unit(self, unit: np.ndarray, norms: np.ndarray) -> None:
-        if self.rows + len(unit) > self.total:
-            raise RuntimeError(f"more high-fidelity vectors than the {self.total} documents")
+    def add(self, vectors: np.ndarray) -> None:
+        """The next rows' vectors (float32 or float64)."""
+        self.add_unit(*self.unit(vectors))
+
+    def add_unit(self, unit: np.ndarray, norms: np.ndarray) -> None:
+        """The next rows, already as `unit` returns them."""
         self._file.seek(self.offset + self.rows * self.dim * 2)
         self._file.write(np.ascontiguousarray(unit, dtype="<f2").tobytes())
-        self.norms[self.rows : self.rows + len(unit)] = norms
+        self.norms.append(np.asarray(norms, dtype=np.float32))
         self.rows += len(unit)
+
+    def rewind(self, rows: int) -> None:
+        """Keep only the first `rows` rows (those a resumed gradient pass has checkpointed)."""
+        if rows > self.rows:
+            raise IndexFormatError(f"the partial build's high-fidelity vectors stop at row {self.rows}, before its "
+                                   f"checkpoint at {rows}; rebuild with --overwrite")
+        self.norms = [np.concatenate(self.norms)[:rows]] if self.norms else []
+        self.rows = rows
 
     def checkpoint(self) -> None:
         """Make the rows added so far survive a kill."""
         self._file.flush()
         os.fsync(self._file.fileno())
+        norms = np.concatenate(self.norms) if self.norms else np.zeros(0, np.float32)
+        self.norms = [norms]
         tmp = self.folder / "high-norms.partial.tmp.npy"
-        np.save(tmp, self.norms)
+        np.save(tmp, norms)
         os.replace(tmp, self.folder / "high-norms.partial.npy")
         tmp = self.folder / (self.PROGRESS + ".tmp")
-        tmp.write_text(json.dumps({"total": self.total, "dim": self.dim, "rows": self.rows}))
+        tmp.write_text(json.dumps({"dim": self.dim, "rows": self.rows, "offset": self.offset}))
         os.replace(tmp, self.folder / self.PROGRESS)
 
-    def close(self) -> None:
-        """All rows written: the final norms file."""
-        if self.rows != self.total:
-            raise RuntimeError(f"wrote {self.rows} high-fidelity vectors for {self.total} documents")
+    def close(self, total: int) -> None:
+        """All `total` rows written: the final header and norms file."""
+        if self.rows != total:
+            raise RuntimeError(f"wrote {self.rows} high-fidelity vectors for {total} documents")
+        self._file.truncate(self.offset + total * self.dim * 2)
+        self._file.seek(0)
+        self._file.write(_npy_header((total, self.dim), pad_to=self.offset))
         self._file.close()
-        np.save(self.folder / HIGH_NORMS, self.norms)
+        np.save(self.folder / HIGH_NORMS, np.concatenate(self.norms) if self.norms else np.zeros(0, np.float32))
         (self.folder / "high-norms.partial.npy").unlink(missing_ok=True)
+
+
+def _npy_header(shape: tuple[int, int], pad_to: int | None = None) -> bytes:
+    """The .npy (version 1.0) header of a float16 array of `shape`, padded with spaces to `pad_to`
+    bytes (the format allows any padding that keeps the data 64-byte aligned)."""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "<f2", "fortran_order": False, "shape": shape})
+    header = buf.getvalue()
+    if pad_to is None or pad_to == len(header):
+        return header
+    if pad_to < len(header) or pad_to % 64:
+        raise ValueError(f"cannot pad a {len(header)}-byte header to {pad_to}")
+    text = header[10:].rstrip(b"\n").ljust(pad_to - 11) + b"\n"
+    return header[:8] + struct.pack("<H", len(text)) + text
 
 
 def load_engine_state(logra: "LoGra", state: dict) -> "Preconditioner":
@@ -408,33 +413,6 @@ def load_engine_state(logra: "LoGra", state: dict) -> "Preconditioner":
     for name, p in state["projections"].items():
         logra.projections[name] = tuple(None if t is None else t.to(device) for t in (p["in"], p["out"]))
     return Preconditioner.from_state_dict(state["preconditioner"])
-
-
-def resolve_index_type(index_type: str, n: int, dim: int) -> str:
-    """The concrete FAISS index type for `index_type` over n vectors of `dim` floats."""
-    if index_type not in INDEX_TYPES:
-        raise ValueError(f"index_type must be one of {INDEX_TYPES}, got {index_type!r}")
-    if index_type == "ivf":
-        return "ivf-flat"
-    if index_type != "auto":
-        return index_type
-    return "flat" if n < FLAT_BELOW or n * dim * 4 <= FLAT_UP_TO_BYTES else COMPRESSED_TYPE
-
-
-def default_nlist(n: int) -> int:
-    # 2 sqrt(n) lists, not the usual 4-16 sqrt(n): k-means and assignment cost grow with nlist and
-    # run on one CPU core in the tested setup; the exact rerank makes up for coarser lists.
-    return max(1, int(min(2 * np.sqrt(n), n // 39)))
-
-
-def padded_dim(index_type: str, dim: int) -> int:
-    """The FAISS index's dimension: IVF-PQ's sub-quantizers need a multiple of PQ_DIMS_PER_CODE
-    (vectors and queries are zero-padded: inner products unchanged); the others take dim as is."""
-    return dim + (-dim) % PQ_DIMS_PER_CODE if index_type == "ivf-pq" else dim
-
-
-def pad_to(x: np.ndarray, dim: int) -> np.ndarray:
-    return x if x.shape[1] == dim else np.pad(x, ((0, 0), (0, dim - x.shape[1])))
 
 
 class VectorFile:
@@ -467,65 +445,12 @@ class VectorFile:
         return np.concatenate(parts)
 
 
-def _gpu_resources():
-    """faiss-gpu with a visible GPU: resources to train and fill IVF indexes there, else None."""
-    if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
-        return faiss.StandardGpuResources()
-    return None
-
-
-def build_faiss(root: str | Path, index_type: str = "auto", nlist: int | None = None, block: int | None = None,
+def write_faiss(root: str | Path, index_type: str = "auto", nlist: int | None = None, block: int | None = None,
                 gpu: bool = True) -> dict:
-    """Write faiss-{mode}.index for both modes into `root` from root/vectors.npy and return what was
-    built (type, nlist, nprobe, ..., rerank_factor) for the manifest. Training uses a bounded sample
-    and vectors are added a block at a time, so memory is the index itself plus one block.
-    With faiss-gpu and a GPU (and `gpu`), IVF indexes are trained and filled on GPU 0."""
+    """The folder's FAISS files, both modes, from its vectors (ann.build_faiss); returns what was built."""
     root = Path(root)
-    vf = VectorFile(root / VECTORS)
-    n, dim = vf.shape
-    block = block or max(1, BLOCK_BYTES // (4 * dim))
-    kind = resolve_index_type(index_type, n, dim)
-    res = _gpu_resources() if gpu and kind != "flat" else None
-    d = padded_dim(kind, dim)
-    for mode in MODES:
-        prep = (lambda x: pad_to(x, d)) if mode == "influence" else (lambda x: pad_to(unit_rows(x), d))
-        info = {"type": kind, "rerank_factor": RERANK_FACTOR[kind]}
-        if kind == "flat":
-            index = faiss.IndexFlatIP(d)
-        else:
-            k = nlist or default_nlist(n)
-            quantizer = faiss.IndexFlatIP(d)
-            n_train = min(n, TRAIN_POINTS_PER_LIST * k, max(39 * k, TRAIN_BYTES // (4 * dim)))
-            sample = np.sort(np.random.default_rng(0).choice(n, size=n_train, replace=False))
-            if kind == "ivf-flat":
-                index = faiss.IndexIVFFlat(quantizer, d, k, faiss.METRIC_INNER_PRODUCT)
-            elif kind == "ivf-sq8":
-                index = faiss.IndexIVFScalarQuantizer(quantizer, d, k, faiss.ScalarQuantizer.QT_8bit,
-                                                      faiss.METRIC_INNER_PRODUCT)
-            else:  # 8-bit codes need 256 training points per sub-quantizer; tiny corpora get fewer bits
-                m, nbits = d // PQ_DIMS_PER_CODE, min(8, int(np.log2(n_train)))
-                index = faiss.IndexIVFPQ(quantizer, d, k, m, nbits, faiss.METRIC_INNER_PRODUCT)
-                info.update(m=m, nbits=nbits, padded_dim=d)
-            info.update(nlist=k, n_train=n_train)
-        work, on_gpu = index, False
-        if res is not None:
-            try:
-                work, on_gpu = faiss.index_cpu_to_gpu(res, 0, index), True
-            except RuntimeError as e:  # e.g. a PQ code size the GPU kernels lack: build on the CPU
-                warnings.warn(f"faiss-gpu cannot build {kind} here ({e}); building on the CPU")
-        if kind != "flat":
-            work.train(prep(vf.rows(sample, block)))
-        for _, x in vf.blocks(block):
-            work.add(prep(x))
-        index = faiss.index_gpu_to_cpu(work) if on_gpu else work
-        del work
-        if kind != "flat":
-            # Candidates are reranked exactly; recall is what costs: half the lists (see FLAT_BELOW).
-            index.nprobe = info["nprobe"] = min(index.nlist, max(8, index.nlist // 2))
-        info["device"] = "gpu" if on_gpu else "cpu"
-        faiss.write_index(index, str(faiss_path(root, mode)))
-        del index
-    return info
+    return build_faiss(VectorFile(root / VECTORS), {mode: faiss_path(root, mode) for mode in MODES}, index_type,
+                       nlist=nlist, block=block, gpu=gpu)
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
@@ -539,7 +464,7 @@ class Index:
     """A read-only, opened index folder."""
 
     root: Path
-    manifest: dict
+    manifest: Manifest
     state: dict
     vectors: np.ndarray  # memory-mapped (N, dim)
     norms: np.ndarray
@@ -558,8 +483,6 @@ class Index:
         if missing:
             raise IndexFormatError(f"{root} is not a complete index: missing {', '.join(missing)}")
         manifest = read_manifest(root)
-        if manifest.get("format_version") != FORMAT_VERSION:
-            raise IndexFormatError(f"{root} has index format {manifest.get('format_version')}; this version reads {FORMAT_VERSION}")
         try:
             state = torch.load(root / STATE, weights_only=True)
             vectors = np.load(root / VECTORS, mmap_mode="r")
@@ -567,19 +490,19 @@ class Index:
             indexes = {mode: faiss.read_index(str(faiss_path(root, mode))) for mode in MODES}
             table = lancedb.connect(root).open_table(TABLE)
             ids = table.search().select(["row", "id"]).limit(None).to_arrow()
-            high = manifest.get("high")
+            high = manifest.high
             high_vectors = np.load(root / HIGH_VECTORS, mmap_mode="r") if high else None
             high_norms = np.load(root / HIGH_NORMS) if high else None
         except Exception as e:  # any unreadable file means a corrupt index, said plainly
             raise IndexFormatError(f"{root} is corrupt: {type(e).__name__}: {e}") from e
-        n = manifest["n_documents"]
+        n = manifest.n_documents
         sizes = {"vectors": vectors.shape[0], "norms": norms.shape[0], "table": ids.num_rows,
                  **{f"faiss-{m}": ix.ntotal for m, ix in indexes.items()}}
         if high:
             sizes.update(high=high_vectors.shape[0], high_norms=high_norms.shape[0])
-        if (any(v != n for v in sizes.values()) or vectors.shape[1] != manifest["dim"]
-                or (high and high_vectors.shape[1] != high["dim"])):
-            raise IndexFormatError(f"{root} is corrupt: manifest says {n} documents of dim {manifest['dim']}, files hold {sizes}")
+        if (any(v != n for v in sizes.values()) or vectors.shape[1] != manifest.dim
+                or (high and high_vectors.shape[1] != high.dim)):
+            raise IndexFormatError(f"{root} is corrupt: manifest says {n} documents of dim {manifest.dim}, files hold {sizes}")
         row_of_id = dict(zip(ids.column("id").to_pylist(), ids.column("row").to_pylist()))
         return cls(root, manifest, state, vectors, norms, indexes, table, row_of_id, high_vectors, high_norms)
 
@@ -591,32 +514,32 @@ class Index:
         (called `name` in errors), which must be the model that built it: same weights, same layers.
         The stored projections are used, whatever this torch's random generator would make."""
         from engine import model_fingerprint
-        m = self.manifest
-        name = name or m["model"]["name_or_path"]
+        built_by = self.manifest.model
+        name = name or built_by.name_or_path
         fingerprint = model_fingerprint(model)
-        if fingerprint != m["model"]["fingerprint"]:
+        if fingerprint != built_by.fingerprint:
             raise ModelMismatchError(f"model {name!r} (fingerprint {fingerprint}) is not the model that built "
-                                     f"{self.root} ({m['model']['name_or_path']!r}, fingerprint {m['model']['fingerprint']})")
-        return self._engine(model, name, m["layers"], self.state)
+                                     f"{self.root} ({built_by.name_or_path!r}, fingerprint {built_by.fingerprint})")
+        return self._engine(model, name, self.manifest.layers, self.state)
 
     def high_engine(self, model, name: str | None = None) -> tuple["LoGra", "Preconditioner"] | None:
         """The high-fidelity stage's projector and preconditioner (None for an index built without
         one); `model` must already have passed `engine`'s check."""
-        high = self.manifest.get("high")
+        high = self.manifest.high
         if not high:
             return None
-        return self._engine(model, name or self.manifest["model"]["name_or_path"], high["layers"], self.state["high"])
+        return self._engine(model, name or self.manifest.model.name_or_path, high.layers, self.state["high"])
 
-    def _engine(self, model, name: str, layers: list[dict], state: dict) -> tuple["LoGra", "Preconditioner"]:
+    def _engine(self, model, name: str, layers: list[LayerInfo], state: dict) -> tuple["LoGra", "Preconditioner"]:
         from engine import LoGra, LoGraConfig
         m = self.manifest
-        shapes = {l["name"]: (l["r_out"], l["r_in"]) for l in layers}
+        shapes = {l.name: (l.r_out, l.r_in) for l in layers}
         try:
-            logra = LoGra(model, LoGraConfig(seed=m["seed"], max_tokens=m["max_tokens"]), shapes=shapes)
+            logra = LoGra(model, LoGraConfig(seed=m.seed, max_tokens=m.max_tokens), shapes=shapes)
         except ValueError as e:
             raise ModelMismatchError(f"model {name!r} does not have the layers recorded in {self.root}: {e}") from None
         if [(l.name, l.in_features, l.out_features) for l in logra.layers] != [
-                (l["name"], l["in_features"], l["out_features"]) for l in layers]:
+                (l.name, l.in_features, l.out_features) for l in layers]:
             raise ModelMismatchError(f"model {name!r} does not have the layers recorded in {self.root}")
         return logra, load_engine_state(logra, state)
 

@@ -125,9 +125,9 @@ def reference_engine(index_dir, model_dir=None):
     from indexer.store import Index
     idx = Index.open(index_dir)
     m = idx.manifest
-    model, tok = load_model(model_dir or m["model"]["name_or_path"])
-    logra = LoGra(model, LoGraConfig(seed=m["seed"], max_tokens=m["max_tokens"]),
-                  shapes={l["name"]: (l["r_out"], l["r_in"]) for l in m["layers"]})
+    model, tok = load_model(model_dir or m.model.name_or_path)
+    logra = LoGra(model, LoGraConfig(seed=m.seed, max_tokens=m.max_tokens),
+                  shapes={l.name: (l.r_out, l.r_in) for l in m.layers})
     for name, p in idx.state["projections"].items():
         logra.projections[name] = (p["in"], p["out"])
     return idx, model, tok, logra, Preconditioner.from_state_dict(idx.state["preconditioner"])

@@ -58,7 +58,7 @@ def reference(index_dir, gpt2_dir):
     """Query vectors computed outside the API (own model load, LoGra rebuilt from the manifest and
     the stored projections/preconditioner) and every stored vector, in float64."""
     idx, _, tok, logra, pre = reference_engine(index_dir, gpt2_dir)
-    sep = idx.manifest["text_format"]["separator"]  # no chat template here: a prompt is followed by the separator
+    sep = idx.manifest.text_format["separator"]  # no chat template here: a prompt is followed by the separator
 
     def qvec(prompt: str, response: str) -> np.ndarray:
         v, _ = query_vectors(logra, pre, tok, [(prompt + sep if prompt else "", response)])
@@ -477,7 +477,7 @@ def test_token_scores_against_brute_force_single_token_vectors(client, reference
     doc = corpus[9]["id"]
     t = tokens(client, prompt="", response=response, id=doc, mode="influence")
     idx, _, tok, logra, pre = reference_engine(index_dir)
-    enc = encode(tok, "", response, idx.manifest["max_tokens"])
+    enc = encode(tok, "", response, idx.manifest.max_tokens)
     row = reference["vectors"][reference["ids"].index(doc)]
     for j in (1, 3, len(enc.input_ids) - 1):
         batch = collate([enc], tok.pad_token_id, label_positions=[[j]])

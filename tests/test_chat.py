@@ -80,7 +80,7 @@ def chat_index(tmp_path_factory, chat_dir):
 def test_documents_are_stored_as_the_template_renders_them(chat_index, chat_dir):
     tok = AutoTokenizer.from_pretrained(chat_dir)
     idx = Index.open(chat_index)
-    assert idx.manifest["text_format"] == {"chat_template": TEMPLATE, "separator": "\n"}
+    assert idx.manifest.text_format == {"chat_template": TEMPLATE, "separator": "\n"}
     docs = {d["id"]: d for d in idx.documents(list(range(len(idx))))}
     for i, chat in enumerate(CHATS):
         rendered = tok.apply_chat_template(chat, tokenize=False)
@@ -129,8 +129,8 @@ def test_without_a_template_a_recorded_separator_joins_prompt_and_response(tmp_p
                      "--response-field", "a", "--separator", " || ", "--skip-bad", "--no-progress"])
     assert code == 0, capsys.readouterr().err
     idx = Index.open(tmp_path / "idx")
-    assert idx.manifest["text_format"] == {"chat_template": None, "separator": " || "}
+    assert idx.manifest.text_format == {"chat_template": None, "separator": " || "}
     docs = {d["id"]: d for d in idx.documents(list(range(len(idx))))}
     assert docs["a"]["text"] == "river stone || cloud lamp orbit" and docs["a"]["prompt"] == "river stone || "
     assert docs["b"]["text"] == "be brief || copper winter || engine paper violet"
-    assert idx.manifest["stats"]["skipped"] == 1 and "assistant" in idx.manifest["stats"]["skipped_examples"][0]
+    assert idx.manifest.stats.skipped == 1 and "assistant" in idx.manifest.stats.skipped_examples[0]

@@ -33,7 +33,7 @@ def test_an_index_built_on_cuda_finds_each_document_itself(tmp_path, gpt2_dir, d
     build_index(BuildConfig(model=gpt2_dir, data=[data], out=str(tmp_path / "idx"), device="cuda", dtype=dtype,
                             progress=False))
     idx = Index.open(tmp_path / "idx")
-    assert idx.manifest["build"]["device"].startswith("cuda") and idx.manifest["model"]["dtype"] == dtype
+    assert idx.manifest.build.device.startswith("cuda") and idx.manifest.model.dtype == dtype
     from api.search import Attributor
     att = Attributor(tmp_path / "idx", device="cuda")
     found = sum(att.attribute("", d["text"], 1, "cosine")[0][0].row == i for i, d in enumerate(docs))

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from indexer import store
+from indexer import ann, store
 from indexer.build import BuildConfig, build_index
 from indexer.store import Index
 
@@ -128,12 +128,16 @@ def test_two_processes_build_the_one_process_index(runs, kind):
     # the same vectors up to the order in which the preconditioner's sums were added
     np.testing.assert_allclose(np.asarray(two.vectors), np.asarray(one.vectors), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(two.norms, one.norms, rtol=1e-4)
+    # the high-fidelity vectors: one process computes them in its gradient pass, two in a pass of their own
+    np.testing.assert_allclose(np.asarray(two.high_vectors, np.float32), np.asarray(one.high_vectors, np.float32),
+                               rtol=1e-2, atol=2e-4)
+    np.testing.assert_allclose(two.high_norms, one.high_norms, rtol=1e-4)
     probes = np.asarray(one.vectors[::6])
-    for mode in store.MODES:
-        q = store.unit_rows(probes) if mode == "cosine" else probes
+    for mode in ann.MODES:
+        q = ann.unit_rows(probes) if mode == "cosine" else probes
         assert np.array_equal(one.faiss[mode].search(q, 5)[1], two.faiss[mode].search(q, 5)[1]), mode
     # the same manifest but for how it was built
-    m1, m2 = dict(one.manifest), dict(two.manifest)
+    m1, m2 = one.manifest.to_json(), two.manifest.to_json()
     b1, b2 = m1.pop("build"), m2.pop("build")
     assert m1 == m2
     assert (b1["processes"], b2["processes"]) == (1, 2)

@@ -32,13 +32,13 @@ def index_dir(tmp_path_factory, gpt2_dir, corpus):
 def high_reference(index_dir):
     """Every document's high-stage vector, one document per pass, in float64 and the original basis."""
     idx = Index.open(index_dir)
-    model, tok = load_model(idx.manifest["model"]["name_or_path"])
+    model, tok = load_model(idx.manifest.model.name_or_path)
     logra, pre = idx.high_engine(model)
     pairs = idx.pairs(list(range(len(idx))))
     docs = np.stack([pair_vectors(logra, pre, tok, [p], eigenbasis=False)[0].double().numpy() for p in pairs])
     ids = [d["id"] for d in idx.documents(list(range(len(idx))))]
 
-    sep = idx.manifest["text_format"]["separator"]
+    sep = idx.manifest.text_format["separator"]
 
     def scores(prompt, response, mode):
         q = pair_vectors(logra, pre, tok, [(prompt + sep if prompt else "", response)], eigenbasis=False)[0].double().numpy()

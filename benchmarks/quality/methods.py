@@ -180,13 +180,13 @@ def default_scores(gt: Path, work: Path, train_rows: list[dict], queries: list[s
         # vector is its stored vector (tests/test_api.py checks this through the API)
         stored = np.asarray(s.index.vectors)[row_of]
         high_stored = stored_high if mode == "cosine" else stored_high * s.index.high_norms[row_of][:, None]
-        out[f"default fast {mode}"] = {**common, "dim": s.index.manifest["dim"], "scores": scores["fast"],
+        out[f"default fast {mode}"] = {**common, "dim": s.index.manifest.dim, "scores": scores["fast"],
                                        "self_at1": _self_at1(stored, stored, mode == "cosine"),
-                                       "vector_bytes_per_doc": s.index.manifest["dim"] * 4, "seconds_per_query": secs["fast"]}
+                                       "vector_bytes_per_doc": s.index.manifest.dim * 4, "seconds_per_query": secs["fast"]}
         out[f"default high {mode}"] = {**common, "dim": s.high[0].dim, "scores": scores["high"], "api_k10_top": np.array(top10),
                                        "self_at1": _self_at1(high_stored, high_stored, mode == "cosine"),
                                        "api_max_rel_error": worst, "high_depth": attr.high_depth,
-                                       "vector_bytes_per_doc": s.index.manifest["dim"] * 4 + s.high[0].dim * 2 + 4,
+                                       "vector_bytes_per_doc": s.index.manifest.dim * 4 + s.high[0].dim * 2 + 4,
                                        "seconds_per_query": secs["high"]}
     return out
 
