@@ -6,7 +6,7 @@
    model sizes (random weights: speed does not depend on what the model learned).
 2. Memory: peak RSS of `python -m indexer build` at two corpus sizes, each in a fresh process.
 3. Whole build against a plain epoch ("build_vs_epoch"): `python -m indexer build` with the default
-   options against a plain forward+backward epoch over the same documents and model (a training
+   options, and with `--no-high` (the compact vectors alone), against a plain forward+backward epoch over the same documents and model (a training
    script as a user writes it: same batches, no optimizer), both as whole processes (imports and model
    load included), alternated; the median ratio, quiet and under a competing CPU load (another
    process multiplying matrices on every core), and each one's slowdown under that load.
@@ -166,12 +166,12 @@ def build_vs_epoch(workdir: Path, n_docs: int, rounds: int, batch_size: int = 16
                                bos_token_id=0, eos_token_id=0)).save_pretrained(model_dir)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("OMP_NUM_THREADS", None)  # every core, as a user runs them
-    commands = {
-        "epoch": [sys.executable, "-c", EPOCH, str(model_dir), str(data), str(batch_size), str(max_tokens), "1024"],
-        "build": [sys.executable, "-m", "indexer", "build", "--model", str(model_dir), "--data", str(data), "--out",
-                  str(workdir / "index"), "--overwrite", "--no-progress", "--batch-size", str(batch_size),
-                  "--max-tokens", str(max_tokens)]}
-    seconds: dict[str, dict[str, list[float]]] = {c: {"epoch": [], "build": []} for c in ("quiet", "loaded")}
+    build = [sys.executable, "-m", "indexer", "build", "--model", str(model_dir), "--data", str(data), "--out",
+             str(workdir / "index"), "--overwrite", "--no-progress", "--batch-size", str(batch_size),
+             "--max-tokens", str(max_tokens)]
+    commands = {"epoch": [sys.executable, "-c", EPOCH, str(model_dir), str(data), str(batch_size), str(max_tokens), "1024"],
+                "build": build, "build_compact_only": build + ["--no-high"]}  # the defaults, and without the high stage
+    seconds: dict[str, dict[str, list[float]]] = {c: {k: [] for k in commands} for c in ("quiet", "loaded")}
     for condition in ("quiet", "loaded"):
         load = subprocess.Popen([sys.executable, "-c", LOAD], env=env) if condition == "loaded" else None
         try:
@@ -182,19 +182,20 @@ def build_vs_epoch(workdir: Path, n_docs: int, rounds: int, batch_size: int = 16
                     if done.returncode:
                         raise RuntimeError(f"{label} failed ({done.returncode}): {done.stderr[-2000:]}")
                     seconds[condition][label].append(time.perf_counter() - t)
+                    print(f"{condition} {label}: {seconds[condition][label][-1]:.1f} s", flush=True)
         finally:
             if load is not None:
                 load.kill()
                 load.wait()
     med = {c: {k: statistics.median(v) for k, v in d.items()} for c, d in seconds.items()}
-    ratio = lambda c: statistics.median(b / e for b, e in zip(seconds[c]["build"], seconds[c]["epoch"]))
-    slowdown = {k: round(med["loaded"][k] / med["quiet"][k], 3) for k in ("epoch", "build")}
+    ratio = lambda c, k: round(statistics.median(b / e for b, e in zip(seconds[c][k], seconds[c]["epoch"])), 3)
+    slowdown = {k: round(med["loaded"][k] / med["quiet"][k], 3) for k in commands}
     return {"documents": len(docs), "rounds": rounds, "batch_size": batch_size, "max_tokens": max_tokens,
             "seconds": {c: {k: [round(x, 2) for x in v] for k, v in d.items()} for c, d in seconds.items()},
-            "build_over_epoch_quiet": round(ratio("quiet"), 3), "build_over_epoch_loaded": round(ratio("loaded"), 3),
+            "over_epoch": {c: {k: ratio(c, k) for k in commands if k != "epoch"} for c in seconds},
             "slowdown_under_load": slowdown,
             # the check: a build suffers a competing load no worse than 1.5x what an epoch suffers
-            "build_slowdown_over_epoch_slowdown": round(slowdown["build"] / slowdown["epoch"], 3)}
+            "slowdown_over_epoch_slowdown": {k: round(slowdown[k] / slowdown["epoch"], 3) for k in commands if k != "epoch"}}
 
 
 def tiny_model_dir(workdir: Path) -> Path:

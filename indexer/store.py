@@ -587,12 +587,6 @@ class Index:
             codes[row] = keys[key]
         return groups, codes
 
-    def pairs(self, rows: list[int]) -> list[tuple[str, str]]:
-        """(prompt, response) of documents by row, as the indexer encoded them (document_pair)."""
-        by_row = {r["row"]: document_pair(r["prompt"] or "", r["text"])
-                  for r in self.table.take_offsets(list(rows)).select(["row", "prompt", "text"]).to_list()} if rows else {}
-        return [by_row[r] for r in rows]
-
     def documents(self, rows: list[int]) -> list[dict]:
         """Documents by row, in the order asked, metadata decoded."""
         if not rows:

@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 
 from api import create_app
 from engine import load_model, pair_vectors
-from indexer.store import Index
+from indexer.store import Index, document_pair
 
 from .support import build_corpus_index, exact_scores, post_ok, synthetic_corpus
 
@@ -34,9 +34,10 @@ def high_reference(index_dir):
     idx = Index.open(index_dir)
     model, tok = load_model(idx.manifest.model.name_or_path)
     logra, pre = idx.high_engine(model)
-    pairs = idx.pairs(list(range(len(idx))))
+    stored = idx.documents(list(range(len(idx))))
+    pairs = [document_pair(d["prompt"] or "", d["text"]) for d in stored]  # as the indexer encoded them
     docs = np.stack([pair_vectors(logra, pre, tok, [p], eigenbasis=False)[0].double().numpy() for p in pairs])
-    ids = [d["id"] for d in idx.documents(list(range(len(idx))))]
+    ids = [d["id"] for d in stored]
 
     sep = idx.manifest.text_format["separator"]
 
