@@ -35,3 +35,14 @@ def test_joint_gradients_refuse_projectors_of_different_models(model_dir):
     b, _ = load_model(model_dir)
     with pytest.raises(ValueError, match="one model"):
         joint_gradients([LoGra(a, LoGraConfig(rank=2)), LoGra(b, LoGraConfig(rank=2))], {}, [False, False])
+
+
+def test_results_hold_no_autograd_graph(model_dir):
+    """Nothing returned keeps a batch's graph alive: a graph through the projected inputs tied the
+    statistics to the hooks in a reference cycle, and a build's memory grew by ~18 MB a batch
+    (5.8 GB peak for 3000 demo documents, 1.3 GB without)."""
+    model, tok = load_model(model_dir)
+    logra = LoGra(model, LoGraConfig(budget=256))
+    out = logra.gradients(collate([encode(tok, p, r, 64) for p, r in PAIRS], tok.pad_token_id), token_stats=True)
+    tensors = [*out.grads.values(), out.losses, *(t for xx, gg, _ in out.token_stats.values() for t in (xx, gg))]
+    assert not any(t.requires_grad or t.grad_fn is not None for t in tensors)
