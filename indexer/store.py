@@ -283,7 +283,7 @@ class IndexWriter:
         shutil.rmtree(self.shard_dir)
         for path in [*self.tmp.glob("checkpoint*.pt"), self.tmp / "key"]:
             path.unlink()
-        for path in (self.tmp / "high-state.pt", self.tmp / HighVectorWriter.PROGRESS):
+        for path in (self.tmp / "high-state.pt", self.tmp / HighVectorWriter.PROGRESS, self.tmp / HighVectorWriter.NORMS):
             path.unlink(missing_ok=True)
         old = None
         if self.out.exists():  # --overwrite: move the old index aside only once the new one is complete
@@ -317,6 +317,7 @@ class HighVectorWriter:
     file is flushed and PROGRESS records the rows written: a killed build resumes after them (`rows`).
     An append's writer starts with the base index's rows."""
     PROGRESS = "high-progress.json"
+    NORMS = "high-norms.partial.npy"  # the norms written so far; kept until commit, so a closed writer resumes
     # room for the .npy header of any row count; the final header is padded to it (`close`)
     _RESERVED_SHAPE = (10**15, 0)
 
@@ -326,7 +327,7 @@ class HighVectorWriter:
         progress = folder / self.PROGRESS
         done = json.loads(progress.read_text()) if progress.is_file() else {}
         if done.get("dim") == dim and done.get("offset") == self.offset:
-            self.rows, self.norms = done["rows"], [np.load(folder / "high-norms.partial.npy")]
+            self.rows, self.norms = done["rows"], [np.load(folder / self.NORMS)]
             self._file = open(folder / HIGH_VECTORS, "r+b")
             return
         self.rows, self.norms = 0, []
@@ -374,13 +375,14 @@ class HighVectorWriter:
         self.norms = [norms]
         tmp = self.folder / "high-norms.partial.tmp.npy"
         np.save(tmp, norms)
-        os.replace(tmp, self.folder / "high-norms.partial.npy")
+        os.replace(tmp, self.folder / self.NORMS)
         tmp = self.folder / (self.PROGRESS + ".tmp")
         tmp.write_text(json.dumps({"dim": self.dim, "rows": self.rows, "offset": self.offset}))
         os.replace(tmp, self.folder / self.PROGRESS)
 
     def close(self, total: int) -> None:
-        """All `total` rows written: the final header and norms file."""
+        """All `total` rows written: the final header and norms file (the progress stays until the
+        index is committed: a build that fails after this resumes with the rows complete)."""
         if self.rows != total:
             raise RuntimeError(f"wrote {self.rows} high-fidelity vectors for {total} documents")
         self._file.truncate(self.offset + total * self.dim * 2)
@@ -388,7 +390,6 @@ class HighVectorWriter:
         self._file.write(_npy_header((total, self.dim), pad_to=self.offset))
         self._file.close()
         np.save(self.folder / HIGH_NORMS, np.concatenate(self.norms) if self.norms else np.zeros(0, np.float32))
-        (self.folder / "high-norms.partial.npy").unlink(missing_ok=True)
 
 
 def _npy_header(shape: tuple[int, int], pad_to: int | None = None) -> bytes:

@@ -652,6 +652,28 @@ def test_killed_build_resumes_to_the_identical_index(tmp_path, gpt2_dir):
         assert np.array_equal(ref.faiss[mode].search(probe, 10)[1], got.faiss[mode].search(probe, 10)[1])
 
 
+def test_failure_after_the_gradient_pass_resumes_to_the_identical_index(tmp_path, gpt2_dir, monkeypatch):
+    """A build that fails once every shard and high-fidelity vector is written (here in the
+    preconditioning pass) resumes from the complete gradient pass to the uninterrupted build's index."""
+    from indexer import build as build_module
+    data = write_jsonl(tmp_path / "d.jsonl", synthetic_corpus(40, seed=5))
+    cfg = lambda out: BuildConfig(model=gpt2_dir, data=[data], out=str(tmp_path / out), shard_size=16, progress=False)
+    reference = Index.open(tmp_path / "ref") if build_index(cfg("ref")) else None
+    real = build_module._write_vectors
+    monkeypatch.setattr(build_module, "_write_vectors", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        build_index(cfg("idx"))
+    assert (tmp_path / ".idx.building" / "high.npy").is_file() and not (tmp_path / "idx").exists()
+    monkeypatch.setattr(build_module, "_write_vectors", real)
+    manifest = build_index(cfg("idx"))
+    assert manifest.build.resumed_at_document == 40
+    got = Index.open(tmp_path / "idx")
+    assert np.array_equal(np.asarray(reference.vectors), np.asarray(got.vectors))
+    assert np.array_equal(np.asarray(reference.high_vectors), np.asarray(got.high_vectors))
+    assert np.array_equal(reference.high_norms, got.high_norms)
+    assert leftovers(tmp_path) == []
+
+
 def test_changed_data_starts_afresh_instead_of_resuming(tmp_path, gpt2_dir):
     first = synthetic_corpus(40, seed=1)
     data = tmp_path / "d.jsonl"
