@@ -393,9 +393,8 @@ class HighStage:
 def _fit_high(cfg: BuildConfig, model, tokenizer, fast: LoGra, writer: IndexWriter,
               documents: Iterator[tuple[str, str]]) -> HighStage:
     """The high-fidelity stage: same layers as the compact vectors, a larger budget, its preconditioner
-    fitted on the first `high_sample` of `documents` ((prompt, text) pairs): K-FAC factors in one pass,
-    EK-FAC's eigenvalues in a second (engine.fit_preconditioner). Saved in the build folder, so a
-    killed build does not fit it again."""
+    fitted on the first `high_sample` of `documents` ((prompt, text) pairs) by `fit_sample`. Saved in
+    the build folder, so a killed build does not fit it again."""
     t0 = time.time()
     config = replace(fast.config, rank=None, budget=cfg.high_budget, head_share=cfg.high_head_share)
     logra = LoGra(model, config, layers=fast.layers)
@@ -407,13 +406,41 @@ def _fit_high(cfg: BuildConfig, model, tokenizer, fast: LoGra, writer: IndexWrit
         batches = [[encoded[i] for i in idx] for idx in _batches(encoded, cfg.batch_size, cfg.batch_tokens)]
         progress = lambda what, it: tqdm(it, unit="batch", desc=f"high-fidelity {what}", disable=not cfg.progress,
                                          dynamic_ncols=True)
-        pre = fit_preconditioner(logra, pre, tokenizer, batches, progress)
+        pre = fit_sample(logra, pre, tokenizer, batches, writer.tmp / "high-sample.f32", progress)
         saved = {"state": _engine_state(logra, pre), "sample_documents": len(sample),
                  "fit_seconds": round(time.time() - t0, 2)}
         writer.save_high_state(saved)
     else:
         pre = load_engine_state(logra, saved["state"])
     return HighStage(logra, pre, saved["state"], saved["sample_documents"], cfg.high_damping, saved["fit_seconds"])
+
+
+def fit_sample(logra: LoGra, pre: Preconditioner, tokenizer, batches: Sequence[Sequence[Encoded]], scratch: Path,
+               progress=lambda what, it: it) -> Preconditioner:
+    """engine.fit_preconditioner's result with one model pass instead of two: EK-FAC's eigenvalue pass
+    reads the sample's gradients back from `scratch` (float32, written by the statistics pass: about
+    1 GB at the default 4096 documents x 65,536 dimensions, removed afterwards) instead of recomputing
+    them."""
+    if not pre.needs_second_pass:
+        return fit_preconditioner(logra, pre, tokenizer, batches, progress)
+    rows = 0
+    try:
+        with open(scratch, "wb") as f:
+            for batch in progress("statistics", batches):
+                out = joint_gradients([logra], collate(list(batch), tokenizer.pad_token_id), [True])[0]
+                pre.update(out.grads, out.token_stats)
+                f.write(np.ascontiguousarray(logra.flatten(out.grads).cpu().numpy(), dtype=np.float32).tobytes())
+                rows += len(batch)
+        block = max(1, SAMPLE_BLOCK_BYTES // (4 * logra.dim))
+        for s in progress("eigenvalues", range(0, rows, block)):
+            x = np.fromfile(scratch, np.float32, count=min(block, rows - s) * logra.dim, offset=4 * s * logra.dim)
+            pre.update_second(torch.from_numpy(x.reshape(-1, logra.dim)))
+    finally:
+        scratch.unlink(missing_ok=True)
+    return pre.finalize()
+
+
+SAMPLE_BLOCK_BYTES = 256 << 20  # sample gradients read back per block by fit_sample
 
 
 def _write_high(cfg: BuildConfig, high: HighStage, tokenizer, writer: IndexWriter) -> None:
