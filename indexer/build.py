@@ -440,7 +440,7 @@ def fit_sample(logra: LoGra, pre: Preconditioner, tokenizer, batches: Sequence[S
     return pre.finalize()
 
 
-SAMPLE_BLOCK_BYTES = 256 << 20  # sample gradients read back per block by fit_sample
+SAMPLE_BLOCK_BYTES = 64 << 20  # sample gradients read back per block by fit_sample (EK-FAC rotates them in float64)
 
 
 def _write_high(cfg: BuildConfig, high: HighStage, tokenizer, writer: IndexWriter) -> None:
