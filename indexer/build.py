@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from engine import (LoGra, LoGraConfig, Preconditioner, TextFormat, collate, encode_pairs, fit_preconditioner,
-                    joint_gradients, load_model, model_fingerprint, pair_vectors)
+                    joint_gradients, load_model, model_fingerprint, pair_vectors, projected_gradients)
 from engine.encoding import Encoded
 
 from .distributed import Processes, is_input_error, world_size
@@ -295,18 +295,17 @@ def _build(cfg: BuildConfig, model, tokenizer, writer: IndexWriter, started: flo
     pre = Preconditioner(cfg.preconditioner, logra.shapes, damping_ratio=cfg.damping)
     stats = ReadStats()  # every process reads every record, so every one counts the same skipped records
     fmt = text_format(cfg, tokenizer)
-    records = read_records(cfg.data, text_field=cfg.text_field, prompt_field=cfg.prompt_field,
-                           response_field=cfg.response_field, id_field=cfg.id_field, skip_bad=cfg.skip_bad, stats=stats,
-                           formatter=TextFormatter(fmt, tokenizer))
+    read = lambda skip_bad, stats: read_records(cfg.data, text_field=cfg.text_field, prompt_field=cfg.prompt_field,
+                                                response_field=cfg.response_field, id_field=cfg.id_field,
+                                                skip_bad=skip_bad, stats=stats, formatter=TextFormatter(fmt, tokenizer))
+    records = read(cfg.skip_bad, stats)
     # One process: the high-fidelity stage is fitted on the first documents first, so the gradient
     # pass computes both stages' vectors from one forward and backward pass per batch (a bad record
     # is skipped here: the gradient pass reports it or skips it too, so the sample is the first rows). Several
     # processes fit it once their shards are merged, and compute its vectors in a pass of their own.
     high = None
     if cfg.high and procs.world == 1:
-        sample = (document_pair(r.prompt, r.text) for r in read_records(
-            cfg.data, text_field=cfg.text_field, prompt_field=cfg.prompt_field, response_field=cfg.response_field,
-            id_field=cfg.id_field, skip_bad=True, stats=ReadStats(), formatter=TextFormatter(fmt, tokenizer)))
+        sample = (document_pair(r.prompt, r.text) for r in read(True, ReadStats()))
         high = _fit_high(cfg, model, tokenizer, logra, writer, sample)
     with procs.step():
         counts, gradient_seconds, n_done_before, tokens_at_start = _gradient_pass(cfg, records, logra, tokenizer, pre,
@@ -427,7 +426,7 @@ def fit_sample(logra: LoGra, pre: Preconditioner, tokenizer, batches: Sequence[S
     try:
         with open(scratch, "wb") as f:
             for batch in progress("statistics", batches):
-                out = joint_gradients([logra], collate(list(batch), tokenizer.pad_token_id), [True])[0]
+                out = projected_gradients(logra, tokenizer, batch, token_stats=True)
                 pre.update(out.grads, out.token_stats)
                 f.write(np.ascontiguousarray(logra.flatten(out.grads).cpu().numpy(), dtype=np.float32).tobytes())
                 rows += len(batch)
