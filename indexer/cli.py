@@ -12,8 +12,21 @@ from .build import BuildConfig, append_documents, build_index
 from .ranking import HIGH_DEPTH
 from .distributed import PeerFailed
 from .records import BadRecordError
-from .ann import COMPRESSED_TYPE, FLAT_UP_TO_BYTES, INDEX_TYPES
+from .ann import COMPRESSED_TYPE, FLAT_BELOW, FLAT_UP_TO_BYTES, INDEX_TYPES
 from .store import IndexFormatError, read_manifest
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every default in --help, except where it would mislead: an on/off flag (store_false's True
+    reads as "on by default"), and None (unset: the help says what happens then). A default with
+    whitespace (the separator's newline) is shown as a Python string."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.const is not None or action.nargs == 0 or action.default in (None, argparse.SUPPRESS):
+            return action.help or ""
+        if isinstance(action.default, str) and (not action.default or not action.default.strip()):
+            return (action.help or "") + f" (default: {action.default!r})"
+        return super()._get_help_string(action)
 
 
 def positive_int(text: str) -> int:
@@ -42,9 +55,9 @@ _D = BuildConfig(model="", data=[], out="")
 DATA_OPTIONS: list[Option] = [
     _opt("--data", required=True, nargs="+",
          help=".jsonl / .jsonl.gz / .parquet files, folders of them (shards) or glob patterns (quote them)"),
-    _opt("--text-field", default=_D.text_field),
+    _opt("--text-field", default=_D.text_field, help="the document's text (plain-text records)"),
     _opt("--prompt-field", default=_D.prompt_field, help="with --response-field: prompt/response records"),
-    _opt("--response-field", default=_D.response_field),
+    _opt("--response-field", default=_D.response_field, help="with --prompt-field: the part that carries the loss"),
     _opt("--id-field", default=_D.id_field, help="generated as <file stem>-<line> when a record has none"),
     _opt("--skip-bad", action="store_true", help="skip and count malformed records instead of stopping"),
 ]
@@ -52,10 +65,10 @@ DATA_OPTIONS: list[Option] = [
 PASS_OPTIONS: list[Option] = [
     _opt("--batch-size", type=positive_int, default=_D.batch_size, help="documents per pass at most"),
     _opt("--batch-tokens", type=positive_int, default=_D.batch_tokens,
-         help="padded tokens per pass at most: batches of short documents grow up to --batch-size"),
+         help="padded tokens per pass at most: batches of short documents grow up to --batch-size (default: off)"),
     _opt("--shard-size", type=positive_int, default=_D.shard_size, help="documents per on-disk shard"),
     _opt("--device", default=_D.device, help="cpu, cuda, cuda:1 or auto"),
-    _opt("--no-progress", dest="progress", action="store_false"),
+    _opt("--no-progress", dest="progress", action="store_false", help="no progress bar"),
 ]
 # `append` reads the record fields the index recorded unless told otherwise.
 FIELDS_FROM_INDEX = {flag: {"default": None, "help": "default: as recorded in the index"}
@@ -72,7 +85,7 @@ BUILD_OPTIONS: list[Option] = [
               "none, or a Jinja template file"),
     _opt("--separator", default=_D.separator, help="between prompt and response when no chat template applies"),
     _opt("--overwrite", action="store_true", help="replace an existing index folder"),
-    _opt("--trust-remote-code", action="store_true"),
+    _opt("--trust-remote-code", action="store_true", help="let transformers run the model's own code"),
     _opt("--max-tokens", type=positive_int, default=_D.max_tokens,
          help="truncate each document to this many tokens (recorded per document)"),
     _opt("--rank", type=positive_int, default=_D.rank, help="projection rank r_in = r_out for every layer (overrides --budget)"),
@@ -85,19 +98,22 @@ BUILD_OPTIONS: list[Option] = [
     _opt("--high-budget", type=positive_int, default=_D.high_budget,
          help="dimensions per document of the high-fidelity vectors (stored as float16: 2 bytes each)"),
     _opt("--high-head-share", type=float, default=_D.high_head_share, help="fraction of --high-budget given to the LM head"),
-    _opt("--high-preconditioner", choices=("none", "kfac", "ekfac"), default=_D.high_preconditioner),
-    _opt("--high-damping", type=float, default=_D.high_damping),
+    _opt("--high-preconditioner", choices=("none", "kfac", "ekfac"), default=_D.high_preconditioner,
+         help="the high-fidelity stage's preconditioner"),
+    _opt("--high-damping", type=float, default=_D.high_damping, help="as --damping, for the high-fidelity stage"),
     _opt("--high-sample", type=positive_int, default=_D.high_sample,
          help="documents the high-fidelity preconditioner is fitted on (the first ones)"),
     _opt("--seed", type=int, default=_D.seed, help="projection seed"),
-    _opt("--preconditioner", choices=PRECONDITIONERS, default=_D.preconditioner),
+    _opt("--preconditioner", choices=PRECONDITIONERS, default=_D.preconditioner,
+         help="the compact vectors' preconditioner, fitted on every document"),
     _opt("--damping", type=float, default=_D.damping, help="damping as a fraction of the mean eigenvalue"),
-    _opt("--layers", dest="include", default=_D.include, help="regex: track only layers whose name matches"),
+    _opt("--layers", dest="include", default=_D.include, help="regex: track only layers whose name matches (default: all)"),
     _opt("--exclude-layers", dest="exclude", default=_D.exclude, help="regex: drop layers whose name matches"),
-    _opt("--dtype", default=_D.dtype, choices=["float32", "bfloat16", "float16"]),
+    _opt("--dtype", default=_D.dtype, choices=["float32", "bfloat16", "float16"], help="the model's weights and passes"),
     _opt("--index-type", choices=INDEX_TYPES, default=_D.index_type,
          help=f"FAISS index: flat (exact), ivf (= ivf-flat), ivf-sq8, ivf-pq (compressed; reranked exactly), or auto: "
-              f"flat up to {FLAT_UP_TO_BYTES >> 20} MiB of vectors, {COMPRESSED_TYPE} above"),
+              f"flat while the float32 vectors fit {FLAT_UP_TO_BYTES >> 20} MiB (documents x dim x 4) or there are "
+              f"fewer than {FLAT_BELOW} documents, {COMPRESSED_TYPE} above"),
 ]
 
 
@@ -117,7 +133,7 @@ def _add_query_args(p: argparse.ArgumentParser) -> None:
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m indexer", description="Build logra-search attribution indexes.")
     sub = ap.add_subparsers(dest="command", required=True)
-    defaults = {"formatter_class": argparse.ArgumentDefaultsHelpFormatter}  # --help shows every default
+    defaults = {"formatter_class": HelpFormatter}  # --help shows every default
 
     b = sub.add_parser("build", **defaults, help="index a dataset with a model")
     for options in (DATA_OPTIONS, BUILD_OPTIONS, PASS_OPTIONS):

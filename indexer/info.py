@@ -1,6 +1,7 @@
 """`python -m indexer info DIR`: an index's manifest as a page a person reads (`--json`: the manifest)."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from .manifest import LayerInfo
@@ -11,8 +12,40 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:,.1f} MiB"
 
 
+_BLOCK = re.compile(r"(?<=\.)\d+(?=\.)")  # the first all-digit part of a dotted name: the block number
+
+
+def _numbers(blocks: list[int]) -> str:
+    """0, 1, 2, 3, 5, 7, 8, 9 -> "{0..3,5,7..9}": runs of three or more as a..b."""
+    runs: list[list[int]] = []
+    for b in sorted(blocks):
+        if runs and b == runs[-1][-1] + 1:
+            runs[-1].append(b)
+        else:
+            runs.append([b])
+    parts = [f"{r[0]}..{r[-1]}" if len(r) > 2 else ",".join(map(str, r)) for r in runs]
+    return "{" + ",".join(parts) + "}"
+
+
 def _layers(layers: list[LayerInfo]) -> list[str]:
-    return [f"  {l.name}: {l.r_out} x {l.r_in} of {l.out_features} x {l.in_features}" for l in layers]
+    """One line per layer, except that layers differing only by their block number, with the same
+    r_out x r_in and out x in, share one line: `model.layers.{0..29}.self_attn.q_proj: 30x 8 x 8 of ...`.
+    A block whose layer has another shape keeps a line of its own. In order of first appearance."""
+    groups: dict[tuple, list[tuple[int | None, str]]] = {}
+    for l in layers:
+        m = _BLOCK.search(l.name)
+        pattern = l.name[:m.start()] + "{}" + l.name[m.end():] if m else l.name
+        key = (pattern, l.r_out, l.r_in, l.out_features, l.in_features)
+        groups.setdefault(key, []).append((int(m.group()) if m else None, l.name))
+    lines = []
+    for (pattern, r_out, r_in, out_f, in_f), members in groups.items():
+        shape = f"{r_out} x {r_in} of {out_f} x {in_f}"
+        if len(members) == 1:
+            lines.append(f"  {members[0][1]}: {shape}")
+        else:
+            name = pattern.replace("{}", _numbers([b for b, _ in members]))
+            lines.append(f"  {name}: {len(members)}x {shape}")
+    return lines
 
 
 def summary(index_dir: str | Path) -> str:
@@ -33,7 +66,7 @@ def summary(index_dir: str | Path) -> str:
         f"data         {', '.join(d.files)} (text {d.text_field!r}"
         + (f", prompt {d.prompt_field!r} / response {d.response_field!r}" if d.prompt_field else "") + f", id {d.id_field!r})",
         f"vectors      {m.dim:,} dimensions ({spread}), {pre.kind} (damping {pre.damping_ratio:g}), seed {m.seed}",
-        f"layers       {len(m.layers)} (r_out x r_in of out x in):", *_layers(m.layers),
+        f"layers       {len(m.layers)} (r_out x r_in of out x in; a block's repeats on one line):", *_layers(m.layers),
     ]
     high = m.high
     if high:

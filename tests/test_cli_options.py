@@ -9,7 +9,7 @@ import inspect
 import pytest
 
 from indexer.build import BuildConfig, append_documents
-from indexer.cli import DATA_OPTIONS, FIELDS_FROM_INDEX, PASS_OPTIONS, parser
+from indexer.cli import DATA_OPTIONS, FIELDS_FROM_INDEX, PASS_OPTIONS, HelpFormatter, parser
 
 # --model means another thing in each: build's model, or where append finds the index's own.
 DIFFERENT_MEANING = {"--model"}
@@ -52,7 +52,7 @@ def test_each_help_shows_the_shared_options_identically(capsys):
     build = options("build")
     for flags, kwargs in PASS_OPTIONS + DATA_OPTIONS:
         if flags[0] not in FIELDS_FROM_INDEX and kwargs.get("help"):
-            line = f"{kwargs['help']} (default: {build[flags[0]].default})"
+            line = HelpFormatter("x")._get_help_string(build[flags[0]]) % {"default": build[flags[0]].default}
             assert all(line in t for t in texts.values()), flags
 
 

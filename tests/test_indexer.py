@@ -125,10 +125,40 @@ def test_cli_info_summary_reads_like_the_manifest(cli):
     assert f"{m['n_documents']:,}" in lines["documents"] and m["model"]["fingerprint"] in lines["model"]
     assert f"{m['dim']:,} dimensions" in lines["vectors"] and "ekfac (damping 0.01)" in lines["vectors"]
     assert f"{m['high']['dim']:,} dimensions" in lines["high"] and m["faiss"]["type"] in lines["faiss"]
+    # two blocks of the same shapes: each block layer once, with both block numbers, then the LM head
+    shape = lambda l: f"{l['r_out']} x {l['r_in']} of {l['out_features']} x {l['in_features']}"
+    blocks = [[l for l in m["layers"] if f".h.{b}." in l["name"]] for b in (0, 1)]
+    assert [shape(l) for l in blocks[0]] == [shape(l) for l in blocks[1]] and len(m["layers"]) == 2 * len(blocks[0]) + 1
     layer_lines = [line.strip() for line in r.stdout.splitlines() if line.startswith("  ")]
-    assert layer_lines == [f"{l['name']}: {l['r_out']} x {l['r_in']} of {l['out_features']} x {l['in_features']}"
-                           for l in m["layers"]]
+    assert layer_lines == [f"{l['name'].replace('.h.0.', '.h.{0,1}.')}: 2x {shape(l)}" for l in blocks[0]] + \
+        [f"lm_head: {shape(m['layers'][-1])}"]
     assert "MiB" in lines["size"] and f"{m['build']['seconds']:,.0f} s" in lines["built"]
+
+
+def test_cli_info_summarises_repeated_blocks(cli, tmp_path, capsys):
+    """A 30-block Llama's 211 layers read as one line per block layer; a block whose layer has another
+    shape is not merged into the others; --json still prints every layer."""
+    d, res = cli
+    assert res["build-llama"].returncode == 0
+    m = json.loads((d / "idx-llama" / store.MANIFEST).read_text())
+    parts = [f"self_attn.{p}_proj" for p in "qkvo"] + [f"mlp.{p}_proj" for p in ("gate", "up", "down")]
+    layer = lambda name, r_out, r_in, out_f, in_f: {"name": name, "in_features": in_f, "out_features": out_f,
+                                                     "r_in": r_in, "r_out": r_out}
+    m["layers"] = [layer(f"model.layers.{b}.{p}", *((4, 16) if (b, p) == (7, "self_attn.q_proj") else (8, 8)), 576, 576)
+                   for b in range(30) for p in parts] + [layer("lm_head", 64, 24, 49152, 576)]
+    (tmp_path / store.MANIFEST).write_text(json.dumps(m))
+    code, out, err = run_cli(["info", tmp_path], capsys)
+    assert code == 0, err
+    assert "layers       211 " in out
+    assert [line for line in out.splitlines() if line.startswith("  ")] == [
+        "  model.layers.{0..6,8..29}.self_attn.q_proj: 29x 8 x 8 of 576 x 576",
+        *(f"  model.layers.{{0..29}}.{p}: 30x 8 x 8 of 576 x 576" for p in parts[1:]),
+        "  model.layers.7.self_attn.q_proj: 4 x 16 of 576 x 576",
+        "  lm_head: 64 x 24 of 49152 x 576",
+    ]
+    code, out, err = run_cli(["info", tmp_path, "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out) == m
 
 
 def test_cli_info_subprocess_prints_manifest(cli):
