@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import hashlib
+import struct
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -15,28 +17,77 @@ def resolve_device(device: str | None) -> torch.device:
     return torch.device(device)
 
 
+def gguf_file(name_or_path: str) -> Path | None:
+    """The GGUF file `name_or_path` names, if it names one: a path ending in `.gguf`, or a folder with
+    no config.json holding exactly one `*.gguf`. None for anything else (a model folder, a hub name)."""
+    path = Path(name_or_path).expanduser()
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"no such GGUF file: {name_or_path}")
+        return path
+    if not path.is_dir() or (path / "config.json").exists():
+        return None
+    found = sorted(p for p in path.glob("*.gguf") if p.is_file())
+    if len(found) > 1:
+        raise ValueError(f"{name_or_path} holds {len(found)} GGUF files ({', '.join(p.name for p in found)}): "
+                         f"name the one to load, e.g. {path / found[0].name}")
+    return found[0] if found else None
+
+
 def load_model(
     name_or_path: str,
     device: str | None = "cpu",
     dtype: str = "float32",
     trust_remote_code: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load by hub name or local folder. Eager attention: fused kernels have batch-dependent
-    backward passes, and a document's vector must not depend on its batch (DESIGN.md)."""
+    """Load by hub name, local folder or GGUF file (see `gguf_file`). Eager attention: fused kernels
+    have batch-dependent backward passes, and a document's vector must not depend on its batch (DESIGN.md)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(
-        name_or_path,
-        dtype=DTYPES[dtype],
-        attn_implementation="eager",
-        trust_remote_code=trust_remote_code,
-    )
+    gguf = gguf_file(name_or_path)
+    if gguf is not None:
+        model, tokenizer = _load_gguf(gguf, DTYPES[dtype])
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path,
+            dtype=DTYPES[dtype],
+            attn_implementation="eager",
+            trust_remote_code=trust_remote_code,
+        )
     model.to(resolve_device(device))
     prepare_model(model)
     if tokenizer.pad_token_id is None:
         # Padding positions are masked out of every computation, so any id will do.
         tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.convert_ids_to_tokens(0)
+    return model, tokenizer
+
+
+def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A GGUF file through transformers' GGUF loader (needs the `gguf` package), every weight
+    de-quantized to `dtype`: a plain dense model, as a folder would give (no quantization config
+    left on it, nn.Linear layers for LoGra to track). The tokenizer and its chat template come from
+    the file's metadata."""
+    from transformers import GgufConfig
+    folder, name = str(path.resolve().parent), path.name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file=name, dtype=dtype, attn_implementation="eager",
+            quantization_config=GgufConfig(dequantize=True),
+        )
+    except ImportError as e:
+        raise ValueError(f"loading GGUF file {path} needs the gguf package (pip install gguf): {e}") from e
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError, NotImplementedError, struct.error) as e:
+        # The gguf reader and transformers' converter raise these for a file that is not a GGUF, is
+        # truncated, or holds an architecture or tokenizer transformers cannot build.
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"cannot load GGUF file {path}: {first}") from e
+    # dequantize=True makes transformers drop the quantization config; make sure nothing of it is left.
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
     return model, tokenizer
 
 

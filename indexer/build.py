@@ -19,6 +19,7 @@ from tqdm import tqdm
 from engine import (LoGra, LoGraConfig, Preconditioner, TextFormat, collate, encode_pairs, fit_preconditioner,
                     joint_gradients, load_model, model_fingerprint, pair_vectors, projected_gradients)
 from engine.encoding import Encoded
+from engine.model import gguf_file
 
 from .distributed import Processes, is_input_error, world_size
 from .manifest import (AppendInfo, Budget, BuildInfo, DataInfo, FaissInfo, Manifest, ModelInfo, PreconditionerInfo,
@@ -242,10 +243,13 @@ def append_documents(index_dir: str | Path, data: Sequence[str], *, model: str |
 
 
 def model_reference(name_or_path: str) -> str:
-    """What the manifest records: a local folder as an absolute path (a relative one would only load
-    from the directory the build ran in), a hub name as given."""
+    """What the manifest records: a local folder or GGUF file as an absolute path (a relative one would
+    only load from the directory the build ran in; a folder holding one GGUF file, as that file), a hub
+    name as given."""
     path = Path(name_or_path).expanduser()
-    return str(path.resolve()) if path.is_dir() else name_or_path
+    if path.is_dir():
+        path = gguf_file(name_or_path) or path
+    return str(path.resolve()) if path.is_dir() or path.is_file() else name_or_path
 
 
 def resume_key(cfg: BuildConfig, fingerprint: str) -> str:
@@ -284,7 +288,8 @@ def _load(cfg: BuildConfig):
     try:
         return load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
     except OSError as e:  # transformers' messages for a bad path talk about repo ids; say which model and why
-        where = "" if Path(cfg.model).exists() else " (no such local folder, and not a model name that can be loaded)"
+        where = "" if Path(cfg.model).exists() or cfg.model.lower().endswith(".gguf") else \
+            " (no such local folder, and not a model name that can be loaded)"
         raise OSError(f"cannot load model {cfg.model!r}{where}: {e}") from e
 
 

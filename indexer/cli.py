@@ -78,7 +78,8 @@ MODEL_ELSEWHERE = _opt("--model", default=None, help="the index's model from ano
 # `build` alone: the model, how documents are formatted and truncated, and what the index holds
 # (an append keeps the index's projections, preconditioners and format).
 BUILD_OPTIONS: list[Option] = [
-    _opt("--model", required=True, help="Hugging Face causal LM: hub name or local folder"),
+    _opt("--model", required=True, help="Hugging Face causal LM: hub name, local folder, or a .gguf file (or a "
+                                         "folder holding one), de-quantized to --dtype"),
     _opt("--out", required=True, help="index folder to create"),
     _opt("--chat-template", default=_D.chat_template,
          help="prompt/response and chat (messages) records: auto (the tokenizer's chat template, if it has one), "
