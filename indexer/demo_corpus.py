@@ -184,25 +184,6 @@ def train_tokenizer(texts: list[str], out_dir: str | Path,
 # -------------------------------------------------------------------------- training
 
 
-def _length_bucketed_batches(encoded: list[list[int]], batch_size: int,
-                             rng: random.Random) -> list[list[int]]:
-    """Shuffled batches of document indices, grouped by similar length.
-
-    Docstrings range from a few tokens to `max_tokens`; padding every batch to its
-    longest member wasted over half the compute. Sorting within random pools of 50
-    batches keeps batches random while cutting most of the padding.
-    """
-    order = list(range(len(encoded)))
-    rng.shuffle(order)
-    pool = batch_size * 50
-    batches = []
-    for p in range(0, len(order), pool):
-        chunk = sorted(order[p:p + pool], key=lambda i: len(encoded[i]))
-        batches += [chunk[b:b + batch_size] for b in range(0, len(chunk), batch_size)]
-    rng.shuffle(batches)
-    return batches
-
-
 def train_tiny_gpt2(texts: list[str], tokenizer, out_dir: str | Path, *, n_layer: int = 2,
                     n_embd: int = 128, n_head: int = 4, max_tokens: int = 128,
                     epochs: int = 2, batch_size: int = 16, lr: float = 3e-3, seed: int = 0,
@@ -217,6 +198,8 @@ def train_tiny_gpt2(texts: list[str], tokenizer, out_dir: str | Path, *, n_layer
     """
     import torch
     from tqdm.auto import tqdm
+
+    from engine import length_bucketed_batches
     from transformers import GPT2Config, GPT2LMHeadModel
 
     if not texts:
@@ -266,7 +249,7 @@ def train_tiny_gpt2(texts: list[str], tokenizer, out_dir: str | Path, *, n_layer
     start = time.perf_counter()
     bar = tqdm(total=total_steps, desc="training tiny GPT-2", disable=not progress)
     for _ in range(epochs):
-        for batch_idx in _length_bucketed_batches(encoded, batch_size, shuffler):
+        for batch_idx in length_bucketed_batches(encoded, batch_size, shuffler):
             batch = [encoded[i] for i in batch_idx]
             width = max(len(ids) for ids in batch)
             input_ids = torch.full((len(batch), width), pad, dtype=torch.long)

@@ -15,7 +15,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from indexer.demo_corpus import train_tokenizer  # noqa: E402
 
-from .support import synthetic_corpus  # noqa: E402
+from .support import CHAT_TEMPLATE, synthetic_corpus  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -53,3 +53,20 @@ def llama_dir(tmp_path_factory, tokenizer_dir):
 @pytest.fixture(params=["gpt2", "llama"])
 def model_dir(request):
     return request.getfixturevalue(f"{request.param}_dir")
+
+
+@pytest.fixture(scope="session")
+def chat_dir(tmp_path_factory, tokenizer_dir):
+    """A tiny Llama whose tokenizer carries a chat template (support.CHAT_TEMPLATE)."""
+    from transformers import AutoTokenizer
+    out = tmp_path_factory.mktemp("chat-llama")
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok.add_special_tokens({"additional_special_tokens": ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]})
+    tok.chat_template = CHAT_TEMPLATE
+    torch.manual_seed(2)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=128, attn_implementation="eager",
+                      bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)

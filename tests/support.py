@@ -16,6 +16,10 @@ from api.server import serve_in_subprocess
 
 REPO = Path(__file__).resolve().parent.parent
 
+# A chat template for tiny test tokenizers (the conftest chat_dir model's).
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
 WORDS = ("river stone cloud lamp orbit signal garden copper winter engine paper violet harbor needle "
          "falcon marble thunder velvet lantern meadow cipher anchor quartz ember willow canyon socket "
          "prism tundra beacon ledger nickel saddle raven cobalt").split()

@@ -8,9 +8,8 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from fastapi.testclient import TestClient
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer
 
 from api import create_app
 from engine import TextFormat, collate, encode
@@ -18,10 +17,8 @@ from indexer.build import BuildConfig, build_index
 from indexer.cli import main as cli_main
 from indexer.store import Index
 
-from .support import write_jsonl
+from .support import CHAT_TEMPLATE as TEMPLATE, write_jsonl
 
-TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
-            "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 CHATS = [
     [{"role": "user", "content": "river stone cloud"}, {"role": "assistant", "content": "lamp orbit signal garden"}],
     [{"role": "system", "content": "be brief"}, {"role": "user", "content": "copper winter"},
@@ -29,21 +26,6 @@ CHATS = [
     [{"role": "user", "content": "falcon marble"}, {"role": "assistant", "content": "thunder"},
      {"role": "user", "content": "velvet lantern"}, {"role": "assistant", "content": "meadow cipher anchor quartz"}],
 ]
-
-
-@pytest.fixture(scope="module")
-def chat_dir(tmp_path_factory, tokenizer_dir):
-    out = tmp_path_factory.mktemp("chat-llama")
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    tok.add_special_tokens({"additional_special_tokens": ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]})
-    tok.chat_template = TEMPLATE
-    torch.manual_seed(2)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=128, attn_implementation="eager",
-                      bos_token_id=0, eos_token_id=0, pad_token_id=0)
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    tok.save_pretrained(out)
-    return str(out)
 
 
 def test_encoding_equals_apply_chat_template_and_prompt_tokens_carry_no_loss(chat_dir):

@@ -19,12 +19,17 @@ GT2 = ground_truth("llama-pkgdocs")
 
 
 def test_registry():
-    assert set(SPECS) == {"gpt2-stdlib", "llama-pkgdocs"}
+    assert set(SPECS) == {"gpt2-stdlib", "llama-pkgdocs", "smollm2-chat"}
     for name, spec in SPECS.items():
-        assert spec.name == name and spec.arch in ("gpt2", "llama") and spec.max_tokens == data.MAX_TOKENS
+        assert spec.name == name and spec.arch in ("gpt2", "llama", "pretrained") and spec.max_tokens == data.MAX_TOKENS
         assert ground_truth(name) == GT_ROOT / name and spec_of(ground_truth(name)) is spec
         assert spec.recipe == {"lr": spec.finetune_lr, "epochs": spec.finetune_epochs, "batch": spec.finetune_batch}
     assert SPECS["gpt2-stdlib"].arch == "gpt2" and LLAMA.arch == "llama" and LLAMA.corpus == "site-packages"
+    real = SPECS["smollm2-chat"]  # the committed corpus: chat records, the package as provider
+    train, queries = data.load_rows(ground_truth(real.name))
+    assert (real.arch, len(train), len(queries)) == ("pretrained", real.n_train, real.n_queries) and len(train) >= 2000
+    assert all(r["messages"][-1]["role"] == "assistant" and r["package"] for r in train + queries)
+    assert not {r["id"] for r in train} & {r["id"] for r in queries}
     with pytest.raises(KeyError, match="unknown benchmark"):
         ground_truth("nope")
     with pytest.raises(dataclasses.FrozenInstanceError):

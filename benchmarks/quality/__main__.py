@@ -33,6 +33,10 @@ def cmd_generate(args) -> None:
     for name in names:
         gt, spec = (Path(args.ground_truth) if custom else ground_truth(name)), SPECS[name]
         print(f"## {name}: {gt}", flush=True)
+        if spec.arch == "pretrained":  # a real model: its own stages (chat.py)
+            from . import chat
+            chat.generate(gt, spec, device=args.device, workers=args.workers)
+            continue
         generate.stage_base(gt, spec)
         generate.stage_finetuned(gt, spec)
         generate.stage_lds(gt, workers=args.workers, n_subsets=args.subsets, spec=spec)
@@ -210,9 +214,20 @@ def cmd_run(args) -> None:
     for name in names:
         gt = ground_truth(name)
         t = time.time()
-        results = methods.all_scores(gt, Path(args.work), quick=args.quick, only=list(SMOKE_METHODS) if args.smoke else None,
-                                     log=lambda m: print(f"[{name}] {m}", flush=True))
-        summary = summarize(results, gt, args.default)
+        log = lambda m: print(f"[{name}] {m}", flush=True)
+        if SPECS[name].arch == "pretrained":  # the real model (chat.py): its ground truth needs a GPU to make
+            from . import chat
+            if not (gt / "lds.npz").exists():
+                print(f"[{name}] skipped: no ground truth yet (python -m benchmarks.quality generate --bench {name} "
+                      "--device cuda)", flush=True)
+                continue
+            results = chat.all_scores(gt, Path(args.work), smoke=args.smoke, log=log)
+            summary = summarize(results, gt, args.default)
+            summary["additive_brittleness"] = chat.summary(gt, results)
+        else:
+            results = methods.all_scores(gt, Path(args.work), quick=args.quick,
+                                         only=list(SMOKE_METHODS) if args.smoke else None, log=log)
+            summary = summarize(results, gt, args.default)
         summary["seconds"] = round(time.time() - t, 1)
         summary["quick"] = args.quick
         benchmarks[name] = summary
@@ -228,7 +243,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.quality")
     sub = p.add_subparsers(dest="cmd", required=True)
     g = sub.add_parser("generate", help="(re)build the ground truth; existing stages are kept")
-    g.add_argument("--workers", type=int, default=2)
+    g.add_argument("--workers", type=int, default=2, help="retrain processes (on a GPU they share it)")
+    g.add_argument("--device", default="cpu", help="where the real-model benchmark's retrains and references run, e.g. cuda")
     g.add_argument("--subsets", type=int, default=None, help="LDS subsets (default: the benchmark's spec)")
     g.add_argument("--brittle-methods", default=None, help="comma-separated method names, or none")
     g.add_argument("--bench", action="append", default=None, help="a benchmark (specs.SPECS) to generate; repeatable; default all")

