@@ -4,14 +4,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-import uvicorn
-
 from indexer.store import IndexFormatError
 
 from .app import create_app
 from .batching import MAX_BATCH
 from .search import HIGH_DEPTH, ModelMismatchError
 from .settings import ServerSettings
+from .shutdown import serve
 
 
 def _positive(kind):
@@ -36,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-body-bytes", type=_positive(int), default=None, help="413 above this (default 8 MiB; LOGRA_MAX_BODY_BYTES)")
     ap.add_argument("--request-timeout", type=_positive(float), default=None,
                     help="seconds before a request is answered 503 (default 60; LOGRA_REQUEST_TIMEOUT_S)")
+    ap.add_argument("--shutdown-timeout", type=_positive(float), default=None,
+                    help="on SIGTERM, seconds that slow requests in flight get before the server exits "
+                         "(default 20; LOGRA_SHUTDOWN_TIMEOUT_S)")
     ap.add_argument("--cors-origin", action="append", default=None, dest="cors_origins",
                     help="allow browser pages from this origin (repeatable; default none; LOGRA_CORS_ORIGINS)")
     ap.add_argument("--max-batch", type=int, default=MAX_BATCH,
@@ -49,15 +51,14 @@ def main(argv: list[str] | None = None) -> int:
         # The API key comes only from LOGRA_API_KEY: a command line is visible to every user of the machine.
         # The flags given win over the environment; a bad LOGRA_* value is a SettingsError (a ValueError) naming it.
         settings = ServerSettings.from_env(max_body_bytes=args.max_body_bytes, request_timeout_s=args.request_timeout,
-                                           cors_origins=args.cors_origins)
+                                           cors_origins=args.cors_origins, shutdown_timeout_s=args.shutdown_timeout)
         app = create_app(args.index, model=args.model, device=args.device, settings=settings,
                          max_batch=args.max_batch, high_depth=args.high_depth)
     except (IndexFormatError, ModelMismatchError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"serving {args.index} on http://{args.host}:{args.port}/", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
-    return 0
+    return serve(app, args.host, args.port)
 
 
 if __name__ == "__main__":

@@ -81,14 +81,15 @@ def create_app(index_dir: str | Path, model: str | None = None, device: str = "c
     `max_batch`: concurrent /attribute queries sharing one gradient pass, at most (1: no batching).
     `high_depth`: precision "high" rescores the compact vectors' top max(k, high_depth) documents."""
     settings = settings or ServerSettings.from_env()
+    lane = HeavyLane(settings.heavy_running, settings.heavy_queued)  # drained on shutdown (api.shutdown)
     attributor = Attributor(index_dir, model=model, device=device, max_batch=max_batch, high_depth=high_depth,
-                            heavy=HeavyLane(settings.heavy_running, settings.heavy_queued))
+                            heavy=lane)
     app = FastAPI(title="logra-search", version="0.1.0",
                   description="Which training documents made the model produce this response?")
-    app.state.attributor, app.state.settings = attributor, settings
+    app.state.attributor, app.state.settings, app.state.heavy_lane = attributor, settings, lane
     app.state.metrics = Metrics(n_documents=lambda: len(attributor.index),
                                 index_bytes=lambda: sum(p.stat().st_size for p in attributor.root.rglob("*") if p.is_file()),
-                                batch_stats=lambda: attributor.batch_stats)
+                                batch_stats=lambda: attributor.batch_stats, slow_requests=lambda: lane.in_flight)
     app.add_exception_handler(RequestValidationError, _invalid_request)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(IndexUnavailable, _unavailable)

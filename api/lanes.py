@@ -10,6 +10,10 @@ used to hold every /attribute query behind it. Two mechanisms fix that:
   and then waits for at most one.
 - `HeavyLane`: at most `running` heavy requests compute at once and `queued` wait; any more are
   refused at once (`Busy`: 503 with Retry-After) instead of joining a queue without end.
+
+When the server stops (api.shutdown), `HeavyLane.drain` refuses every new heavy request and gives
+those in flight a bound: past it, one still waiting gives up at once and one computing stops at its
+next batch (`checkpoint`), both answered 503 (`ShuttingDown`).
 """
 from __future__ import annotations
 
@@ -19,11 +23,16 @@ from contextlib import contextmanager
 from typing import Iterator
 
 RETRY_AFTER_S = 5
+WAIT_POLL_S = 0.05  # a waiting heavy request checks this often whether a shutdown has cut it
 HEAVY_PATIENCE = 4  # a heavy batch waits for a gap between queries at most this many of its own durations
 
 
 class Busy(RuntimeError):
     """The heavy lane is full."""
+
+
+class ShuttingDown(Busy):
+    """The server is stopping: a new heavy request is refused, or one in flight ran past the bound."""
 
 
 class PassLock:
@@ -82,14 +91,54 @@ class HeavyLane:
         self.running, self.queued = running, queued
         self._admitted = threading.BoundedSemaphore(running + queued)
         self._running = threading.BoundedSemaphore(running)
+        self._count_lock = threading.Lock()
+        self._in_flight = 0
+        self._bound_s: float | None = None  # set by drain()
+        self._cut_at = float("inf")  # when requests still in flight are stopped (time.monotonic())
+
+    @property
+    def in_flight(self) -> int:
+        """Heavy requests running or waiting now."""
+        return self._in_flight
+
+    @property
+    def draining(self) -> bool:
+        return self._bound_s is not None
+
+    def drain(self, bound_s: float, cut_at: float | None = None) -> None:
+        """Refuse new heavy requests from now on; stop those in flight at `cut_at` (a time.monotonic()
+        time; default `bound_s` seconds from now)."""
+        if self._bound_s is None:
+            self._bound_s = bound_s  # first: checkpoint's message reads it once the cut time has passed
+            self._cut_at = time.monotonic() + bound_s if cut_at is None else cut_at
+
+    def checkpoint(self) -> None:
+        """Called between the batches of a heavy request: ShuttingDown once the drain's bound has passed."""
+        if time.monotonic() >= self._cut_at:
+            raise ShuttingDown(f"the server is shutting down and stopped this request at its bound of {self._bound_s:g} s "
+                               "(LOGRA_SHUTDOWN_TIMEOUT_S); send it again, to another replica or once the server is back")
+
+    def _count(self, change: int) -> None:
+        with self._count_lock:
+            self._in_flight += change
 
     @contextmanager
     def enter(self, what: str) -> Iterator[None]:
+        if self.draining:
+            raise ShuttingDown(f"the server is shutting down and takes no new slow requests (this {what}); send it "
+                               "to another replica or once the server is back")
         if not self._admitted.acquire(blocking=False):
             raise Busy(f"{self.running + self.queued} slow requests ({what}: token views, valuations) are already "
                        f"running or waiting; try again in {RETRY_AFTER_S} s")
+        self._count(1)
         try:
-            with self._running:
+            while not self._running.acquire(timeout=WAIT_POLL_S):  # a drain's bound ends the wait
+                self.checkpoint()
+            try:
+                self.checkpoint()  # the bound may have passed just as its turn came
                 yield
+            finally:
+                self._running.release()
         finally:
+            self._count(-1)
             self._admitted.release()

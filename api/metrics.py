@@ -12,7 +12,8 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 
 
 class Metrics:
-    def __init__(self, n_documents: Callable[[], int], index_bytes: Callable[[], int], batch_stats: Callable[[], dict]):
+    def __init__(self, n_documents: Callable[[], int], index_bytes: Callable[[], int], batch_stats: Callable[[], dict],
+                 slow_requests: Callable[[], int] = lambda: 0):
         self.registry = CollectorRegistry()
         self.requests = Counter("logra_requests", "HTTP requests answered", ["route", "method", "status"],
                                 registry=self.registry)
@@ -25,6 +26,9 @@ class Metrics:
             lambda: batch_stats()["jobs"])
         Gauge("logra_query_passes", "gradient passes those queries shared", registry=self.registry).set_function(
             lambda: batch_stats()["passes"])
+        # The heavy lane (api.lanes): token views and valuations running or waiting; what a shutdown drains.
+        Gauge("logra_slow_requests", "slow requests running or waiting now", registry=self.registry).set_function(
+            slow_requests)
 
 
 class MetricsMiddleware:

@@ -87,8 +87,11 @@ def document(doc_id: str, att: AttributorDep) -> Document:
     return Document(**{k: doc[k] for k in Document.model_fields})
 
 
-@router.get("/health", response_model=Health)
-def health(att: AttributorDep) -> Health:
+@router.get("/health", response_model=Health, responses={503: {"description": "the server is shutting down"}})
+def health(request: Request, att: AttributorDep) -> Health:
+    """503 once the server is stopping (api.shutdown), so a load balancer sends no more work here."""
+    if request.app.state.heavy_lane.draining:
+        raise HTTPException(status_code=503, detail="the server is shutting down: send requests to another replica")
     return Health(status="ok", n_documents=len(att.index), model=att.model_name)
 
 

@@ -224,6 +224,12 @@ class Attributor:
         return self._answer(lambda s: self._attribute(s, *self.texts(s, prompt, response, messages), k, mode, direction,
                                                       where, precision))
 
+    def _heavy_batch(self):
+        """Entered around each batch of a heavy request: the pass lock, unless the server stopping has
+        cut the request (ShuttingDown)."""
+        self._heavy.checkpoint()
+        return self._passes.heavy()
+
     def _query_batch(self, s: Served, pairs: list[tuple[str, str]]) -> list:
         """(vector, encoding) per pair: one forward and backward pass with this index's engine."""
         with self._passes.fast():
@@ -259,7 +265,7 @@ class Attributor:
                 if e.n_loss_tokens == 0:
                     raise QueryError(f"query {i}: {NOTHING_TO_SCORE}")
             with self._heavy.enter("valuation"):
-                vectors = query_matrix(opened, stage, pairs, batch_size=HEAVY_BATCH, guard=self._passes.heavy)
+                vectors = query_matrix(opened, stage, pairs, batch_size=HEAVY_BATCH, guard=self._heavy_batch)
             try:
                 return value_report(s.index, stage, vectors, group_by, mode=mode, top=top, bootstrap=bootstrap, seed=seed,
                                     device=str(next(self.model.parameters()).device))
@@ -287,7 +293,7 @@ class Attributor:
         logra, pre = s.high if high else (s.logra, s.preconditioner)
         with self._heavy.enter("token view"):  # the stored high-fidelity vectors are in the eigenbasis
             tv = token_vectors(logra, pre, self.tokenizer, prompt, response, max_tokens_scored, batch_size=HEAVY_BATCH,
-                               eigenbasis=high, guard=self._passes.heavy)
+                               eigenbasis=high, guard=self._heavy_batch)
         enc = tv.encoded
         if not tv.positions:
             raise QueryError(NOTHING_TO_SCORE)

@@ -36,6 +36,8 @@ class ServerSettings(BaseSettings):
     # slow requests (token views, valuations): this many compute at once, this many more wait (api.lanes)
     heavy_running: int = Field(1, ge=1)
     heavy_queued: int = Field(2, ge=0)
+    # on SIGTERM/SIGINT: new slow requests get 503, those in flight get this long, then the process exits (api.shutdown)
+    shutdown_timeout_s: float = Field(20.0, gt=0, allow_inf_nan=False)
 
     @field_validator("api_key")
     @classmethod
