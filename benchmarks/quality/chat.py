@@ -226,25 +226,36 @@ def mirrored_defaults(model, tokenizer, q_pairs, d_pairs, defaults: dict, batch:
         enc = encode_pairs(tokenizer, d_pairs[:sample], logra.max_tokens)
         pre = Preconditioner(kind, logra.shapes, damping_ratio=damping)
         pre = fit_preconditioner(logra, pre, tokenizer, [enc[i : i + batch] for i in range(0, len(enc), batch)])
-        d = pair_vectors(logra, pre, tokenizer, d_pairs, batch_size=batch).double()
-        qv = pair_vectors(logra, pre, tokenizer, q_pairs, batch_size=batch).double()
+        device = next(model.parameters()).device  # the products below: 2,000 x 65,536 on a GPU if there is one
+        d = pair_vectors(logra, pre, tokenizer, d_pairs, batch_size=batch).to(device, torch.float64)
+        qv = pair_vectors(logra, pre, tokenizer, q_pairs, batch_size=batch).to(device, torch.float64)
         d, qv = d / d.norm(dim=1, keepdim=True).clamp_min(1e-30), qv / qv.norm(dim=1, keepdim=True).clamp_min(1e-30)
-        out[name] = (qv @ d.T).numpy()
-        out[name + " self_at1"] = float(((d @ d.T).argmax(dim=1) == torch.arange(len(d))).double().mean())
+        out[name] = (qv @ d.T).cpu().numpy()
+        out[name + " self_at1"] = float(((d @ d.T).argmax(dim=1).cpu() == torch.arange(len(d))).double().mean())
         out[name + " dim"] = logra.dim
         out[name + " seconds"] = round(time.time() - t, 1)
     return out
 
 
 def stage_reference(gt: Path, base: Path, tr_rows, q_rows, tr, q, defaults: dict, device: str) -> None:
+    """reference.npz: BM25, full-dot, then the mirrored defaults; each saved as it is done (to
+    reference.partial.npz until the last), so a run cut short by a time limit keeps what it finished."""
     path = gt / "reference.npz"
     if path.exists():
         return
     from engine import load_model
+    partial = gt / "reference.partial.npz"
+    arrays, info = {"bm25": bm25_scores(response_text(q_rows), response_text(tr_rows))}, {"device": device}
+
+    def save() -> None:
+        np.savez_compressed(partial, **{k.replace(" ", "_"): v for k, v in arrays.items()})
+        _meta(gt, reference=info)
+
     model, tok = load_model(str(base), device=device)
     t = time.time()
-    arrays = {"full-dot": full_dot_scores(model, tok, q, tr)}
-    info = {"full-dot seconds": round(time.time() - t, 1)}
+    arrays["full-dot"] = full_dot_scores(model, tok, q, tr)
+    info["full-dot seconds"] = round(time.time() - t, 1)
+    save()
     try:
         mirror = mirrored_defaults(model, tok, q, tr, defaults)
         arrays.update({k: v for k, v in mirror.items() if isinstance(v, np.ndarray)})
@@ -252,9 +263,8 @@ def stage_reference(gt: Path, base: Path, tr_rows, q_rows, tr, q, defaults: dict
     except Exception as e:  # the full-dot reference and the brittleness of the others still stand
         info["mirror_error"] = f"{type(e).__name__}: {e}"
         print(f"mirrored defaults failed: {info['mirror_error']}", flush=True)
-    arrays["bm25"] = bm25_scores(response_text(q_rows), response_text(tr_rows))
-    np.savez_compressed(path, **{k.replace(" ", "_"): v for k, v in arrays.items()})
-    _meta(gt, reference={"device": device, **info})
+    save()
+    partial.replace(path)
 
 
 def reference_scores(gt: Path) -> dict[str, np.ndarray]:
