@@ -116,3 +116,21 @@ def test_the_real_chat_model_converts_and_answers():
                                   add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
     out = model.generate(ids, max_new_tokens=10, do_sample=False)
     assert "Paris" in tok.decode(out[0, ids.shape[1]:])
+
+
+def test_layer_groups_split_a_vector_by_the_layers_it_was_made_of():
+    spec = ([{"name": f"model.layers.{b}.self_attn.q_proj", "r_out": 2, "r_in": 2} for b in range(6)]
+            + [{"name": f"model.layers.{b}.mlp.up_proj", "r_out": 1, "r_in": 3} for b in range(6)]
+            + [{"name": "lm_head", "r_out": 4, "r_in": 1}])
+    g = chat.layer_groups(spec)
+    assert {k: int(v.sum()) for k, v in g.items()} == {"head": 4, "attention": 24, "mlp": 18, "blocks": 42,
+                                                       "blocks, first third": 14, "blocks, middle third": 14,
+                                                       "blocks, last third": 14}
+    assert (g["head"] ^ g["blocks"]).all() and g["head"][-4:].all() and not g["head"][:-4].any()
+    assert (g["attention"][:24]).all() and (g["blocks, first third"][[0, 4, 24, 26]]).all()  # blocks 0 and 1
+    rng = np.random.default_rng(0)
+    q, d = rng.standard_normal((2, 46)), rng.standard_normal((3, 46))
+    got = chat.group_scores(q, d, spec, "fast")
+    head = got["fast head only cosine"]["scores"]
+    want = (q[:, -4:] / np.linalg.norm(q[:, -4:], axis=1, keepdims=True)) @ (d[:, -4:] / np.linalg.norm(d[:, -4:], axis=1, keepdims=True)).T
+    np.testing.assert_allclose(head, want)

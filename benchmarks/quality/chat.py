@@ -434,6 +434,59 @@ def default_scores(gt: Path, work: Path, api_self_checks: int = 20, base: Path |
     return out
 
 
+def layer_groups(spec: list[dict]) -> dict[str, np.ndarray]:
+    """Column masks of a LoGra vector (layers in order, each r_out x r_in) by layer group: the LM head,
+    attention and MLP layers, and thirds of the block stack by depth."""
+    import re
+    cols = np.concatenate([np.full(l["r_out"] * l["r_in"], i) for i, l in enumerate(spec)])
+    block = [int(m.group(1)) if (m := re.search(r"\.(\d+)\.", l["name"])) else -1 for l in spec]
+    n_blocks = max(block) + 1
+    kinds = {"head": [b < 0 for b in block], "attention": ["attn" in l["name"] for l in spec],
+             "mlp": ["mlp" in l["name"] for l in spec], "blocks": [b >= 0 for b in block]}
+    for i, name in enumerate(("first third", "middle third", "last third")):
+        kinds[f"blocks, {name}"] = [b >= 0 and i * n_blocks <= 3 * b < (i + 1) * n_blocks for b in block]
+    return {k: np.asarray(v)[cols] for k, v in kinds.items()}
+
+
+def group_scores(q: np.ndarray, d: np.ndarray, spec: list[dict], stage: str) -> dict:
+    """Cosine scores of the queries' and documents' vectors restricted to each layer group, and with the
+    head's part reweighted (x0.5, x2): what each part of a stage contributes. The preconditioner is
+    block-diagonal over layers, so each part is that part's own whitened gradient."""
+    out = {}
+    groups = layer_groups(spec)
+
+    def cos(qq, dd):
+        qq = qq / np.linalg.norm(qq, axis=1, keepdims=True).clip(1e-30)
+        dd = dd / np.linalg.norm(dd, axis=1, keepdims=True).clip(1e-30)
+        return qq @ dd.T
+
+    for name, cols in groups.items():
+        out[f"{stage} {name} only cosine"] = cos(q[:, cols], d[:, cols])
+    for w in (0.5, 2.0):
+        scale = np.where(groups["head"], w, 1.0)
+        out[f"{stage} head x{w:g} cosine"] = cos(q * scale, d * scale)
+    return {k: {"family": "layer groups", "mode": "cosine", "scores": v, "self_at1": None, "seconds_per_query": None}
+            for k, v in out.items()}
+
+
+def stage_vectors(gt: Path, index_dir: Path) -> dict:
+    """The real index's stored vectors of the training records and the queries' vectors computed with
+    the index's own engine (as the API does), per stage: {stage: (queries, documents, layer spec)}."""
+    from api.search import Attributor
+    from engine import pair_vectors
+    tr_rows, q_rows = data.load_rows(gt)
+    attr = Attributor(index_dir)
+    s = attr.current()
+    row_of = np.array([s.index.row_of_id[r["id"]] for r in tr_rows])
+    pairs_q = [s.text_format.messages(attr.tokenizer, r["messages"]) for r in q_rows]
+    out = {}
+    for stage, (logra, pre), stored in (("fast", (s.logra, s.preconditioner), np.asarray(s.index.vectors)),
+                                        ("high", s.high, np.asarray(s.index.high_vectors))):
+        qv = pair_vectors(logra, pre, attr.tokenizer, pairs_q, batch_size=16).numpy()
+        out[stage] = (qv.astype(np.float64), stored[row_of].astype(np.float64), logra.layer_spec())
+    return out
+
+
 def all_scores(gt: Path, work: Path, smoke: bool = False, log=print) -> dict:
     """Every method's (queries x documents) scores on the real model: the shipped defaults through
     the real index (not in smoke mode), the ground truth's references (full-dot, the GPU's mirror of
@@ -450,6 +503,9 @@ def all_scores(gt: Path, work: Path, smoke: bool = False, log=print) -> dict:
     if not smoke:
         log("default index (build_index on the real model) and its queries")
         results.update(default_scores(gt, work))
+        log("layer groups of both stages")
+        for stage, (qv, dv, spec) in stage_vectors(gt, default_index(gt, work)).items():
+            results.update(group_scores(qv, dv, spec, stage))
     return results
 
 
