@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -50,22 +51,37 @@ N_CLUSTERS = 1000
 GENERATOR = 1  # bump when generate() changes: results and cached corpora of another version differ
 
 
+def rows(n: int, dim: int, rows_seed: int = 0, rotate: bool = True, chunk: int = CHUNK) -> Iterator[np.ndarray]:
+    """The n vectors of `generate`, `chunk` rows at a time. `rotate=False`: the same spectrum, clusters
+    and norms along the coordinate axes instead of a random rotation's (no dim x dim product: cheap at
+    any dim, for benchmarks that time products over the vectors, e.g. benchmarks/valuation.py)."""
+    rng = np.random.default_rng(0)
+    if rotate:
+        rotation = np.linalg.qr(rng.standard_normal((dim, dim)))[0]
+        mix = (np.sqrt(1.0 / np.arange(1, dim + 1))[:, None] * rotation).astype(np.float32)  # z = g @ mix
+        spread = lambda g: g @ mix  # noqa: E731
+    else:
+        scale = np.sqrt(1.0 / np.arange(1, dim + 1)).astype(np.float32)
+        spread = lambda g: g * scale  # noqa: E731
+    means = spread(0.75 * rng.standard_normal((N_CLUSTERS, dim)).astype(np.float32))
+    weights = np.arange(1, N_CLUSTERS + 1) ** -0.7
+    for s in range(0, n, chunk):
+        r = np.random.default_rng([rows_seed, s // chunk])
+        m = min(chunk, n - s)
+        z = spread(r.standard_normal((m, dim), dtype=np.float32))
+        z += means[r.choice(N_CLUSTERS, size=m, p=weights / weights.sum())]
+        z *= r.lognormal(0.0, 0.5, size=(m, 1)).astype(np.float32)
+        yield z
+
+
 def generate(path: Path, n: int, dim: int, rows_seed: int = 0) -> None:
     """n vectors (module docstring) into a float32 .npy written chunk by chunk. The distribution
     (rotation, spectrum, clusters) is fixed; `rows_seed` draws other rows from it (held-out queries)."""
-    rng = np.random.default_rng(0)
-    rotation = np.linalg.qr(rng.standard_normal((dim, dim)))[0]
-    mix = (np.sqrt(1.0 / np.arange(1, dim + 1))[:, None] * rotation).astype(np.float32)  # z = g @ mix
-    means = 0.75 * rng.standard_normal((N_CLUSTERS, dim)).astype(np.float32) @ mix
-    weights = np.arange(1, N_CLUSTERS + 1) ** -0.7
     out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, dim))
-    for s in range(0, n, CHUNK):
-        r = np.random.default_rng([rows_seed, s // CHUNK])
-        m = min(CHUNK, n - s)
-        z = r.standard_normal((m, dim), dtype=np.float32) @ mix
-        z += means[r.choice(N_CLUSTERS, size=m, p=weights / weights.sum())]
-        z *= r.lognormal(0.0, 0.5, size=(m, 1)).astype(np.float32)
-        out[s : s + m] = z
+    s = 0
+    for z in rows(n, dim, rows_seed):
+        out[s : s + len(z)] = z
+        s += len(z)
     out.flush()
     del out
 

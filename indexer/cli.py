@@ -155,7 +155,10 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--depth", type=positive_int, default=HIGH_DEPTH,
                    help="precision high rescores the compact vectors' top max(k, depth)")
 
-    v = sub.add_parser("value", **defaults, help="each document's and each group's summed influence over a set of queries")
+    v = sub.add_parser("value", **defaults, help="each document's and each group's summed influence over a set of queries",
+                       description="Each document's and each group's summed influence over a set of queries. Under "
+                       "`torchrun --nproc_per_node N -m indexer value ...` each process computes a share of the query "
+                       "vectors and scores a share of the documents; rank 0 writes the same report.")
     _add_query_args(v)
     v.add_argument("--group-by", action="append", required=True, help="a metadata field; repeat for several")
     v.add_argument("--out", required=True, help="groups: .json, .csv or .parquet")
@@ -229,22 +232,35 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _value(args) -> None:
+    """One process, or under torchrun every process: each computes a share of the query vectors and
+    scores a share of the documents; rank 0 writes the report (indexer.value.value_processes)."""
+    from .distributed import Processes
     from .queries import open_index, query_matrix, query_records
     from .records import ReadStats
-    from .value import check_outputs, value_report, write_documents, write_report
-    check_outputs(args.out, args.per_document)
-    opened = open_index(args.index, args.model, args.device)
-    stage = opened.stage(args.precision)
-    stats = ReadStats()
-    records = query_records(opened, args.queries, text_field=args.text_field, prompt_field=args.prompt_field,
-                            response_field=args.response_field, id_field=args.id_field, skip_bad=args.skip_bad,
-                            stats=stats)
-    queries = query_matrix(opened, stage, (pair for _, pair in records), args.batch_size, args.progress)
-    report = value_report(opened.index, stage, queries, args.group_by, mode=args.mode, top=args.top,
-                          bootstrap=args.bootstrap, seed=args.seed, device=args.device,
-                          per_document=bool(args.per_document))
+    from .value import check_outputs, value_processes, write_documents, write_report
+    procs = Processes.from_env(args.device)
+    try:
+        with procs.step():  # every process reads every query record: a bad one stops them all
+            check_outputs(args.out, args.per_document)
+            opened = open_index(args.index, args.model, procs.device)
+            stage = opened.stage(args.precision)
+            stats = ReadStats()
+            pairs = [pair for _, pair in query_records(
+                opened, args.queries, text_field=args.text_field, prompt_field=args.prompt_field,
+                response_field=args.response_field, id_field=args.id_field, skip_bad=args.skip_bad, stats=stats)]
+        report = value_processes(
+            procs, opened.index, stage, len(pairs),
+            lambda part: query_matrix(opened, stage, pairs[part.start : part.stop], args.batch_size,
+                                      args.progress and procs.main),
+            args.group_by, mode=args.mode, top=args.top, bootstrap=args.bootstrap, seed=args.seed,
+            per_document=bool(args.per_document))
+    finally:
+        procs.close()
+    if report is None:  # a torchrun process other than rank 0: its share is in rank 0's report
+        return
     write_report(report, args.out)
     if args.per_document:
         write_documents(report, args.per_document)
     print(f"valued {report['n_documents']} documents in {len(report['groups'])} groups over {report['n_queries']} "
-          f"queries ({stage} precision, {args.mode}) -> {args.out}; skipped {stats.skipped}")
+          f"queries ({stage} precision, {args.mode}{f', {procs.world} processes' if procs.world > 1 else ''}) -> "
+          f"{args.out}; skipped {stats.skipped}")

@@ -1,4 +1,4 @@
-"""The processes of one build under `torchrun`: rank and world size from the environment, the
+"""The processes of one build (or valuation) under `torchrun`: rank and world size from the environment, the
 process group (gloo on CPU; nccl for CUDA tensors, gloo for the rest, when the device is a GPU),
 sums over processes, and agreement on failure.
 
@@ -91,6 +91,15 @@ class Processes:
         """Integer counts summed over all processes."""
         summed = self.sum(torch.tensor([float(v) for v in counts.values()], dtype=torch.float64))
         return {k: int(v) for k, v in zip(counts, summed.tolist())}
+
+    def gather(self, obj):
+        """Every process's `obj` (e.g. a numpy array), in rank order, in every process."""
+        if self.world == 1:
+            return [obj]
+        import torch.distributed as dist
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
 
     def most(self, value: float) -> float:
         """The largest of one number over all processes (e.g. the slowest one's seconds)."""
