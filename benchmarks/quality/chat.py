@@ -55,7 +55,7 @@ BRITTLE_METHODS = ("default high", "default fast", "full-dot", "bm25")
 
 # ------------------------------------------------------------------------------------------ model
 
-def gguf_file() -> Path | None:
+def package_gguf() -> Path | None:
     """The SmolLM2 GGUF: $LOGRA_SMOLLM2_GGUF, else the installed package's (found without importing
     it: importing it imports `llm` and llama-cpp, which it declares but this project does not need)."""
     if os.environ.get(GGUF_ENV):
@@ -77,7 +77,7 @@ def model_dir(cache: Path = CACHE) -> Path:
     out = cache / "SmolLM2-135M-Instruct"
     if (out / "model.safetensors").exists():
         return out
-    src = gguf_file()
+    src = package_gguf()
     if src is None or not src.is_file():
         raise FileNotFoundError(MISSING)
     from engine import load_model
@@ -482,7 +482,9 @@ def stage_vectors(gt: Path, index_dir: Path) -> dict:
     out = {}
     for stage, (logra, pre), stored in (("fast", (s.logra, s.preconditioner), np.asarray(s.index.vectors)),
                                         ("high", s.high, np.asarray(s.index.high_vectors))):
-        qv = pair_vectors(logra, pre, attr.tokenizer, pairs_q, batch_size=16).numpy()
+        # in the basis the index stores each stage in: compact rows whitened (build._write_vectors), high
+        # rows in the preconditioner's eigenbasis (build.HighStage.vectors); a part's products need both alike
+        qv = pair_vectors(logra, pre, attr.tokenizer, pairs_q, batch_size=16, eigenbasis=stage == "high").numpy()
         out[stage] = (qv.astype(np.float64), stored[row_of].astype(np.float64), logra.layer_spec())
     return out
 
@@ -536,4 +538,4 @@ def summary(gt: Path, results: dict) -> dict:
     return out
 
 
-__all__ = ["generate", "model_dir", "gguf_file", "MISSING", "brittleness", "reference_scores"]
+__all__ = ["generate", "model_dir", "package_gguf", "MISSING", "brittleness", "reference_scores"]
