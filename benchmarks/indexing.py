@@ -10,11 +10,17 @@
    script as a user writes it: same batches, no optimizer), both as whole processes (imports and model
    load included), alternated; the median ratio, quiet and under a competing CPU load (another
    process multiplying matrices on every core), and each one's slowdown under that load.
+4. The real model ("real_model"): the same alternation on SmolLM2-135M-Instruct (benchmarks/quality/chat.py's
+   cached folder) over chat records of its ground truth (`messages`, quiet only): the build (defaults, and
+   `--no-high`) against a plain forward+backward epoch over the build's own batches (token ids and loss masks
+   as the indexer encodes them); per pass of the build, its seconds (functions of the indexer timed inside the
+   build process); peak RSS (VmHWM) of each process; bytes per document of each stage of the index on disk.
 
     python benchmarks/indexing.py            # writes benchmarks/results/indexing.json
     python benchmarks/indexing.py --quick    # smaller
     python benchmarks/indexing.py --smoke    # seconds: checks the benchmark runs (tests/test_benchmarks_smoke.py)
     python benchmarks/indexing.py --only memory
+    python benchmarks/indexing.py --only real_model --real-docs 96 --rounds 3
 """
 from __future__ import annotations
 
@@ -152,6 +158,31 @@ while True:
 """
 
 
+def alternate(commands: dict[str, list[str]], rounds: int, env: dict, conditions=("quiet", "loaded")
+              ) -> tuple[dict[str, dict[str, list[float]]], dict[str, dict[str, list[str]]]]:
+    """Each command as a whole process, `rounds` times in turn (so drifts in the machine's load hit all
+    alike), per condition: quiet, and beside LOAD. Seconds and stdout of every run."""
+    seconds = {c: {k: [] for k in commands} for c in conditions}
+    stdout = {c: {k: [] for k in commands} for c in conditions}
+    for condition in conditions:
+        load = subprocess.Popen([sys.executable, "-c", LOAD], env=env) if condition == "loaded" else None
+        try:
+            for _ in range(rounds):
+                for label, cmd in commands.items():
+                    t = time.perf_counter()
+                    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+                    if done.returncode:
+                        raise RuntimeError(f"{label} failed ({done.returncode}): {done.stderr[-2000:]}")
+                    seconds[condition][label].append(time.perf_counter() - t)
+                    stdout[condition][label].append(done.stdout)
+                    print(f"{condition} {label}: {seconds[condition][label][-1]:.1f} s", flush=True)
+        finally:
+            if load is not None:
+                load.kill()
+                load.wait()
+    return seconds, stdout
+
+
 def build_vs_epoch(workdir: Path, n_docs: int, rounds: int, batch_size: int = 16, max_tokens: int = 128) -> dict:
     """Seconds of `python -m indexer build` (defaults) and of a plain epoch, whole processes,
     alternated `rounds` times quiet and `rounds` times beside a competing load; median ratios."""
@@ -171,22 +202,7 @@ def build_vs_epoch(workdir: Path, n_docs: int, rounds: int, batch_size: int = 16
              "--max-tokens", str(max_tokens)]
     commands = {"epoch": [sys.executable, "-c", EPOCH, str(model_dir), str(data), str(batch_size), str(max_tokens), "1024"],
                 "build": build, "build_compact_only": build + ["--no-high"]}  # the defaults, and without the high stage
-    seconds: dict[str, dict[str, list[float]]] = {c: {k: [] for k in commands} for c in ("quiet", "loaded")}
-    for condition in ("quiet", "loaded"):
-        load = subprocess.Popen([sys.executable, "-c", LOAD], env=env) if condition == "loaded" else None
-        try:
-            for _ in range(rounds):
-                for label, cmd in commands.items():
-                    t = time.perf_counter()
-                    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-                    if done.returncode:
-                        raise RuntimeError(f"{label} failed ({done.returncode}): {done.stderr[-2000:]}")
-                    seconds[condition][label].append(time.perf_counter() - t)
-                    print(f"{condition} {label}: {seconds[condition][label][-1]:.1f} s", flush=True)
-        finally:
-            if load is not None:
-                load.kill()
-                load.wait()
+    seconds, _ = alternate(commands, rounds, env)
     med = {c: {k: statistics.median(v) for k, v in d.items()} for c, d in seconds.items()}
     ratio = lambda c, k: round(statistics.median(b / e for b, e in zip(seconds[c][k], seconds[c]["epoch"])), 3)
     slowdown = {k: round(med["loaded"][k] / med["quiet"][k], 3) for k in commands}
@@ -196,6 +212,188 @@ def build_vs_epoch(workdir: Path, n_docs: int, rounds: int, batch_size: int = 16
             "slowdown_under_load": slowdown,
             # the issue's check: a build suffers a competing load no worse than 1.5x what an epoch suffers
             "slowdown_over_epoch_slowdown": {k: round(slowdown[k] / slowdown["epoch"], 3) for k in commands if k != "epoch"}}
+
+
+# -- the real model -------------------------------------------------------------------------------
+# `python -m indexer build` with the indexer's functions timed from inside (their seconds, inclusive;
+# a function called within another is keyed "outer/inner"), and the process's peak RSS (VmHWM) after
+# each top-level pass and at the end. `indexer` is imported first, as `python -m indexer` does (it sets
+# GOMP_SPINCOUNT before torch loads).
+TIMED_BUILD = r"""
+import indexer
+import json, re, sys, time
+from engine import Preconditioner
+from indexer import build as b, cli, store
+
+def status(key):
+    return int(re.search(key + r':\s+(\d+)', open('/proc/self/status').read()).group(1)) / 1024
+
+seconds, stack, hwm = {}, [], {}
+def timed(owner, name, label, top=False):
+    fn = getattr(owner, name)
+    def wrapper(*args, **kwargs):
+        key = '/'.join(stack + [label]) if stack or top else 'compact_' + label  # outside the passes: the compact EK-FAC
+        stack.append(label)
+        t = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - t
+            stack.pop()
+            if top:
+                hwm[label] = round(status('VmHWM'), 1)
+    setattr(owner, name, wrapper)
+
+for owner, name, label, top in [
+        (b, '_load', 'load_model', True),
+        (b, '_fit_high', 'high_fit', True),  # the high-fidelity fit: a model pass over its sample, then EK-FAC
+        (b, '_gradient_pass', 'gradient_pass', True),  # the joint pass: both stages' gradients, one model pass
+        (b, 'projected_gradients', 'model_pass', False),  # the high fit's forward+backward with projections
+        (b, 'joint_gradients', 'model_pass', False),  # the joint pass's forward+backward with projections
+        (b.HighStage, 'vectors', 'high_vectors', False),  # high-fidelity gradients into their eigenbasis
+        (Preconditioner, 'update', 'statistics', False),
+        (Preconditioner, 'update_second', 'eigenvalues', False),  # top level: the compact EK-FAC's pass over its shards
+        (Preconditioner, 'finalize', 'finalize', False),
+        (store.IndexWriter, 'write_vectors', 'preconditioning', True),  # compact vectors whitened and written
+        (store.IndexWriter, 'write_faiss', 'faiss', True),
+        (store.IndexWriter, 'commit', 'commit', True),  # LanceDB table, state.pt, manifest, rename
+        (store.IndexWriter, 'write_table', 'lancedb', False)]:
+    timed(owner, name, label, top)
+after_imports = status('VmRSS')
+t = time.perf_counter()
+rc = cli.main(sys.argv[1:])
+seconds['main'] = time.perf_counter() - t
+print('RESULT', json.dumps({'rc': rc, 'seconds': seconds, 'peak_rss_mib': round(status('VmHWM'), 1),
+                            'rss_after_imports_mib': round(after_imports, 1), 'peak_rss_after_mib': hwm}))
+"""
+
+# A plain training epoch over the build's own batches (token ids and loss masks, JSON): a user's training
+# script (AutoModelForCausalLM, its default attention; weight gradients; no optimizer step).
+EPOCH_BATCHES = r"""
+import json, re, sys, time
+import torch
+from transformers import AutoModelForCausalLM
+model_dir, spec = sys.argv[1], json.load(open(sys.argv[2]))
+pad, batches = spec['pad'], spec['batches']
+model = AutoModelForCausalLM.from_pretrained(model_dir)
+t, tokens = time.perf_counter(), 0
+for batch in batches:  # [[input_ids, loss_start], ...]
+    width = max(len(ids) for ids, _ in batch)
+    x = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in batch])
+    mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in batch])
+    labels = x.masked_fill(mask == 0, -100)
+    for i, (_, start) in enumerate(batch):
+        labels[i, :start] = -100
+    model.zero_grad(set_to_none=True)
+    model(input_ids=x, attention_mask=mask, labels=labels).loss.backward()
+    tokens += int(mask.sum())
+hwm = int(re.search(r'VmHWM:\s+(\d+)', open('/proc/self/status').read()).group(1)) / 1024
+print('RESULT', json.dumps({'loop_s': time.perf_counter() - t, 'tokens': tokens, 'peak_rss_mib': round(hwm, 1)}))
+"""
+
+
+def chat_records(n: int, split: str = "train") -> list[dict]:
+    """The first n chat records of the real model's ground truth (`messages`; `package` the provider)."""
+    path = ROOT / "benchmarks" / "quality" / "ground_truth" / "smollm2-chat" / "data.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [{k: v for k, v in r.items() if k != "split"} for r in rows if r.get("split") == split][:n]
+
+
+def build_batches(model_dir: Path, data: Path, batch_size: int, max_tokens: int) -> tuple[int, list[list[list]]]:
+    """(pad id, batches) of the indexer's gradient pass over `data`: its formatting (chat template),
+    encoding (prompt tokens masked) and length-sorted batches within shards."""
+    from transformers import AutoTokenizer
+    from engine import encode_pairs
+    from indexer.build import _batches, _chunks, text_format
+    from indexer.records import TextFormatter, read_records
+    from indexer.store import document_pair
+    cfg = BuildConfig(model=str(model_dir), data=[str(data)], out="", batch_size=batch_size, max_tokens=max_tokens)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    if tok.pad_token_id is None:  # as engine.load_model sets it
+        tok.pad_token = tok.eos_token
+    records = read_records(cfg.data, text_field=cfg.text_field, id_field=cfg.id_field,
+                           formatter=TextFormatter(text_format(cfg, tok), tok))
+    batches = []
+    for shard in _chunks(iter(records), cfg.shard_size):
+        encoded = encode_pairs(tok, [document_pair(r.prompt, r.text) for r in shard], max_tokens)
+        batches += [[[encoded[i].input_ids, encoded[i].loss_start] for i in idx]
+                    for idx in _batches(encoded, batch_size, cfg.batch_tokens)]
+    return tok.pad_token_id, batches
+
+
+def stage_bytes(index_dir: Path) -> dict:
+    """Bytes on disk of each stage of an index folder, in all and per document."""
+    index_dir = Path(index_dir)
+    size = lambda *names: sum(f.stat().st_size for n in names for p in index_dir.glob(n)
+                              for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file())
+    n = read_manifest(index_dir).n_documents
+    stages = {"compact_vectors": size("vectors.npy", "norms.npy"), "high_vectors": size("high.npy", "high-norms.npy"),
+              "faiss": size("faiss-*.index"), "lancedb": size("documents.lance")}
+    fixed = size("state.pt", "manifest.json")  # projections and preconditioners: per index, not per document
+    return {"documents": n, "bytes": {**stages, "state_and_manifest": fixed},
+            "bytes_per_document": {**{k: round(v / n) for k, v in stages.items()},
+                                   "total_without_state": round(sum(stages.values()) / n)}}
+
+
+def real_model(workdir: Path, n_docs: int, rounds: int, batch_size: int = 16, max_tokens: int = 512,
+               compact_only: bool = True) -> dict:
+    """SmolLM2-135M-Instruct: `python -m indexer build` (defaults; and --no-high) against a plain epoch
+    over the same batches, whole processes, alternated `rounds` times (quiet); per pass of the build
+    its seconds; peak RSS; bytes per document of each stage."""
+    from benchmarks.quality import chat
+    model_dir = chat.model_dir()  # FileNotFoundError when the package is not installed
+    data = workdir / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in chat_records(n_docs)))
+    pad, batches = build_batches(model_dir, data, batch_size, max_tokens)
+    (workdir / "batches.json").write_text(json.dumps({"pad": pad, "batches": batches}))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("OMP_NUM_THREADS", None)  # every core, as a user runs them
+    build = lambda out, *extra: [sys.executable, "-c", TIMED_BUILD, "build", "--model", str(model_dir), "--data",
+                                 str(data), "--out", str(workdir / out), "--overwrite", "--no-progress", "--batch-size",
+                                 str(batch_size), "--max-tokens", str(max_tokens), *extra]
+    commands = {"epoch": [sys.executable, "-c", EPOCH_BATCHES, str(model_dir), str(workdir / "batches.json")],
+                "build": build("index"), **({"build_compact_only": build("index-compact", "--no-high")} if compact_only else {})}
+    load_before = os.getloadavg()[0]
+    seconds, stdout = alternate(commands, rounds, env, conditions=("quiet",))
+    seconds, stdout = seconds["quiet"], stdout["quiet"]
+    runs = {k: [json.loads(next(l for l in out.splitlines() if l.startswith("RESULT "))[7:]) for out in v]
+            for k, v in stdout.items()}
+    manifest = read_manifest(workdir / "index")
+    tokens = manifest.stats.tokens
+    if tokens != sum(len(ids) for b in batches for ids, _ in b):
+        raise RuntimeError("the epoch's batches are not the build's")
+    med = {k: statistics.median(v) for k, v in seconds.items()}
+    passes = {}
+    builds = [k for k in commands if k != "epoch"]
+    for k in builds:
+        keys = list(dict.fromkeys(key for r in runs[k] for key in r["seconds"]))  # as they ended: inner passes first
+        passes[k] = {key: round(statistics.median(r["seconds"].get(key, 0.0) for r in runs[k]), 2) for key in keys}
+        passes[k]["process_minus_main"] = round(statistics.median(
+            s - r["seconds"]["main"] for s, r in zip(seconds[k], runs[k])), 2)  # interpreter, imports
+    epoch_loop = statistics.median(r["loop_s"] for r in runs["epoch"])
+    return {
+        "model": "SmolLM2-135M-Instruct", "documents": manifest.n_documents,
+        # the 1-minute load average before and after the runs: above ~0.5, something else was running
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                    "loadavg_before": round(load_before, 2), "loadavg_after": round(os.getloadavg()[0], 2)},
+        "tokens": tokens, "loss_tokens": manifest.stats.loss_tokens, "batches": len(batches), "batch_size": batch_size,
+        "max_tokens": max_tokens, "rounds": rounds, "tracked_layers": len(manifest.layers),
+        "dims": {"compact": manifest.dim, "high": manifest.high.dim if manifest.high else None},
+        "high_sample_documents": manifest.high.sample_documents if manifest.high else None,
+        "seconds": {k: [round(x, 2) for x in v] for k, v in seconds.items()},
+        # whole processes: tokens over each process's wall time (imports and model load included)
+        "tokens_per_s": {k: round(tokens / med[k], 1) for k in commands},
+        "over_epoch": {k: round(statistics.median(b / e for b, e in zip(seconds[k], seconds["epoch"])), 3)
+                       for k in commands if k != "epoch"},
+        # inside the processes: the epoch's loop, and the build's joint gradient pass (its manifest's rate)
+        "loop_tokens_per_s": {"epoch": round(tokens / epoch_loop, 1), **{
+            f"{k}_gradient_pass": round(tokens / statistics.median(r["seconds"]["gradient_pass"] for r in runs[k]), 1)
+            for k in builds}},
+        "passes_s": passes,
+        "peak_rss_mib": {k: statistics.median(r["peak_rss_mib"] for r in runs[k]) for k in commands},
+        "peak_rss_after_pass_mib": runs["build"][-1]["peak_rss_after_mib"],
+        "disk": {k: stage_bytes(workdir / ("index" if k == "build" else "index-compact")) for k in builds},
+    }
 
 
 def tiny_model_dir(workdir: Path) -> Path:
@@ -216,7 +414,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="the tiny model, one batch, 200 and 400 documents")
-    ap.add_argument("--only", choices=["throughput", "memory", "build_vs_epoch"], default=None)
+    ap.add_argument("--only", choices=["throughput", "memory", "build_vs_epoch", "real_model"], default=None)
+    ap.add_argument("--real-docs", type=int, default=96, help="chat records of the real model's build (real_model)")
+    ap.add_argument("--rounds", type=int, default=None, help="alternation rounds of real_model (default 3; --quick 2)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "indexing.json"))
     args = ap.parse_args()
     q = args.quick
@@ -248,6 +448,19 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             results["build_vs_epoch"] = build_vs_epoch(Path(tmp), n_docs, rounds)
         print(json.dumps(results["build_vs_epoch"]), flush=True)
+    if args.only in (None, "real_model"):
+        n_docs, rounds = (2, 1) if args.smoke else (args.real_docs, args.rounds or (2 if q else 3))
+        from benchmarks.quality import chat
+        try:
+            chat.model_dir()
+        except FileNotFoundError as e:  # its package is not installed: the smoke run says so and goes on
+            if not args.smoke:
+                raise
+            results["real_model"] = {"skipped": str(e)}
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                results["real_model"] = real_model(Path(tmp), n_docs, rounds, compact_only=not args.smoke)
+        print(json.dumps(results["real_model"]), flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {out}")

@@ -23,6 +23,15 @@ the next ones the response), their vectors computed by `engine.query_vectors` as
 - Throughput: requests/s answered with 1, 8 and 32 client threads (one HTTP connection each) for a
   fixed time, against the smallest index, with `--max-batch 16` (default) and `--max-batch 1`
   (no batching) servers started in the same run.
+
+The real model (`--real-model`, key "real_model"; smoke: "real_model_smoke"): SmolLM2-135M-Instruct
+(benchmarks/quality/chat.py) indexed over its ground truth's chat records (`--real-base DIR`, an index
+built with `python -m indexer build`, or built here from the first `--real-docs` of them), enlarged the
+same way to the first of --sizes (default 10,000); queries are the held-out chat records
+(split=query) sent as `messages`; latency as above, and the server's peak RSS (VmHWM) and each
+stage's bytes per document on disk.
+
+    python benchmarks/serving.py --real-model --real-base DIR --sizes 10000 --queries 100 --workdir W
 """
 from __future__ import annotations
 
@@ -189,30 +198,32 @@ def search_measures(index_dir: Path, queries: np.ndarray) -> dict:
 
 
 @contextlib.contextmanager
-def server(index_dir: Path, log_dir: Path, max_batch: int = 16):
-    """A real `python -m api` process (api.server, as the tests start theirs), yielding its base URL."""
+def server(index_dir: Path, log_dir: Path, max_batch: int = 16, served: bool = False):
+    """A real `python -m api` process (api.server, as the tests start theirs), yielding its base URL
+    (with `served`, api.server.Served: the URL and the process)."""
     log_dir.mkdir(parents=True, exist_ok=True)
     with serve_in_subprocess(index_dir, log_dir, ready_s=300, args=("--max-batch", str(max_batch)),
-                             env={"HF_HUB_OFFLINE": "1"}) as (base, _, _):
-        yield base
+                             env={"HF_HUB_OFFLINE": "1"}) as s:
+        yield s if served else s.url
 
 
 PRECISIONS = ("fast", "high")
 
 
-def http_latency(base: str, pairs: list[tuple[str, str]], mode: str = "cosine") -> dict:
+def http_latency(base: str, pairs: list[tuple[str, str] | dict], mode: str = "cosine") -> dict:
     """Per precision: client-side latency of POST /attribute (k = 10, the API's default mode), the two
-    precisions alternated query by query in the same run, and the ratio of their medians."""
+    precisions alternated query by query in the same run, and the ratio of their medians. A query is
+    a (prompt, response) pair or a dict of the request's text fields (e.g. {"messages": [...]})."""
+    bodies = [q if isinstance(q, dict) else {"prompt": q[0], "response": q[1]} for q in pairs]
     times, took = {p: [] for p in PRECISIONS}, {p: [] for p in PRECISIONS}
     with httpx.Client(base_url=base, timeout=120) as c:
-        for p, r in pairs[:5]:  # warm
+        for body in bodies[:5]:  # warm
             for precision in PRECISIONS:
-                c.post("/attribute", json={"prompt": p, "response": r, "k": K, "mode": mode,
-                                           "precision": precision}).raise_for_status()
-        for p, r in pairs:
+                c.post("/attribute", json={**body, "k": K, "mode": mode, "precision": precision}).raise_for_status()
+        for body in bodies:
             for precision in PRECISIONS:
                 t = time.perf_counter()
-                resp = c.post("/attribute", json={"prompt": p, "response": r, "k": K, "mode": mode, "precision": precision})
+                resp = c.post("/attribute", json={**body, "k": K, "mode": mode, "precision": precision})
                 times[precision].append(1000 * (time.perf_counter() - t))
                 resp.raise_for_status()
                 took[precision].append(resp.json()["took_ms"])
@@ -255,6 +266,54 @@ def throughput(base: str, pairs: list[tuple[str, str]], clients: int, seconds: f
             "requests_per_s": round(sum(done) / elapsed, 2)}
 
 
+# -- the real model ----------------------------------------------------------------------------
+def real_base(work: Path, n_docs: int) -> Path:
+    """An index of the real model (the build's defaults, batch 16) over the first n_docs chat records
+    of its ground truth, built once in `work`."""
+    from benchmarks.quality import chat
+    from indexer import BuildConfig, build_index
+    from indexing import chat_records
+    out = work / f"real-base-{n_docs}"
+    if not (out / store.MANIFEST).exists():
+        data = work / f"real-train-{n_docs}.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in chat_records(n_docs)))
+        build_index(BuildConfig(model=str(chat.model_dir()), data=[str(data)], out=str(out), batch_size=16,
+                                progress=False, overwrite=True))
+    return out
+
+
+def peak_rss_mib(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return round(int(status.split("VmHWM:")[1].split()[0]) / 1024, 1)
+
+
+def real_model(base_dir: Path, n: int, work: Path, n_queries: int) -> dict:
+    """/attribute latency (fast and high alternated) on the real model's index enlarged to n documents
+    (the base itself when it holds n or more), queries as `messages`; the server's peak RSS; bytes per
+    document of each stage of the base and of the enlarged index."""
+    from indexing import chat_records, stage_bytes
+    queries = [{"messages": r["messages"]} for r in chat_records(n_queries, split="query")]
+    if n > len(store.Index.open(base_dir)):
+        folder = work / f"real-index-{n}"
+        built = enlarged_index(base_dir, folder, n, work)
+    else:
+        folder, built = base_dir, {"faiss": store.read_manifest(base_dir).faiss.model_dump(), "build_s": None}
+    m = store.read_manifest(folder)
+    row = {"model": "SmolLM2-135M-Instruct", "n_documents": m.n_documents,
+           "base_documents": len(store.Index.open(base_dir)), "queries": len(queries), "k": K,
+           "dims": {"compact": m.dim, "high": m.high.dim if m.high else None}, "faiss": built["faiss"],
+           "build_s": built["build_s"], "disk": stage_bytes(folder), "base_disk": stage_bytes(base_dir),
+           "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "faiss": faiss.__version__,
+                       "omp_threads": int(os.environ.get("OMP_NUM_THREADS", "0")) or None}}
+    with server(folder, work / f"server-real-{n}", served=True) as s:
+        row["server_rss_after_start_mib"] = peak_rss_mib(s.process.pid)
+        row["machine"]["loadavg_before"] = round(os.getloadavg()[0], 2)  # above ~0.5: something else was running
+        row["attribute_http"] = http_latency(s.url, queries)
+        row["machine"]["loadavg_after"] = round(os.getloadavg()[0], 2)
+        row["server_peak_rss_mib"] = peak_rss_mib(s.process.pid)
+    return row
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="10k and 30k documents, 40 queries, 4 s per throughput run")
@@ -267,6 +326,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--workdir", default=None, help="keep the demo and indexes here (reused); default: a temporary folder")
     ap.add_argument("--demo", default=None, help="an existing `python -m indexer demo` folder to use")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serving.json"))
+    ap.add_argument("--real-model", action="store_true", help="only the real model's section (module docstring)")
+    ap.add_argument("--real-base", default=None, help="an index of the real model to enlarge (default: built here)")
+    ap.add_argument("--real-docs", type=int, default=2000, help="chat records of the base built here")
     args = ap.parse_args(argv)
     if args.quick:
         args.sizes = args.sizes or [10_000, 30_000]
@@ -279,6 +341,32 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(args.workdir or tmp.name)
     work.mkdir(parents=True, exist_ok=True)
 
+    out = Path(args.out)
+
+    def save_section(key: str, value: dict) -> None:
+        results = json.loads(out.read_text()) if out.is_file() else {}
+        results[key] = value
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2) + "\n")
+
+    if args.real_model or args.smoke:
+        from benchmarks.quality import chat
+        try:
+            chat.model_dir()
+        except FileNotFoundError as e:  # its package is not installed: the smoke run says so and goes on
+            if not args.smoke:
+                raise
+            real = {"skipped": str(e)}
+        else:
+            base = Path(args.real_base) if args.real_base else real_base(work, 4 if args.smoke else args.real_docs)
+            real = real_model(base, sizes[0] if not args.smoke else 4, work, 2 if args.smoke else args.queries)
+        print(json.dumps(real), flush=True)
+        save_section("real_model_smoke" if args.smoke else "real_model", real)
+        if args.real_model:
+            if tmp is not None:
+                tmp.cleanup()
+            return
+
     demo = Path(args.demo) if args.demo else work / "demo"
     if not args.demo:
         from indexer.demo import build_demo
@@ -290,13 +378,9 @@ def main(argv: list[str] | None = None) -> None:
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                           "omp_threads": int(os.environ.get("OMP_NUM_THREADS", "0")) or None, "faiss": faiss.__version__},
               "sizes": [], "throughput": {}}
-    out = Path(args.out)
 
     def save():
-        results = json.loads(out.read_text()) if out.is_file() else {}
-        results["serving_smoke" if args.smoke else "serving_quick" if args.quick else "serving"] = result
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=2) + "\n")
+        save_section("serving_smoke" if args.smoke else "serving_quick" if args.quick else "serving", result)
 
     for n in sizes:
         folder = work / f"index-{n}"
