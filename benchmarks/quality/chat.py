@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from . import data, train
+from .evaluate import mean_se, seed_sd
 from .reference import bm25_scores
 from .specs import Spec
 
@@ -331,15 +332,10 @@ def brittleness(gt: Path, sd: np.ndarray) -> dict:
         m = key[: -len(" losses")]
         drop = (rand - b[key]).mean(axis=2)  # (nq, k) nats
         units = drop / sd[qs][:, None]
-        out[m] = {"per_k": [dict(zip(("mean", "se"), _mean_se(units[:, j]))) for j in range(units.shape[1])],
-                  "mean_se": _mean_se(units.mean(axis=1)), "nats": _mean_se(drop.mean(axis=1)),
+        out[m] = {"per_k": [dict(zip(("mean", "se"), mean_se(units[:, j]))) for j in range(units.shape[1])],
+                  "mean_se": mean_se(units.mean(axis=1)), "nats": mean_se(drop.mean(axis=1)),
                   "drop_nats": drop.mean(axis=1)}
     return out
-
-
-def _mean_se(x: np.ndarray) -> tuple[float, float]:
-    x = x[np.isfinite(x)]
-    return float(x.mean()), float(x.std(ddof=1) / np.sqrt(len(x)))
 
 
 def write_defaults(path: Path) -> None:
@@ -514,9 +510,7 @@ def all_scores(gt: Path, work: Path, smoke: bool = False, log=print) -> dict:
 def summary(gt: Path, results: dict) -> dict:
     """Additive brittleness per method (in seed-sd units and nats), the real defaults' top-k against
     the mirror's the brittleness retrains used, and the paired drops the issue asks for."""
-    lds = np.load(gt / "lds.npz")
-    from .evaluate import seed_sd
-    sd = seed_sd(lds["losses"])
+    sd = seed_sd(np.load(gt / "lds.npz")["losses"])
     out = {"brittleness": {}, "paired": {}, "mirror_top_overlap": {}}
     if not (gt / "brittle.npz").exists():
         return out
@@ -534,7 +528,7 @@ def summary(gt: Path, results: dict) -> dict:
     for a, b in (("default high", "bm25"), ("default high", "full-dot"), ("default fast", "full-dot"),
                  ("default fast", "bm25"), ("default high", "default fast")):
         if a in res and b in res:
-            out["paired"][f"{a} - {b}"] = _mean_se(res[a]["drop_nats"] - res[b]["drop_nats"])
+            out["paired"][f"{a} - {b}"] = mean_se(res[a]["drop_nats"] - res[b]["drop_nats"])
     return out
 
 
