@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # this checkout's packages, not an installed copy
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import indexer  # noqa: E402,F401  first, as `python -m indexer` imports it: it sets GOMP_SPINCOUNT before torch loads
 import lancedb  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import torch  # noqa: E402

@@ -25,6 +25,7 @@ def run(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
     ("benchmarks/large_index.py", "large_index_smoke"),
     ("benchmarks/serving.py", "serving_smoke"),
     ("benchmarks/gpu_check.py", "gpu_check_smoke"),
+    ("benchmarks/valuation.py", "valuation_smoke"),
 ])
 def test_benchmark_smoke_mode_runs(tmp_path, script, section):
     out = tmp_path / "results.json"
