@@ -40,3 +40,14 @@ def test_quality_benchmark_smoke_run(tmp_path):
     methods = json.loads((tmp_path / "quality.json").read_text())["benchmarks"]["gpt2-stdlib"]["methods"]
     assert {"bm25", "random", "fast b512 h0.5 raw cosine"} <= set(methods)
     assert methods["bm25"]["lds"] > methods["random"]["lds"]
+
+
+def test_real_model_quality_benchmark_smoke_run(tmp_path):
+    """The real model's `run` on its committed ground truth (references only: no model pass)."""
+    run(["-m", "benchmarks.quality", "run", "--smoke", "--bench", "smollm2-chat", "--work", str(tmp_path / "work"),
+         "--results", str(tmp_path)])
+    bench = json.loads((tmp_path / "quality.json").read_text())["benchmarks"]["smollm2-chat"]
+    methods = bench["methods"]
+    assert {"bm25", "random", "full-dot", "mirror default high cosine"} <= set(methods)
+    assert methods["mirror default high cosine"]["lds"] > methods["bm25"]["lds"] > methods["random"]["lds"]
+    assert bench["noise_ceiling"]["mean"] > 0.5
