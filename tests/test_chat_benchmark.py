@@ -79,6 +79,13 @@ def test_generate_writes_every_stage_and_a_brittleness_row_is_its_fine_tune(chat
         assert ref[name].shape == (4, 16), name
     meta = json.loads((tiny_gt / "meta.json").read_text())
     assert "mirror_error" not in meta["reference"]
+    grid = chat.grid_scores(tiny_gt)  # every setting, each the engine stage with its change made
+    assert set(grid) == set(chat.GRID) and all(v.shape == (4, 16) for v in grid.values())
+    assert meta["grid"]["fast b4096 h0.9 ekfac d0.01"]["dim"] != meta["reference"]["default fast dim"]
+    model, tok = load_model(chat_dir)
+    want = chat.mirror_stage(model, tok, chat.pairs(tok, data.load_rows(tiny_gt)[1]), chat.pairs(tok, data.load_rows(tiny_gt)[0]),
+                             {**defaults, "head_share": 0.9}, "fast")
+    np.testing.assert_allclose(grid["fast b4096 h0.9 ekfac d0.01"], want["scores"], rtol=1e-5, atol=1e-6)
 
     b = np.load(tiny_gt / "brittle.npz")
     assert b["default_high_losses"].shape == (2, 2, 2)  # (queries, ks, seeds)

@@ -35,7 +35,8 @@ def cmd_generate(args) -> None:
         print(f"## {name}: {gt}", flush=True)
         if spec.arch == "pretrained":  # a real model: its own stages (chat.py)
             from . import chat
-            chat.generate(gt, spec, device=args.device, workers=args.workers)
+            chat.generate(gt, spec, device=args.device, workers=args.workers,
+                          stages=tuple(args.stages.split(",")) if args.stages else chat.STAGES)
             continue
         generate.stage_base(gt, spec)
         generate.stage_finetuned(gt, spec)
@@ -249,6 +250,7 @@ def main(argv=None) -> None:
     g.add_argument("--brittle-methods", default=None, help="comma-separated method names, or none")
     g.add_argument("--bench", action="append", default=None, help="a benchmark (specs.SPECS) to generate; repeatable; default all")
     g.add_argument("--brittle-queries", type=int, default=generate.BRITTLE_QUERIES)
+    g.add_argument("--stages", default=None, help="the real model's stages to run, comma-separated (chat.STAGES; default all)")
     r = sub.add_parser("run", help="score every method against the ground truth")
     r.add_argument("--default", default=DEFAULT)
     r.add_argument("--quick", action="store_true", help="the shipped defaults and the baselines only (no grids)")

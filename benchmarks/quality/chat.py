@@ -205,37 +205,88 @@ def full_dot_scores(model, tokenizer, q_pairs, d_pairs, batch: int = 8) -> np.nd
     return out
 
 
-def mirrored_defaults(model, tokenizer, q_pairs, d_pairs, defaults: dict, batch: int = 32) -> dict:
-    """The shipped defaults' cosine scores through the engine functions the indexer calls (compact
-    stage: budget/head share/preconditioner fitted on every document; high stage: its budget and
-    preconditioner fitted on the first high_sample documents), without FAISS or LanceDB. The `run`
-    step scores the real index and checks the top documents agree (generate.brittle_matches)."""
+def mirror_stage(model, tokenizer, q_pairs, d_pairs, settings: dict, stage: str, batch: int = 32) -> dict:
+    """One stage of a build with `settings` (defaults.json's keys) through the engine functions the
+    indexer calls, without FAISS or LanceDB: the compact stage (budget, head share, preconditioner
+    fitted on every document) or the high stage (its budget and head share, preconditioner fitted on
+    the first high_sample documents). Cosine scores (queries x documents), self-retrieval@1, dim, seconds."""
     from dataclasses import replace
 
     from engine import LoGra, LoGraConfig, Preconditioner, encode_pairs, fit_preconditioner, pair_vectors
+    s = settings
+    config = LoGraConfig(rank=s["rank"], budget=s["budget"], head_share=s["head_share"], head=s["head"], seed=s["seed"],
+                         include=s["include"], exclude=s["exclude"], max_tokens=s["max_tokens"])
+    kind, damping, sample = s["preconditioner"], s["damping"], len(d_pairs)
+    if stage == "high":
+        config = replace(config, budget=s["high_budget"], head_share=s["high_head_share"])
+        kind, damping, sample = s["high_preconditioner"], s["high_damping"], s["high_sample"]
+    t = time.time()
+    logra = LoGra(model, config)
+    enc = encode_pairs(tokenizer, d_pairs[:sample], logra.max_tokens)
+    pre = Preconditioner(kind, logra.shapes, damping_ratio=damping)
+    pre = fit_preconditioner(logra, pre, tokenizer, [enc[i : i + batch] for i in range(0, len(enc), batch)])
+    device = next(model.parameters()).device  # the products below: 2,000 x 65,536 on a GPU if there is one
+    d = pair_vectors(logra, pre, tokenizer, d_pairs, batch_size=batch).to(device, torch.float64)
+    qv = pair_vectors(logra, pre, tokenizer, q_pairs, batch_size=batch).to(device, torch.float64)
+    d, qv = d / d.norm(dim=1, keepdim=True).clamp_min(1e-30), qv / qv.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    return {"scores": (qv @ d.T).cpu().numpy(), "dim": logra.dim, "seconds": round(time.time() - t, 1),
+            "self_at1": float(((d @ d.T).argmax(dim=1).cpu() == torch.arange(len(d))).double().mean())}
+
+
+def mirrored_defaults(model, tokenizer, q_pairs, d_pairs, defaults: dict, batch: int = 32) -> dict:
+    """The shipped defaults' two stages (mirror_stage). The `run` step scores the real index and
+    checks the top documents agree (summary's mirror_top_overlap)."""
     out = {}
-    config = LoGraConfig(rank=defaults["rank"], budget=defaults["budget"], head_share=defaults["head_share"],
-                         head=defaults["head"], seed=defaults["seed"], include=defaults["include"],
-                         exclude=defaults["exclude"], max_tokens=defaults["max_tokens"])
-    fast = LoGra(model, config)
-    stages = {"default fast": (fast, defaults["preconditioner"], defaults["damping"], len(d_pairs)),
-              "default high": (LoGra(model, replace(config, budget=defaults["high_budget"],
-                                                    head_share=defaults["high_head_share"]), layers=fast.layers),
-                               defaults["high_preconditioner"], defaults["high_damping"], defaults["high_sample"])}
-    for name, (logra, kind, damping, sample) in stages.items():
-        t = time.time()
-        enc = encode_pairs(tokenizer, d_pairs[:sample], logra.max_tokens)
-        pre = Preconditioner(kind, logra.shapes, damping_ratio=damping)
-        pre = fit_preconditioner(logra, pre, tokenizer, [enc[i : i + batch] for i in range(0, len(enc), batch)])
-        device = next(model.parameters()).device  # the products below: 2,000 x 65,536 on a GPU if there is one
-        d = pair_vectors(logra, pre, tokenizer, d_pairs, batch_size=batch).to(device, torch.float64)
-        qv = pair_vectors(logra, pre, tokenizer, q_pairs, batch_size=batch).to(device, torch.float64)
-        d, qv = d / d.norm(dim=1, keepdim=True).clamp_min(1e-30), qv / qv.norm(dim=1, keepdim=True).clamp_min(1e-30)
-        out[name] = (qv @ d.T).cpu().numpy()
-        out[name + " self_at1"] = float(((d @ d.T).argmax(dim=1).cpu() == torch.arange(len(d))).double().mean())
-        out[name + " dim"] = logra.dim
-        out[name + " seconds"] = round(time.time() - t, 1)
+    for stage in ("fast", "high"):
+        r = mirror_stage(model, tokenizer, q_pairs, d_pairs, defaults, stage, batch)
+        out[f"default {stage}"] = r.pop("scores")
+        out.update({f"default {stage} {k}": v for k, v in r.items()})
     return out
+
+
+# Settings tried on the real model beside the defaults (grid.npz), named as the toy benchmarks' grid
+# (methods.py) names them: stage, then what differs from defaults.json.
+GRID = {
+    "fast b4096 h0.25 ekfac d0.01": ("fast", {"head_share": 0.25}),
+    "fast b4096 h0.75 ekfac d0.01": ("fast", {"head_share": 0.75}),
+    "fast b4096 h0.9 ekfac d0.01": ("fast", {"head_share": 0.9}),
+    "high b65536 h0.9 s4096": ("high", {"high_head_share": 0.9}),
+    "high b65536 h1 s4096": ("high", {"high_head_share": 1.0}),
+    "high b65536 h0.75 s512": ("high", {"high_sample": 512}),
+    "high b65536 h0.75 s128": ("high", {"high_sample": 128}),
+}
+
+
+def stage_grid(gt: Path, base: Path, q: list, tr: list, defaults: dict, device: str, budget_s: float | None = None) -> None:
+    """grid.npz: each GRID setting's cosine scores through mirror_stage, saved after each one (a
+    setting already there is kept), so a run cut short keeps what it finished; timings in meta.json.
+    `budget_s`: start no new setting after that many seconds."""
+    from engine import load_model
+    path = gt / "grid.npz"
+    done = dict(np.load(path)) if path.exists() else {}
+    todo = [n for n in GRID if n.replace(" ", "_") not in done]
+    if not todo:
+        return
+    model, tok = load_model(str(base), device=device)
+    meta = json.loads((gt / "meta.json").read_text()).get("grid", {}) if (gt / "meta.json").exists() else {}
+    t0 = time.time()
+    for name in todo:
+        if budget_s is not None and time.time() - t0 > budget_s:
+            break
+        stage, change = GRID[name]
+        r = mirror_stage(model, tok, q, tr, {**defaults, **change}, stage)
+        done[name.replace(" ", "_")] = r.pop("scores").astype(np.float32)
+        meta[name] = {**r, "device": device}
+        np.savez_compressed(path, **done)
+        _meta(gt, grid=meta)
+        print(f"grid {name}: {r}", flush=True)
+
+
+def grid_scores(gt: Path) -> dict[str, np.ndarray]:
+    if not (gt / "grid.npz").exists():
+        return {}
+    with np.load(gt / "grid.npz") as z:
+        return {k.replace("_", " "): z[k] for k in z.files}
 
 
 def stage_reference(gt: Path, base: Path, tr_rows, q_rows, tr, q, defaults: dict, device: str) -> None:
@@ -347,8 +398,13 @@ def write_defaults(path: Path) -> None:
     path.write_text(json.dumps({k: v for k, v in d.items() if k not in ("model", "data", "out", "extra")}, indent=1))
 
 
-def generate(gt: Path, spec: Spec, device: str = "cpu", workers: int = 2, base: Path | None = None) -> None:
-    """Every stage whose artifact is missing: corpus (CPU), LDS retrains, reference scores, brittleness.
+STAGES = ("lds", "reference", "brittle", "grid")
+
+
+def generate(gt: Path, spec: Spec, device: str = "cpu", workers: int = 2, base: Path | None = None,
+             stages: tuple[str, ...] = STAGES) -> None:
+    """Every stage in `stages` whose artifact is missing: corpus (CPU, always), LDS retrains,
+    reference scores, brittleness (needs lds and reference), the settings grid.
     `base`: the model folder (default: the real model, model_dir())."""
     base = base or model_dir()
     from transformers import AutoTokenizer
@@ -357,21 +413,26 @@ def generate(gt: Path, spec: Spec, device: str = "cpu", workers: int = 2, base: 
         _meta(gt, spec=spec.name, arch=spec.arch, corpus=build_corpus(gt, spec, tok))
     tr_rows, q_rows = data.load_rows(gt)
     tr, q = pairs(tok, tr_rows), pairs(tok, q_rows)
-    print(f"{len(tr)} training records, {len(q)} queries; device {device}, {workers} workers", flush=True)
-    t = time.time()
-    stage_lds(gt, spec, base, tr, q, device, workers)
-    print(f"lds done: {time.time() - t:.0f} s", flush=True)
+    print(f"{len(tr)} training records, {len(q)} queries; device {device}, {workers} workers, stages {stages}", flush=True)
     defaults_path = gt / "defaults.json"
     if not defaults_path.exists():
         write_defaults(defaults_path)
-    t = time.time()
-    stage_reference(gt, base, tr_rows, q_rows, tr, q, json.loads(defaults_path.read_text()), device)
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()  # the reference's query gradients: the retrain workers need the memory
-    print(f"reference done: {time.time() - t:.0f} s", flush=True)
-    t = time.time()
-    stage_brittle(gt, spec, base, tr, q, device, workers, reference_scores(gt))
-    print(f"brittleness done: {time.time() - t:.0f} s", flush=True)
+    defaults = json.loads(defaults_path.read_text())
+    for stage in stages:
+        t = time.time()
+        if stage == "lds":
+            stage_lds(gt, spec, base, tr, q, device, workers)
+        elif stage == "reference":
+            stage_reference(gt, base, tr_rows, q_rows, tr, q, defaults, device)
+        elif stage == "brittle":
+            stage_brittle(gt, spec, base, tr, q, device, workers, reference_scores(gt))
+        elif stage == "grid":
+            stage_grid(gt, base, q, tr, defaults, device)
+        else:
+            raise ValueError(f"unknown stage {stage!r}: one of {STAGES}")
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()  # this process's cached blocks: the retrain workers need the memory
+        print(f"{stage} done: {time.time() - t:.0f} s", flush=True)
 
 
 # ----------------------------------------------------------------------------------------------- run
@@ -496,6 +557,9 @@ def all_scores(gt: Path, work: Path, smoke: bool = False, log=print) -> dict:
             key = name if not name.startswith("default") else f"mirror {name} cosine"
             results[key] = {"family": key.split()[0], "mode": "cosine" if "cosine" in key else "influence",
                             "scores": ref[name], "self_at1": None, "seconds_per_query": None}
+    for name, scores in grid_scores(gt).items():  # engine settings mirrored on the GPU beside the defaults
+        results[f"mirror {name} cosine"] = {"family": "grid", "mode": "cosine", "scores": scores, "self_at1": None,
+                                            "seconds_per_query": None}
     results["random"] = {"family": "random", "mode": None, "seconds_per_query": None, "self_at1": None,
                          "scores": np.random.default_rng(0).standard_normal(ref["full-dot"].shape)}
     if not smoke:

@@ -39,7 +39,9 @@ FAST_GRID = ((4096, 0.5, "ekfac", 0.01), (2048, 0.5, "ekfac", 0.01), (2048, 0.5,
              (2048, 0.25, "ekfac", 0.1), (2048, 0.25, "ekfac", 0.01), (1024, 0.25, "ekfac", 0.01), (4096, 0.25, "ekfac", 0.01),
              (2048, 0.125, "raw", 0.1), (2048, 0.5, "ekfac", 0.03), (1024, 0.5, "ekfac", 0.01),
              (2048, 0.75, "ekfac", 0.01), (16384, 0.75, "ekfac", 0.01), (32768, 0.75, "ekfac", 0.01),
-             (32768, 0.9, "ekfac", 0.01), (65536, 0.75, "ekfac", 0.01), (65536, 0.9, "ekfac", 0.01))
+             (32768, 0.9, "ekfac", 0.01), (65536, 0.75, "ekfac", 0.01), (65536, 0.9, "ekfac", 0.01),
+             # the real model's grid (chat.GRID) asked these of the toys
+             (4096, 0.75, "ekfac", 0.01), (4096, 0.9, "ekfac", 0.01), (65536, 1.0, "ekfac", 0.01))
 QUICK_FAST = FAST_GRID[:1]
 LEGACY = ((8, "raw"),)  # the previous default: rank 8 on the blocks' layers, no head
 # Larger representations, recomputed from the texts: (max_side, preconditioner, damping, head, head_whole).

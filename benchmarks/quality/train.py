@@ -183,19 +183,23 @@ def retrain_many(base_dir: Path, train_texts: list, query_texts: list, jobs: lis
     """(len(jobs), n_queries) query losses, one fine-tune of the base per (keep mask, seed); `recipe`:
     fine_tune's lr/epochs/batch (spec.recipe; default benchmark 1's). On a GPU the workers share it.
     `partial`: the rows finished so far are saved there (.npy) every `workers` jobs, so a run cut
-    short by a time limit still leaves them."""
+    short by a time limit still leaves them, and the same call again starts after them."""
     from tqdm import tqdm
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     init = (str(base_dir), list(train_texts), list(query_texts), recipe, device)
+    done = list(np.load(partial)) if partial is not None and partial.exists() else []
+    jobs = jobs[len(done):]
 
     def collect(results) -> np.ndarray:
-        rows = []
+        rows = list(done)
         for row in tqdm(results, total=len(jobs), disable=not progress, desc="retrains"):
             rows.append(row)
             if partial is not None and len(rows) % max(1, workers) == 0:
                 np.save(partial, np.stack(rows))
         return np.stack(rows)
 
+    if not jobs:
+        return np.stack(done)
     if workers <= 1:
         _setup(*init)
         return collect(_job(j) for j in jobs)
