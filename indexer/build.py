@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +27,7 @@ from .manifest import (AppendInfo, Budget, BuildInfo, DataInfo, FaissInfo, Manif
                        Stats)
 from .records import ReadStats, Record, TextFormatter, expand_inputs, is_dataset, read_records, source_identity
 from .ann import INDEX_TYPES
-from .store import HighVectorWriter, Index, IndexWriter, document_pair, load_engine_state
+from .store import HighVectorWriter, Index, IndexFormatError, IndexWriter, document_pair, load_engine_state
 
 
 @dataclass
@@ -54,8 +55,8 @@ class BuildConfig:
     preconditioner: str = "ekfac"
     damping: float = 0.01
     # The high-fidelity stage (api: precision "high"): larger compact vectors (high_budget dimensions,
-    # high_head_share of them to the LM head) with their own EK-FAC, fitted on the first high_sample
-    # documents, stored on disk as float16 and read for the candidates (README "Two stages").
+    # high_head_share of them to the LM head) with their own EK-FAC, fitted on the first high_sample (whole shards)
+    # documents, stored on disk as float16 and read for the candidates (docs/quality.md, the two stages).
     high: bool = True
     high_budget: int = 65536
     high_head_share: float = 0.75
@@ -222,7 +223,7 @@ def append_documents(index_dir: str | Path, data: Sequence[str], *, model: str |
         high = base.high_engine(lm, cfg.model)  # the index's own high-fidelity stage too, not refitted
         if high is not None:
             high = HighStage(*high, base.state["high"], 0, m.high.preconditioner.damping_ratio, 0.0)
-        counts, seconds, _, _ = _gradient_pass(cfg, records, logra, tokenizer, pre, writer, fit=False, high=high)
+        counts, seconds, _, _, _ = _gradient_pass(cfg, records, logra, tokenizer, pre, writer, fit=False, high=high)
         if writer.n_rows == 0:
             raise ValueError(f"no new documents in {', '.join(map(str, cfg.data))} (skipped {stats.skipped})")
         faiss_info = _write_vectors(cfg, pre, writer, logra.dim)
@@ -308,13 +309,16 @@ def _build(cfg: BuildConfig, model, tokenizer, writer: IndexWriter, started: flo
     # pass computes both stages' vectors from one forward and backward pass per batch (a bad record
     # is skipped here: the gradient pass reports it or skips it too, so the sample is the first rows). Several
     # processes fit it once their shards are merged, and compute its vectors in a pass of their own.
-    high = None
+    high = sampler = None
     if cfg.high and procs.world == 1:
-        sample = (document_pair(r.prompt, r.text) for r in read(True, ReadStats()))
-        high = _fit_high(cfg, model, tokenizer, logra, writer, sample)
+        if writer.high_state is None and (writer.n_rows == 0 or "high_sample" in (writer.resumed or {})):
+            sampler = HighSampler(cfg, model, logra, writer)  # fitted inside the gradient pass
+        else:  # fitted before a kill, or a partial build that fitted it in a pass of its own
+            sample = (document_pair(r.prompt, r.text) for r in read(True, ReadStats()))
+            high = _fit_high(cfg, model, tokenizer, logra, writer, sample)
     with procs.step():
-        counts, gradient_seconds, n_done_before, tokens_at_start = _gradient_pass(cfg, records, logra, tokenizer, pre,
-                                                                                  writer, procs=procs, high=high)
+        counts, gradient_seconds, n_done_before, tokens_at_start, high = _gradient_pass(
+            cfg, records, logra, tokenizer, pre, writer, procs=procs, high=high, sampler=sampler)
     # Sums over the processes (each of them holds its own shards' share); the identity in one process.
     pre.reduce(procs.sum)
     counts = procs.total(counts)
@@ -419,6 +423,87 @@ def _fit_high(cfg: BuildConfig, model, tokenizer, fast: LoGra, writer: IndexWrit
     return HighStage(logra, pre, saved["state"], saved["sample_documents"], cfg.high_damping, saved["fit_seconds"])
 
 
+class HighSampler:
+    """The high-fidelity stage fitted inside the gradient pass (one process): the first shards, whole,
+    until they hold at least high_sample documents (or the corpus ends), get their high-fidelity
+    gradients and statistics from the same forward and backward passes as the compact vectors; the
+    gradients wait in a scratch file (float32, about 1 GB at 4,096 x 65,536) until the stage is
+    fitted, then become those documents' rows, and later shards get theirs directly. No model pass
+    of its own (`fit_sample` makes one). The statistics ride in the shards' checkpoints and the
+    scratch rows are flushed before them, so a killed build resumes the sample too."""
+    SCRATCH = "high-sample.f32"
+
+    def __init__(self, cfg: BuildConfig, model, fast: LoGra, writer: IndexWriter):
+        config = replace(fast.config, rank=None, budget=cfg.high_budget, head_share=cfg.high_head_share)
+        self.logra = LoGra(model, config, layers=fast.layers)
+        self.pre = Preconditioner(cfg.high_preconditioner, self.logra.shapes, damping_ratio=cfg.high_damping)
+        self.cfg, self.writer, self.rows = cfg, writer, 0
+        self.path = writer.tmp / self.SCRATCH
+        self.file = open(self.path, "r+b" if self.path.is_file() else "w+b")
+
+    def state(self) -> dict:
+        return {"rows": self.rows, "preconditioner": self.pre.stats_state()}
+
+    def load(self, state: dict) -> None:
+        self.rows = state["rows"]
+        self.pre.load_stats_state(state["preconditioner"])
+
+    def add(self, idx: Sequence[int], out) -> None:
+        """One batch of the current shard: statistics, and its rows at their places in the scratch file."""
+        self.pre.update(out.grads, out.token_stats)
+        flat = np.ascontiguousarray(self.logra.flatten(out.grads).cpu().numpy(), dtype=np.float32)
+        for i, row in zip(idx, flat):
+            self.file.seek((self.rows + i) * row.nbytes)
+            self.file.write(row.tobytes())
+
+    def end_shard(self, n: int) -> None:
+        self.file.flush()
+        os.fsync(self.file.fileno())  # before the shard's checkpoint, which counts these rows
+        self.rows += n
+
+    def finish(self, out: HighVectorWriter) -> HighStage:
+        """Fit on the sample (EK-FAC's eigenvalue statistics from the scratch rows), save the fitted
+        state, then write the sample's rows."""
+        t0 = time.time()
+        self.file.close()
+        if self.pre.needs_second_pass:
+            for x in self._blocks(0):
+                self.pre.update_second(torch.from_numpy(x))
+        self.pre.finalize()
+        state = _engine_state(self.logra, self.pre)
+        saved = {"state": state, "sample_documents": self.rows, "fit_seconds": round(time.time() - t0, 2)}
+        self.writer.save_high_state(saved)  # from here a resumed build has the stage (_fit_high loads it)
+        high = HighStage(self.logra, self.pre, state, self.rows, self.cfg.high_damping, saved["fit_seconds"])
+        self.write_sample_rows(high, out, self.writer)
+        high.fit_seconds = round(time.time() - t0, 2)
+        return high
+
+    def _blocks(self, start: int):
+        return self.read_blocks(self.path, self.logra.dim, start, self.rows)
+
+    @staticmethod
+    def read_blocks(path: Path, dim: int, start: int, stop: int):
+        block = max(1, SAMPLE_BLOCK_BYTES // (4 * dim))
+        for s in range(start, stop, block):
+            n = min(block, stop - s)
+            yield np.fromfile(path, np.float32, count=n * dim, offset=4 * s * dim).reshape(n, dim)
+
+    @classmethod
+    def write_sample_rows(cls, high: HighStage, out: HighVectorWriter, writer: IndexWriter) -> None:
+        """The stored rows of the sample's documents from the scratch file, after those `out` has,
+        up to the checkpointed shards (a build killed while writing them resumes here); then the
+        scratch file goes."""
+        path = writer.tmp / cls.SCRATCH
+        stop = writer.row_offset + writer.n_rows
+        if out.rows < stop and not path.is_file():
+            raise IndexFormatError(f"the partial build in {writer.tmp} lost its high-fidelity sample; "
+                                   "rebuild with --overwrite")
+        for x in cls.read_blocks(path, high.logra.dim, out.rows, stop):
+            out.add_unit(*HighVectorWriter.unit(high.vectors(torch.from_numpy(x)).numpy()))
+            out.checkpoint()
+        path.unlink(missing_ok=True)
+
+
 def fit_sample(logra: LoGra, pre: Preconditioner, tokenizer, batches: Sequence[Sequence[Encoded]], scratch: Path,
                progress=lambda what, it: it) -> Preconditioner:
     """engine.fit_preconditioner's result with one model pass instead of two: EK-FAC's eigenvalue pass
@@ -468,12 +553,15 @@ def _write_high(cfg: BuildConfig, high: HighStage, tokenizer, writer: IndexWrite
 
 
 def _gradient_pass(cfg: BuildConfig, records, logra: LoGra, tokenizer, pre: Preconditioner, writer: IndexWriter,
-                   fit: bool = True, procs: Processes = Processes(), high: HighStage | None = None):
+                   fit: bool = True, procs: Processes = Processes(), high: HighStage | None = None,
+                   sampler: "HighSampler | None" = None):
     """Pass 1: raw projected gradients of every record, shard by shard, checkpointed; with `fit`,
     the preconditioner's statistics too; with `high`, the high-fidelity vectors from the same
-    forward and backward passes. Resumes after the writer's last checkpoint. With several
-    processes, this one computes the shards the writer says it owns (every `world`-th) and reads
-    past the others; its counts and statistics cover its own shards."""
+    forward and backward passes; with `sampler`, the high-fidelity stage is fitted from the same
+    passes over the first shards, then used for the rest. Resumes after the writer's last
+    checkpoint. With several processes, this one computes the shards the writer says it owns (every
+    `world`-th) and reads past the others; its counts and statistics cover its own shards. Returns
+    counts, seconds, documents done before, tokens at the start and the high-fidelity stage."""
     counts = {"tokens": 0, "loss_tokens": 0, "truncated": 0, "no_loss_tokens": 0}
     records = iter(records)
     n_done_before = writer.n_rows
@@ -482,6 +570,8 @@ def _gradient_pass(cfg: BuildConfig, records, logra: LoGra, tokenizer, pre: Prec
         counts = writer.resumed["counts"]
         if fit:
             pre.load_stats_state(writer.resumed["preconditioner"])
+        if sampler is not None and "high_sample" in writer.resumed:
+            sampler.load(writer.resumed["high_sample"])
     for _ in islice(records, first_shard * cfg.shard_size):  # every shard before it is full
         pass
     total = count_records(cfg.data) if cfg.progress and procs.main else None
@@ -496,7 +586,12 @@ def _gradient_pass(cfg: BuildConfig, records, logra: LoGra, tokenizer, pre: Prec
     high_out = None
     if high is not None:  # its rows written before each shard's checkpoint: at least as many as the checkpoint's
         high_out = writer.high_vectors(high.logra.dim)
+        if high_out.rows < writer.row_offset + writer.n_rows:  # killed while the sample's rows were written
+            HighSampler.write_sample_rows(high, high_out, writer)
         high_out.rewind(writer.row_offset + writer.n_rows)
+    elif sampler is not None:  # rows come once the stage is fitted
+        high_out = writer.high_vectors(sampler.logra.dim)
+        high_out.rewind(0)
 
     def write(rows, raw, state, high_rows):
         if high_rows is not None:
@@ -504,49 +599,69 @@ def _gradient_pass(cfg: BuildConfig, records, logra: LoGra, tokenizer, pre: Prec
             high_out.checkpoint()
         writer.add_shard(rows, raw, state=state)
 
+    def fit_high() -> HighStage:  # every sample shard written first: the checkpoints cover the sample
+        nonlocal pending
+        if pending is not None:
+            pending.result()
+            pending = None
+        return sampler.finish(high_out)
+
     # Shards are written by one background thread while the next is computed; at most one waits.
     io, pending = ThreadPoolExecutor(1, thread_name_prefix="shard-writer"), None
     try:  # the bar is closed on errors too, so an error message starts on a line of its own
         for number, shard in enumerate(_chunks(records, cfg.shard_size), start=first_shard):
             if not writer.owns(number):
                 continue
-            raw, high_rows, encoded = _shard_gradients(cfg, shard, logra, tokenizer, pre, fit, counts, progress, high)
+            if high is None and sampler is not None and sampler.rows >= cfg.high_sample:  # the sample is complete
+                high = fit_high()
+            raw, high_rows, encoded = _shard_gradients(cfg, shard, logra, tokenizer, pre, fit, counts, progress, high,
+                                                       sampler if high is None else None)
             rows = [_row(r, e) for r, e in zip(shard, encoded)]
-            state = {"counts": dict(counts), **({"preconditioner": pre.stats_state()} if fit else {})}  # snapshots
+            state = {"counts": dict(counts), **({"preconditioner": pre.stats_state()} if fit else {}),  # snapshots
+                     **({"high_sample": sampler.state()} if high is None and sampler is not None else {})}
             if pending is not None:
                 pending.result()  # a write error stops the pass here
             pending = io.submit(write, rows, raw, state, high_rows)
+        if high is None and sampler is not None and sampler.rows > 0:  # the sample is complete, or the corpus is
+            high = fit_high()
         if pending is not None:
             pending.result()
-        if high_out is not None:
+        if high_out is not None and high is not None:
             high_out.close(writer.row_offset + writer.n_rows)
     finally:
         io.shutdown(wait=True)
         bar.close()
-    return counts, time.time() - t0, n_done_before, tokens_at_start
+    return counts, time.time() - t0, n_done_before, tokens_at_start, high
 
 
 def _shard_gradients(cfg: BuildConfig, shard: list[Record], logra: LoGra, tokenizer, pre: Preconditioner, fit: bool,
-                     counts: dict, progress, high: HighStage | None = None
+                     counts: dict, progress, high: HighStage | None = None, sampler: "HighSampler | None" = None
                      ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray] | None, list[Encoded]]:
     """Raw projected gradients of one shard (and statistics with `fit`), with `high` its high-fidelity
-    vectors as stored (unit rows, norms); `counts` updated in place, `progress(n)` called after each
-    batch of n documents. Returns the gradients, the high-fidelity rows and the encodings."""
+    vectors as stored (unit rows, norms), with `sampler` the high-fidelity gradients and statistics
+    of a sample shard; `counts` updated in place, `progress(n)` called after each batch of n
+    documents. Returns the gradients, the high-fidelity rows and the encodings."""
     encoded = encode_pairs(tokenizer, [document_pair(r.prompt, r.text) for r in shard], logra.max_tokens)
     raw = np.zeros((len(shard), logra.dim), dtype=np.float32)
     if high is not None:
         unit, norms = np.zeros((len(shard), high.logra.dim), dtype=np.float16), np.zeros(len(shard), dtype=np.float32)
-    projectors = [logra] + ([high.logra] if high is not None else [])
+    second = high.logra if high is not None else sampler.logra if sampler is not None else None
+    projectors = [logra] + ([second] if second is not None else [])
     for idx in _batches(encoded, cfg.batch_size, cfg.batch_tokens):
         batch = collate([encoded[i] for i in idx], tokenizer.pad_token_id)
-        out = joint_gradients(projectors, batch, [fit and pre.needs_token_stats, False])
+        out = joint_gradients(projectors, batch, [fit and pre.needs_token_stats,
+                                                  sampler is not None and sampler.pre.needs_token_stats])
         if fit:
             pre.update(out[0].grads, out[0].token_stats)
         raw[idx] = logra.flatten(out[0].grads).cpu().numpy()
         if high is not None:
             unit[idx], norms[idx] = HighVectorWriter.unit(high.vectors(out[1].grads).cpu().numpy())
+        elif sampler is not None:
+            sampler.add(idx, out[1])
         counts["tokens"] += sum(len(encoded[i].input_ids) for i in idx)
         progress(len(idx))
+    if sampler is not None:
+        sampler.end_shard(len(shard))
     for e in encoded:
         counts["loss_tokens"] += e.n_loss_tokens
         counts["truncated"] += e.truncated

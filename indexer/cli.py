@@ -103,7 +103,7 @@ BUILD_OPTIONS: list[Option] = [
          help="the high-fidelity stage's preconditioner"),
     _opt("--high-damping", type=float, default=_D.high_damping, help="as --damping, for the high-fidelity stage"),
     _opt("--high-sample", type=positive_int, default=_D.high_sample,
-         help="documents the high-fidelity preconditioner is fitted on (the first ones)"),
+         help="documents the high-fidelity preconditioner is fitted on (the first ones, whole shards)"),
     _opt("--seed", type=int, default=_D.seed, help="projection seed"),
     _opt("--preconditioner", choices=PRECONDITIONERS, default=_D.preconditioner,
          help="the compact vectors' preconditioner, fitted on every document"),

@@ -128,9 +128,11 @@ def test_two_processes_build_the_one_process_index(runs, kind):
     # the same vectors up to the order in which the preconditioner's sums were added
     np.testing.assert_allclose(np.asarray(two.vectors), np.asarray(one.vectors), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(two.norms, one.norms, rtol=1e-4)
-    # the high-fidelity vectors: one process computes them in its gradient pass, two in a pass of their own
-    np.testing.assert_allclose(np.asarray(two.high_vectors, np.float32), np.asarray(one.high_vectors, np.float32),
-                               rtol=1e-2, atol=2e-4)
+    # the high-fidelity vectors: one process computes them in its gradient pass, two in a pass of their own.
+    # Stored in the EK-FAC eigenbasis, whose vectors' signs follow the sums' order: compare what scores
+    # read, the rows' inner products (float16 rows)
+    gram = lambda ix: (lambda h: h @ h.T)(np.asarray(ix.high_vectors, np.float64))
+    np.testing.assert_allclose(gram(two), gram(one), atol=2e-3)
     np.testing.assert_allclose(two.high_norms, one.high_norms, rtol=1e-4)
     probes = np.asarray(one.vectors[::6])
     for mode in ann.MODES:

@@ -1,14 +1,18 @@
-"""The build fits the high-fidelity stage's EK-FAC with one model pass over its sample (the
+"""The build fits the high-fidelity stage inside its gradient pass (below); a build resumed from an
+older partial build, or one of several processes, fits it the high-fidelity stage's EK-FAC with one model pass over its sample (the
 eigenvalue pass reads the stored sample gradients back): the same preconditioner as the engine's
 two-pass fit, which recomputes them."""
 from __future__ import annotations
 
+import numpy as np
+import pytest
 import torch
 
-from engine import LoGra, LoGraConfig, Preconditioner, collate, encode, fit_preconditioner, load_model
+from engine import LoGra, LoGraConfig, Preconditioner, collate, encode, fit_preconditioner, load_model, pair_vectors
+from indexer import BuildConfig, Index, build_index
 from indexer.build import fit_sample
 
-from .support import synthetic_corpus
+from .support import synthetic_corpus, write_jsonl
 
 
 def test_one_pass_fit_equals_the_two_pass_fit(tmp_path, model_dir):
@@ -27,3 +31,32 @@ def test_one_pass_fit_equals_the_two_pass_fit(tmp_path, model_dir):
     kfac = fit_sample(logra, Preconditioner("kfac", logra.shapes), tok, batches, scratch)  # no second pass: no file
     torch.testing.assert_close(kfac.apply(probe), fit_preconditioner(logra, Preconditioner("kfac", logra.shapes), tok,
                                                                      batches).apply(probe))
+
+
+@pytest.mark.parametrize("high_sample", [16, 100])  # the first two shards of eight; more than the corpus
+def test_a_build_fits_the_high_stage_inside_its_gradient_pass(tmp_path, gpt2_dir, monkeypatch, high_sample):
+    """One model pass: the stage is fitted from the gradient pass's own first shards (no separate
+    fit pass, no pass of its own for the vectors), and the stored rows equal the engine's two-pass
+    fit on those documents applied to every document."""
+    from indexer import build as build_module
+    for name in ("fit_sample", "_write_high"):
+        monkeypatch.setattr(build_module, name, lambda *a, **k: pytest.fail("a model pass of the high stage's own"))
+    docs = synthetic_corpus(40, seed=11)
+    data = write_jsonl(tmp_path / "d.jsonl", docs)
+    build_index(BuildConfig(model=gpt2_dir, data=[data], out=str(tmp_path / "idx"), shard_size=8, batch_size=3,
+                            high_budget=2048, high_sample=high_sample, progress=False))
+    index = Index.open(tmp_path / "idx")
+    n_sample = min(high_sample, 40)
+    assert index.manifest.high.sample_documents == n_sample
+
+    model, tok = load_model(gpt2_dir)
+    fast = LoGra(model, LoGraConfig(budget=4096, head_share=index.manifest.budget.head_share))
+    logra = LoGra(model, LoGraConfig(budget=2048, head_share=0.75), layers=fast.layers)
+    enc = [encode(tok, "", d["text"], 512) for d in docs]
+    pre = fit_preconditioner(logra, Preconditioner("ekfac", logra.shapes, damping_ratio=0.01), tok,
+                             [enc[i : min(i + 5, n_sample)] for i in range(0, n_sample, 5)])
+    want = pair_vectors(logra, pre, tok, [("", d["text"]) for d in docs], batch_size=7, eigenbasis=True).double().numpy()
+    norms = np.linalg.norm(want, axis=1)
+    np.testing.assert_allclose(index.high_norms, norms, rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(index.high_vectors, np.float64), want / norms[:, None], atol=2e-3)
+    assert not list(tmp_path.glob("**/high-sample.f32"))
