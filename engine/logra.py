@@ -30,7 +30,7 @@ class LoGraConfig:
     not projected at all (the exact gradient), whatever the mode."""
     rank: int | None = None
     budget: int = 2048
-    head_share: float = 0.5  # of the budget, to the LM head when it is tracked (engine.budget)
+    head_share: float = 0.75  # of the budget, to the LM head when it is tracked (engine.budget)
     max_side: int | None = None
     # max_side mode: the LM head's output (vocabulary) side kept whole whatever its size; its
     # output-gradient statistics are then only the diagonal (a vocabulary-square factor is too big)

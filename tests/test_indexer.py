@@ -179,7 +179,7 @@ def test_cli_info_manifest_fields(cli, model, request, capsys):
     assert printed["n_documents"] == N_SELF
     assert printed["format_version"] == store.FORMAT_VERSION
     assert printed["rank"] is None and printed["seed"] == 0
-    assert printed["budget"] == {"dims": 4096, "head_share": 0.5}
+    assert printed["budget"] == {"dims": 4096, "head_share": 0.75}
     assert printed["preconditioner"] == {"kind": "ekfac", "damping_ratio": 0.01}
     # the LM head is tracked by default, and the allocation is recorded layer by layer
     assert printed["layers"][-1]["name"] == "lm_head" and printed["dim"] <= 4096
