@@ -3,9 +3,9 @@ field), was worth to the model over a set of queries: `python -m indexer value` 
 
 A document's value is its summed score over the queries (influence mode by default: g_q^T H^-1 g_d,
 additive, so a group's value is the sum over its documents; it predicts how much the queries' total
-loss would rise without them). Every document and every query is scored exactly, as blocked matrix
-products over the stored vectors of the chosen stage (memory bounded by the block, not the index;
-on `device`, e.g. cuda), never through the ANN index. Confidence intervals come from a bootstrap
+loss would rise without them). Every document and every query is scored exactly from the stored
+vectors of the chosen stage, in one blocked pass over them (summed_scores; memory bounded by the block,
+not the index; on `device`, e.g. cuda), never through the ANN index. Confidence intervals come from a bootstrap
 over the queries.
 
 Under `torchrun` (`value_processes`) each process scores a contiguous slice of the documents (it
@@ -29,9 +29,7 @@ from .distributed import Processes
 from .store import Index
 
 MODES = ("influence", "cosine")
-BLOCK_BYTES = 256 << 20  # document vectors scored per block (as float32) ...
-SCORE_BYTES = 256 << 20  # ... and at most this many bytes of float64 scores at once
-CACHE_BYTES = 32 << 20  # on the CPU: float64 scores per product (a slice of a block, converted and summed while cached)
+BLOCK_BYTES = 256 << 20  # document vectors read per block (as float32; float64 while summed)
 CONFIDENCE = 0.95
 MISSING = "(missing)"  # CSV and parquet cells of a group field its documents lack
 
@@ -42,42 +40,24 @@ def share(n: int, procs: Processes) -> range:
     return range(n * procs.rank // procs.world, n * (procs.rank + 1) // procs.world)
 
 
-def document_scores(index: Index, stage: str, queries: np.ndarray, mode: str = "influence", device: str = "cpu",
-                    rows: range | None = None):
-    """(rows, scores) blocks over `rows` (default: every document): scores a (len(rows), len(queries))
-    float64 tensor on `device`, every document of the block against every query, exact (float32
-    products, then float64). `queries`: the stage's query vectors (queries.stage_vectors).
-
-    The stored rows are read BLOCK_BYTES at a time; the norms a mode needs scale the rows (float32)
-    before the product, not the scores after it. On the CPU each read block is scored in slices of
-    CACHE_BYTES of float64 scores: converting and summing a whole block's scores in memory cost 1.3-1.8x
-    the product at 512 dimensions, and much smaller slices (4 MiB) cost ~1.5x beside other jobs (more
-    parallel regions, each a wait for a descheduled OpenMP thread)."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    device = resolve_device(device)  # "auto" too
-    q = torch.as_tensor(np.asarray(queries, dtype=np.float32), device=device)
-    if mode == "cosine":
-        q_norm = torch.linalg.vector_norm(q, dim=1)
-        q = q / torch.where(q_norm > 0, q_norm, 1)[:, None]
-    q_t = q.T.contiguous()  # (dim, queries): scores come out document-major
+def stage_blocks(index: Index, stage: str, mode: str, device, rows: range):
+    """(rows, float32 block) over `rows` of the stage's stored vectors, BLOCK_BYTES at a time (memory
+    bounded by the block, not the index), each row scaled so that its product with a query vector is
+    the score of `mode` (cosine: unit rows, against unit queries)."""
     if stage == "high":  # unit rows and norms apart (store.HighVectorWriter)
         vectors, norms = index.high_vectors, index.high_norms
         scale = "multiply" if mode == "influence" else None
     else:
         vectors, norms = index.vectors, index.norms
         scale = "divide" if mode == "cosine" else None
-    rows = range(len(vectors)) if rows is None else rows
     block = max(1, BLOCK_BYTES // (4 * vectors.shape[1]))
-    piece = max(1, (CACHE_BYTES if device.type == "cpu" else SCORE_BYTES) // (8 * max(1, len(q))))
     for s in range(rows.start, rows.stop, block):
         e = min(s + block, rows.stop)
         x = torch.as_tensor(np.array(vectors[s:e], dtype=np.float32), device=device)  # a copy: the map is read-only
         if scale:
             n = torch.as_tensor(np.asarray(norms[s:e], dtype=np.float32), device=device)[:, None]
             x.mul_(n) if scale == "multiply" else x.div_(torch.where(n > 0, n, 1))  # in place; a zero row scores 0
-        for p in range(0, e - s, piece):
-            yield range(s + p, min(s + p + piece, e)), (x[p : p + piece] @ q_t).double()
+        yield range(s, e), x
 
 
 def value_groups(index: Index, group_by: list[str]) -> tuple[list[dict], np.ndarray]:
@@ -95,15 +75,30 @@ def summed_scores(index: Index, stage: str, queries: np.ndarray, codes: np.ndarr
                   mode: str = "influence", device: str = "cpu", rows: range | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Over the documents `rows` (default: all): (values, per_query), float64. values (len(index),): each
     document's summed score over the queries (0 outside `rows`); per_query (len(queries), n_groups): each
-    query's summed score over each group's documents, the bootstrap's unit."""
+    query's summed score over each group's documents, the bootstrap's unit. `queries`: the stage's query
+    vectors (queries.stage_vectors).
+
+    A score is linear in the document's (scaled) stored vector, so no document-by-query product is
+    formed: a document's value is its vector against the queries' sum, and a group's per-query sums
+    are its vectors' sum against each query. One pass over the rows in float64 sums: exact up to
+    the order of additions, bound by reading the rows (benchmarks/valuation.py)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    device = resolve_device(device)  # "auto" too
+    q = torch.as_tensor(np.asarray(queries, dtype=np.float64), device=device)
+    if mode == "cosine":
+        q_norm = torch.linalg.vector_norm(q, dim=1)
+        q = q / torch.where(q_norm > 0, q_norm, 1)[:, None]
+    q_sum = q.sum(dim=0)
+    rows = range(len(index)) if rows is None else rows
     values = np.zeros(len(index))
-    device = resolve_device(device)
-    by_group = torch.zeros((n_groups, len(queries)), dtype=torch.float64, device=device)
+    group_vectors = torch.zeros((n_groups, q.shape[1]), dtype=torch.float64, device=device)
     codes = torch.as_tensor(codes, dtype=torch.int64, device=device)
-    for r, sc in document_scores(index, stage, queries, mode, device, rows):
-        values[r.start : r.stop] = sc.sum(dim=1).cpu().numpy()
-        by_group.index_add_(0, codes[r.start : r.stop], sc)
-    return values, by_group.T.cpu().numpy()
+    for r, x in stage_blocks(index, stage, mode, device, rows):
+        x = x.double()
+        values[r.start : r.stop] = (x @ q_sum).cpu().numpy()
+        group_vectors.index_add_(0, codes[r.start : r.stop], x)
+    return values, (q @ group_vectors.T).cpu().numpy()
 
 
 def value_report(index: Index, stage: str, queries: np.ndarray, group_by: list[str], mode: str = "influence",
