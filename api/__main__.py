@@ -25,25 +25,31 @@ def _positive(kind):
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m api", description="Serve a logra-search index over HTTP.",
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m api", description="Serve a logra-search index over HTTP.")
+    env = {name: ServerSettings.model_fields[name].default for name in ("max_body_bytes", "request_timeout_s",
+                                                                        "shutdown_timeout_s")}
     ap.add_argument("--index", required=True, help="index folder built by `python -m indexer build`")
-    ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
+                                                        "only; 0.0.0.0 for every interface)")
+    ap.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     ap.add_argument("--model", default=None, help="serve with this model path/name instead of the manifest's")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--max-body-bytes", type=_positive(int), default=None, help="413 above this (default 8 MiB; LOGRA_MAX_BODY_BYTES)")
+    ap.add_argument("--device", default="cpu", help="where query gradients are computed: cpu, cuda, cuda:N or "
+                                                    "auto (default cpu)")
+    ap.add_argument("--max-body-bytes", type=_positive(int), default=None,
+                    help=f"413 above this (default {env['max_body_bytes']:,}; LOGRA_MAX_BODY_BYTES)")
     ap.add_argument("--request-timeout", type=_positive(float), default=None,
-                    help="seconds before a request is answered 503 (default 60; LOGRA_REQUEST_TIMEOUT_S)")
+                    help=f"seconds before a request is answered 503 (default {env['request_timeout_s']:g}; "
+                         "LOGRA_REQUEST_TIMEOUT_S)")
     ap.add_argument("--shutdown-timeout", type=_positive(float), default=None,
                     help="on SIGTERM, seconds that slow requests in flight get before the server exits "
-                         "(default 20; LOGRA_SHUTDOWN_TIMEOUT_S)")
+                         f"(default {env['shutdown_timeout_s']:g}; LOGRA_SHUTDOWN_TIMEOUT_S)")
     ap.add_argument("--cors-origin", action="append", default=None, dest="cors_origins",
                     help="allow browser pages from this origin (repeatable; default none; LOGRA_CORS_ORIGINS)")
     ap.add_argument("--max-batch", type=int, default=MAX_BATCH,
-                    help="at most this many concurrent /attribute queries share one gradient pass (1: no batching)")
+                    help=f"at most this many concurrent /attribute queries share one gradient pass (1: no "
+                         f"batching; default {MAX_BATCH})")
     ap.add_argument("--high-depth", type=int, default=HIGH_DEPTH,
-                    help="precision high rescores the compact vectors' top max(k, this) documents")
+                    help=f"precision high rescores the compact vectors' top max(k, this) documents (default {HIGH_DEPTH})")
     args = ap.parse_args(argv)
     if args.max_batch < 1 or args.high_depth < 1:
         ap.error("--max-batch and --high-depth must be at least 1")

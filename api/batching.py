@@ -62,7 +62,7 @@ class BatchStats:
 
 
 # Concurrent queries sharing one gradient pass, at most (the server's --max-batch default): 1.4-1.6x the
-# throughput of one pass per query on the project's CPU machine (README "Serving").
+# throughput of one pass per query on the project's CPU machine (docs/benchmarks.md "Serving").
 MAX_BATCH = 16
 
 

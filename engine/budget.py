@@ -1,8 +1,8 @@
 """Spend a per-document dimension budget over the tracked layers.
 
-A layer's LoGra block is r_out x r_in numbers. The rule (chosen on both quality benchmarks,
-benchmarks/quality, README "Choosing the defaults"): the LM head gets `head_share` of the budget,
-the blocks' layers split the rest equally; each layer's share b becomes r_in = r_out = floor(sqrt b),
+A layer's LoGra block is r_out x r_in numbers. The rule (chosen on the three quality benchmarks,
+benchmarks/quality; docs/quality.md "Choosing the defaults on all three"): the LM head gets
+`head_share` of the budget, the blocks' layers split the rest equally; each layer's share b becomes r_in = r_out = floor(sqrt b),
 and where a side is smaller than that it is kept whole and the other side takes what is left.
 """
 from __future__ import annotations

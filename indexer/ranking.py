@@ -23,7 +23,7 @@ HIGH_CANDIDATES_PER_DEPTH = 4
 HIGH_BLOCK_ROWS = 8192  # float16 high-fidelity rows read per block (about 1 GiB at the default dims)
 SCAN_BLOCK_ROWS = 65536  # compact rows scored per block by the exact scan
 # The high-fidelity stage rescores this many of the compact vectors' best candidates (or k, if more):
-# README "Two stages" gives the k = 10 answers' agreement with the top 10 over every document by depth.
+# docs/quality.md "Two stages" gives the k = 10 answers' agreement with the top 10 over every document by depth.
 HIGH_DEPTH = 150
 
 

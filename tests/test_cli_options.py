@@ -85,3 +85,20 @@ def test_append_parses_the_shared_options():
     assert args.skip_bad and not args.progress and args.text_field == "body" and args.id_field is None
     with pytest.raises(SystemExit):
         parser().parse_args(["append", "--index", "idx", "--data", "a.jsonl", "--batch-size", "0"])
+
+
+def test_the_servers_help_names_every_option_and_its_default_once(capsys):
+    """`python -m api --help`: every option has help text, and a default is stated once, the one used."""
+    import re
+
+    from api.__main__ import main as api_main
+    from api.settings import ServerSettings
+    with pytest.raises(SystemExit):
+        api_main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in text and "(default: " not in text  # no argparse-added second default
+    for flag, default in (("--host", "127.0.0.1"), ("--port", "8000"), ("--device", "cpu"),
+                          ("--request-timeout", f"{ServerSettings.model_fields['request_timeout_s'].default:g}"),
+                          ("--shutdown-timeout", f"{ServerSettings.model_fields['shutdown_timeout_s'].default:g}")):
+        entry = re.search(rf"{flag} [A-Z_]+ (.*?)(?= --|$)", text).group(1)
+        assert entry.count("default") == 1 and f"default {default}" in entry, (flag, entry)

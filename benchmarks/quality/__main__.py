@@ -1,4 +1,4 @@
-"""python -m benchmarks.quality {generate,run}: see benchmarks/quality/__init__.py and README."""
+"""python -m benchmarks.quality {generate,run}: see benchmarks/quality/__init__.py and docs/quality.md."""
 from __future__ import annotations
 
 import argparse
@@ -101,7 +101,7 @@ def top10_agreement(fast: np.ndarray, high: np.ndarray, depth: int, k: int = 10)
 
 
 def targets(results: dict, per_query: dict) -> dict:
-    """The issue's targets on this benchmark (README "Attribution you can trust")."""
+    """The issue's targets on this benchmark (docs/quality.md "Against the targets")."""
     lds = {n: float(np.nanmean(v)) for n, v in per_query.items()}
     refs = [n for n in lds if n.startswith("full-ekfac") or n.startswith("high sfull")]
     out = {}
@@ -131,8 +131,8 @@ def _fmt(x, digits=3):
     return "-" if x is None else f"{x:.{digits}f}"
 
 
-# The rows README shows (quality.md has every method).
-README_ROWS = (DEFAULT, DEFAULT_FAST, "default high influence", "default fast influence", "logra r8 raw cosine",
+# The rows printed after each benchmark (quality.md has every method).
+SUMMARY_ROWS = (DEFAULT, DEFAULT_FAST, "default high influence", "default fast influence", "logra r8 raw cosine",
                "fast b2048 h0.5 raw cosine", "fast b512 h0.5 raw cosine", "fast b1024 h0.5 raw cosine",
                "fast b4096 h0.5 raw cosine", "fast b2048 h0.5 ekfac d0.01 cosine", "fast b2048 nohead raw cosine",
                "fast b16384 h0.75 ekfac d0.01 cosine", "fast b32768 h0.75 ekfac d0.01 cosine",
@@ -232,7 +232,7 @@ def cmd_run(args) -> None:
         summary["seconds"] = round(time.time() - t, 1)
         summary["quick"] = args.quick
         benchmarks[name] = summary
-        print(f"\n## {name}\n" + table(summary, README_ROWS), flush=True)
+        print(f"\n## {name}\n" + table(summary, SUMMARY_ROWS), flush=True)
     out.mkdir(parents=True, exist_ok=True)
     (out / "quality.json").write_text(json.dumps({"default": args.default, "benchmarks": benchmarks}, indent=1,
                                                  default=float) + "\n")

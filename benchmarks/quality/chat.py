@@ -161,7 +161,7 @@ def full_dot_scores(model, tokenizer, q_pairs, d_pairs, batch: int = 8) -> np.nd
     (the default's: the blocks' linear layers and the LM head, its output use only:
     sum_t g_t x_t^T from hooks, so tied input embeddings do not enter). Query gradients are held on
     the model's device; documents stream through in batches."""
-    from engine import collate, encode_pairs, find_tracked_layers, per_example_loss
+    from engine import encode_pairs, find_tracked_layers, per_example_loss
     layers = find_tracked_layers(model, include_embeddings=True)
     device = next(model.parameters()).device
     saved: dict = {}
@@ -178,7 +178,7 @@ def full_dot_scores(model, tokenizer, q_pairs, d_pairs, batch: int = 8) -> np.nd
 
     def grads(encoded):
         """layer -> (b, out, in) per-example gradients of each example's summed response loss."""
-        b = {k: v.to(device) for k, v in collate(encoded, tokenizer.pad_token_id).items()}
+        b = train.collate_on(encoded, tokenizer.pad_token_id, device)
         with torch.enable_grad():
             emb = model.get_input_embeddings()(b["input_ids"]).detach().requires_grad_(True)
             logits = model(inputs_embeds=emb, attention_mask=b["attention_mask"]).logits.float()

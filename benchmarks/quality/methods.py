@@ -47,7 +47,7 @@ LEGACY = ((8, "raw"),)  # the previous default: rank 8 on the blocks' layers, no
 # Larger representations, recomputed from the texts: (max_side, preconditioner, damping, head, head_whole).
 # max_side None: every side whole (exact full-gradient EK-FAC: the references). head_whole: the head's
 # vocabulary side kept whole with a diagonal factor. The first was the previous high-fidelity stage
-# (candidates' gradients recomputed at query time; README "Two stages" says why it was replaced).
+# (candidates' gradients recomputed at query time; docs/quality.md "Two stages" says why it was replaced).
 HIGH_GRID = ((256, "ekfac", 0.1, True, True), (None, "ekfac", 0.1, True, False), (None, "ekfac", 0.1, False, False),
              (256, "ekfac", 0.1, True, False), (256, "ekfac", 0.01, True, False), (256, "kfac", 0.1, True, False),
              (64, "ekfac", 0.1, True, False), (128, "ekfac", 0.1, True, True), (256, "ekfac", 0.01, True, True),

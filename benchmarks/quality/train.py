@@ -30,6 +30,12 @@ LR = 1e-3
 _W: dict = {}  # per-process state: base weights, encoded train docs and queries, the recipe
 
 
+def collate_on(examples: list, pad: int, device) -> dict:
+    """engine.collate (labels -100 on padding and on what carries no loss), moved to `device`."""
+    from engine import collate
+    return {k: v.to(device) for k, v in collate(list(examples), pad).items()}
+
+
 def run_epochs(model, docs: list, pad: int, opt, *, epochs: int, batch: int, seed: int, schedule=None,
                clip: float | None = None, progress: str | None = None) -> list[float]:
     """Train `model` in place on engine `Encoded` documents (labels as `engine.collate` sets them) in
@@ -37,7 +43,7 @@ def run_epochs(model, docs: list, pad: int, opt, *, epochs: int, batch: int, see
     from contextlib import nullcontext
 
     from tqdm import tqdm
-    from engine import collate, length_bucketed_batches
+    from engine import length_bucketed_batches
     rng = random.Random(seed)
     losses = []
     device = next(model.parameters()).device
@@ -46,7 +52,7 @@ def run_epochs(model, docs: list, pad: int, opt, *, epochs: int, batch: int, see
     with tqdm(total=epochs * -(-len(docs) // batch), desc=progress, disable=progress is None) as bar:
         for _ in range(epochs):
             for idx in length_bucketed_batches([d.input_ids for d in docs], batch, rng):
-                b = {k: v.to(device) for k, v in collate([docs[i] for i in idx], pad).items()}  # labels -100 on padding
+                b = collate_on([docs[i] for i in idx], pad, device)
                 with autocast:
                     loss = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
                 opt.zero_grad(set_to_none=True)
@@ -152,11 +158,11 @@ def _setup(base_dir: str, train_texts: list, query_texts: list, recipe: dict | N
 @torch.no_grad()
 def query_losses(model, tok, queries) -> np.ndarray:
     """Summed token loss of each encoded query (engine.per_example_loss)."""
-    from engine import collate, per_example_loss
+    from engine import per_example_loss
     out = []
     device = next(model.parameters()).device
     for i in range(0, len(queries), 50):
-        batch = {k: v.to(device) for k, v in collate(list(queries[i : i + 50]), tok.pad_token_id).items()}
+        batch = collate_on(queries[i : i + 50], tok.pad_token_id, device)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
         out.append(per_example_loss(logits, batch["labels"]).double().cpu().numpy())
     return np.concatenate(out)
