@@ -61,18 +61,18 @@ def document_scores(index: Index, stage: str, queries: np.ndarray, mode: str = "
         q_norm = torch.linalg.vector_norm(q, dim=1)
         q = q / torch.where(q_norm > 0, q_norm, 1)[:, None]
     q_t = q.T.contiguous()  # (dim, queries): scores come out document-major
-    if stage == "high":  # unit rows and norms apart (store.HighVectorWriter)
-        vectors, norms = index.high_vectors, index.high_norms
+    if stage == "high":  # unit rows (float32, whatever their storage) and norms apart (store.HighRows)
+        read, norms, dim = index.high_rows, index.high_norms, index.high_store.dim
         scale = "multiply" if mode == "influence" else None
-    else:
-        vectors, norms = index.vectors, index.norms
+    else:  # a copy: the map is read-only
+        read, norms, dim = lambda r: np.array(index.vectors[r], dtype=np.float32), index.norms, index.vectors.shape[1]
         scale = "divide" if mode == "cosine" else None
-    rows = range(len(vectors)) if rows is None else rows
-    block = max(1, BLOCK_BYTES // (4 * vectors.shape[1]))
+    rows = range(len(index)) if rows is None else rows
+    block = max(1, BLOCK_BYTES // (4 * dim))
     piece = max(1, (CACHE_BYTES if device.type == "cpu" else SCORE_BYTES) // (8 * max(1, len(q))))
     for s in range(rows.start, rows.stop, block):
         e = min(s + block, rows.stop)
-        x = torch.as_tensor(np.array(vectors[s:e], dtype=np.float32), device=device)  # a copy: the map is read-only
+        x = torch.as_tensor(read(slice(s, e)), device=device)
         if scale:
             n = torch.as_tensor(np.asarray(norms[s:e], dtype=np.float32), device=device)[:, None]
             x.mul_(n) if scale == "multiply" else x.div_(torch.where(n > 0, n, 1))  # in place; a zero row scores 0
