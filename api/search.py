@@ -299,7 +299,7 @@ class Attributor:
             raise QueryError(NOTHING_TO_SCORE)
         if high:
             d_norm = float(s.index.high_norms[row])
-            d = np.asarray(s.index.high_vectors[row], dtype=np.float64) * d_norm
+            d = s.index.high_rows([row])[0].astype(np.float64) * d_norm
         else:
             d, d_norm = np.asarray(s.index.vectors[row], dtype=np.float64), float(s.index.norms[row])
         contrib = tv.tokens.double().numpy() @ d

@@ -45,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 from engine import LoGra, LoGraConfig, Preconditioner, collate, per_example_loss, prepare_model  # noqa: E402
 from engine.encoding import Encoded  # noqa: E402
 from indexer.build import BuildConfig  # noqa: E402
+from indexer import store  # noqa: E402
 from indexer.store import read_manifest  # noqa: E402
 
 MODELS = {  # name -> GPT2Config kwargs
@@ -251,6 +252,7 @@ for owner, name, label, top in [
         (b, 'projected_gradients', 'model_pass', False),  # the high fit's forward+backward with projections
         (b, 'joint_gradients', 'model_pass', False),  # the joint pass's forward+backward with projections
         (b.HighStage, 'vectors', 'high_vectors', False),  # high-fidelity gradients into their eigenbasis
+        (b, 'encode_high', 'high_encode', False),  # ... their unit rows quantized as stored (--high-storage)
         (Preconditioner, 'update', 'statistics', False),
         (Preconditioner, 'update_second', 'eigenvalues', False),  # top level: the compact EK-FAC's pass over its shards
         (Preconditioner, 'finalize', 'finalize', False),
@@ -326,11 +328,13 @@ def stage_bytes(index_dir: Path) -> dict:
     index_dir = Path(index_dir)
     size = lambda *names: sum(f.stat().st_size for n in names for p in index_dir.glob(n)
                               for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file())
-    n = read_manifest(index_dir).n_documents
-    stages = {"compact_vectors": size("vectors.npy", "norms.npy"), "high_vectors": size("high.npy", "high-norms.npy"),
-              "faiss": size("faiss-*.index"), "lancedb": size("documents.lance")}
-    fixed = size("state.pt", "manifest.json")  # projections and preconditioners: per index, not per document
-    return {"documents": n, "bytes": {**stages, "state_and_manifest": fixed},
+    m = read_manifest(index_dir)
+    n = m.n_documents
+    stages = {"compact_vectors": size(store.VECTORS, store.NORMS), "high_vectors": size(*store.HIGH_FILES),
+              "faiss": size("faiss-*.index"), "lancedb": size(f"{store.TABLE}.lance")}
+    fixed = size(store.STATE, store.MANIFEST)  # projections and preconditioners: per index, not per document
+    return {"documents": n, "high_storage": m.high.storage if m.high else None,
+            "bytes": {**stages, "state_and_manifest": fixed},
             "bytes_per_document": {**{k: round(v / n) for k, v in stages.items()},
                                    "total_without_state": round(sum(stages.values()) / n)}}
 

@@ -134,9 +134,9 @@ def enlarged_index(base_dir: Path, out: Path, n: int, work: Path) -> dict:
         # raw (unpreconditioned) gradients only feed a preconditioner fit, which this build skips
         writer.add_shard(rows, np.zeros((len(rows), 0), np.float32))
     writer.write_vectors(((x - m_gen) @ w + mu for _, x in vf.blocks(65536)), dim)
-    if base.high_vectors is not None:
-        high = writer.high_vectors(base.high_vectors.shape[1])  # the base's rows first
-        real = np.asarray(base.high_vectors, dtype=np.float32) * base.high_norms[:, None]
+    if base.high_store is not None:  # the base's rows first, in its own storage
+        high = writer.high_vectors(base.high_store.dim, base.high_store.storage)
+        real = base.high_rows(slice(None)) * base.high_norms[:, None]
         for s in range(high.rows - len(base), extra, len(base)):
             high.add(real[: min(len(base), extra - s)])
         high.close(len(base) + extra)

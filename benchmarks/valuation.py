@@ -5,8 +5,9 @@ in one process.
 
 The baseline, per block of the same memory-mapped rows: numpy's float32 matmul of the block by the
 (dim x queries) query matrix, each document's sum over the queries, and each query's sum per group
-(a one-hot float32 matmul); float16 rows (the high-fidelity stage) converted to float32 first, as any
-BLAS product over them must. No norm scaling, no float64, no metadata read, no report: a lower bound.
+(a one-hot float32 matmul); the high-fidelity stage's stored rows (float16, or int8 / int4 codes with a
+per-row scale: --high-storage) decoded to float32 unit rows first (store.HighRows), as any BLAS product
+over them must. No norm scaling, no float64, no metadata read, no report: a lower bound.
 
     python benchmarks/valuation.py            # fast stage 1M x 4096, high stage 100k x 65536, 1000 queries
     python benchmarks/valuation.py --smoke    # seconds (checks the benchmark runs)
@@ -18,9 +19,10 @@ Writes "valuation" (or "valuation_smoke") in benchmarks/results/valuation.json.
 Synthetic data (what is and is not measured): document vectors are benchmarks/large_index.py's
 anisotropic clusters without its random rotation (`rows(rotate=False)`: a dim x dim rotation of
 65,536 dims would not fit in memory, and the timing of a product does not depend on the values);
-the high-fidelity rows are stored through the indexer's own writer (store.HighVectorWriter: float16
-unit rows, float32 norms). Query vectors are synthetic rows of the same distribution: the queries'
-model pass (one forward and backward pass each, the same as /attribute's) is not what is measured.
+the high-fidelity rows are stored through the indexer's own writer (store.HighVectorWriter: unit rows
+as --high-storage says, by default as the indexer stores them, and float32 norms). Query vectors are
+synthetic rows of the same distribution: the queries' model pass (one forward and backward pass each,
+the same as /attribute's) is not what is measured.
 Every document's metadata is {"source": one of --groups (Zipf-sized), "position": its row}, in a real
 LanceDB documents table, which the valuation reads to group them (the valuation's time includes it).
 """
@@ -48,10 +50,9 @@ import pyarrow as pa  # noqa: E402
 import torch  # noqa: E402
 from large_index import rows  # noqa: E402
 
-from indexer import store  # noqa: E402
+from indexer import BuildConfig, store  # noqa: E402
 from indexer.value import BLOCK_BYTES, value_report  # noqa: E402
 
-STAGE_DTYPE = {"fast": np.float32, "high": np.float16}
 GENERATOR = 1  # bump when the prepared data change: a workdir of another version is rebuilt
 
 
@@ -59,10 +60,12 @@ def chunk_rows(dim: int) -> int:
     return max(1, (64 << 20) // (4 * dim))  # 64 MiB of float32 per generated chunk
 
 
-def prepare(folder: Path, stage: str, n: int, dim: int, n_queries: int, n_groups: int) -> float:
+def prepare(folder: Path, stage: str, n: int, dim: int, n_queries: int, n_groups: int,
+            storage: str = "float16") -> float:
     """The stage's stored vectors, a documents table and query vectors in `folder`, reused when already
     there for the same sizes. Returns the seconds it took (0 when reused)."""
-    meta = {"stage": stage, "n": n, "dim": dim, "queries": n_queries, "groups": n_groups, "generator": GENERATOR}
+    meta = {"stage": stage, "n": n, "dim": dim, "queries": n_queries, "groups": n_groups, "generator": GENERATOR,
+            **({"storage": storage} if stage == "high" else {})}
     if (folder / "meta.json").is_file() and json.loads((folder / "meta.json").read_text()) == meta:
         return 0.0
     t = time.perf_counter()
@@ -78,8 +81,8 @@ def prepare(folder: Path, stage: str, n: int, dim: int, n_queries: int, n_groups
         out.flush()
         del out
         np.save(folder / store.NORMS, norms)
-    else:  # what the indexer writes: float16 unit rows and float32 norms, through its own writer
-        writer = store.HighVectorWriter(folder, dim)
+    else:  # what the indexer writes: stored unit rows and float32 norms, through its own writer
+        writer = store.HighVectorWriter(folder, dim, storage)
         for z in rows(n, dim, rotate=False, chunk=chunk_rows(dim)):
             writer.add(z)
         writer.close(n)
@@ -112,18 +115,19 @@ def open_index(folder: Path, stage: str, n: int) -> store.Index:
     if stage == "fast":
         return store.Index(folder, None, {}, np.load(folder / store.VECTORS, mmap_mode="r"), np.load(folder / store.NORMS),
                            {}, table, row_of_id)
+    meta = json.loads((folder / "meta.json").read_text())
     return store.Index(folder, None, {}, np.empty((n, 0), np.float32), np.ones(n, np.float32), {}, table, row_of_id,
-                       np.load(folder / store.HIGH_VECTORS, mmap_mode="r"), np.load(folder / store.HIGH_NORMS))
+                       store.HighRows.open(folder, meta["storage"], meta["dim"]))
 
 
-def blas_pass(vectors: np.ndarray, queries: np.ndarray, codes: np.ndarray, n_groups: int, block: int):
-    """The baseline (module docstring): per-document sums and per-query group sums, float32."""
+def blas_pass(read, n: int, queries: np.ndarray, codes: np.ndarray, n_groups: int, block: int):
+    """The baseline (module docstring): per-document sums and per-query group sums, float32, over the
+    n rows `read(slice)` gives as float32."""
     q_t = np.ascontiguousarray(queries.T, dtype=np.float32)
-    values = np.empty(len(vectors), np.float32)
+    values = np.empty(n, np.float32)
     by_group = np.zeros((n_groups, len(queries)), np.float32)
-    for s in range(0, len(vectors), block):
-        x = vectors[s : s + block]
-        x = x if x.dtype == np.float32 else x.astype(np.float32)
+    for s in range(0, n, block):
+        x = read(slice(s, s + block))
         scores = x @ q_t
         values[s : s + len(x)] = scores.sum(axis=1)
         onehot = np.zeros((len(x), n_groups), np.float32)
@@ -181,11 +185,14 @@ def sharded(folder: Path, stage: str, n: int, processes: int, one: dict) -> dict
 def measure(folder: Path, stage: str, n: int, dim: int, n_groups: int, repeats: int) -> tuple[dict, dict]:
     """The alternated timings, and the one-process report's group values and intervals."""
     index = open_index(folder, stage, n)
-    vectors = index.vectors if stage == "fast" else index.high_vectors
+    if stage == "fast":
+        stored, read = index.vectors, lambda r: np.asarray(index.vectors[r], dtype=np.float32)
+    else:
+        stored, read = index.high_store.codes, index.high_rows
     queries = np.load(folder / "queries.npy")
     codes = np.load(folder / "codes.npy")
     block = max(1, BLOCK_BYTES // (4 * dim))
-    read_s = read_pass(vectors, block)
+    read_s = read_pass(stored, block)
     t = time.perf_counter()
     index.groups(["source"])
     groups_s = time.perf_counter() - t
@@ -196,7 +203,7 @@ def measure(folder: Path, stage: str, n: int, dim: int, n_groups: int, repeats: 
             if side == "value":
                 report = value_report(index, stage, queries, ["source"], bootstrap=1000)
             else:
-                values, by_group = blas_pass(vectors, queries, codes, n_groups, block)
+                values, by_group = blas_pass(read, n, queries, codes, n_groups, block)
             times[side].append(time.perf_counter() - t)
             print(json.dumps({"stage": stage, "repeat": rep, side: round(times[side][-1], 2)}), flush=True)
     # the two computed the same sums (the high stage's influence scales by the norms; the baseline does not):
@@ -213,8 +220,9 @@ def measure(folder: Path, stage: str, n: int, dim: int, n_groups: int, repeats: 
            "ci": {g["group"]["source"]: [g["ci_low"], g["ci_high"]] for g in report["groups"]}}
     med = {k: float(np.median(v)) for k, v in times.items()}
     flops = 2.0 * n * dim * len(queries)
-    return {"n_documents": n, "dim": dim, "stored_dtype": np.dtype(STAGE_DTYPE[stage]).name, "queries": len(queries),
-            "groups": n_groups, "vectors_bytes": int(n * dim * np.dtype(STAGE_DTYPE[stage]).itemsize),
+    return {"n_documents": n, "dim": dim,
+            "stored_dtype": "float32" if stage == "fast" else index.high_store.storage, "queries": len(queries),
+            "groups": n_groups, "vectors_bytes": int(stored.nbytes),
             "block_rows": block, "read_only_pass_s": round(read_s, 2), "metadata_grouping_s": round(groups_s, 2),
             "value_s": [round(x, 2) for x in times["value"]], "blas_s": [round(x, 2) for x in times["blas"]],
             "value_s_median": round(med["value"], 2), "blas_s_median": round(med["blas"], 2),
@@ -234,6 +242,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--groups", type=int, default=100, help="distinct sources the documents are grouped by")
     ap.add_argument("--repeats", type=int, default=2, help="alternated (baseline, valuation) pairs per stage")
     ap.add_argument("--stages", nargs="+", default=["fast", "high"], choices=("fast", "high"))
+    ap.add_argument("--high-storage", choices=store.HIGH_STORAGES, default=BuildConfig.high_storage,
+                    help="how the high-fidelity rows are stored (default: the indexer's)")
     ap.add_argument("--smoke", action="store_true", help="4,000 x 64 and 2,000 x 256, 50 queries: seconds")
     ap.add_argument("--workdir", default=None, help="keep the prepared data here (reused by a rerun); default: a temporary folder")
     ap.add_argument("--processes", type=int, default=0,
@@ -253,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         for stage in args.stages:
             n, dim = (args.n, args.dim) if stage == "fast" else (args.high_n, args.high_dim)
-            prepare_s = prepare(work / stage, stage, n, dim, args.queries, args.groups)
+            prepare_s = prepare(work / stage, stage, n, dim, args.queries, args.groups, args.high_storage)
             timed, one = measure(work / stage, stage, n, dim, args.groups, args.repeats)
             r = {"prepare_s": round(prepare_s, 2), **timed}
             if args.processes:

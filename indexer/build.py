@@ -27,7 +27,8 @@ from .manifest import (AppendInfo, Budget, BuildInfo, DataInfo, FaissInfo, Manif
                        Stats)
 from .records import ReadStats, Record, TextFormatter, expand_inputs, is_dataset, read_records, source_identity
 from .ann import INDEX_TYPES
-from .store import HighVectorWriter, Index, IndexFormatError, IndexWriter, document_pair, load_engine_state
+from .store import (HIGH_STORAGES, HighVectorWriter, Index, IndexFormatError, IndexWriter, document_pair, encode_high,
+                    load_engine_state)
 
 
 @dataclass
@@ -55,14 +56,18 @@ class BuildConfig:
     preconditioner: str = "ekfac"
     damping: float = 0.01
     # The high-fidelity stage (api: precision "high"): larger compact vectors (high_budget dimensions,
-    # high_head_share of them to the LM head) with their own EK-FAC, fitted on the first high_sample (whole shards)
-    # documents, stored on disk as float16 and read for the candidates (docs/quality.md, the two stages).
+    # high_head_share of them to the LM head) with their own EK-FAC, fitted on the first high_sample
+    # documents (whole shards), stored on disk as high_storage and read for the candidates
+    # (docs/quality.md, the two stages).
     high: bool = True
     high_budget: int = 65536
     high_head_share: float = 0.75
     high_preconditioner: str = "ekfac"
     high_damping: float = 0.01
     high_sample: int = 4096
+    # the stored rows: float16, or int8 / int4 codes with a float32 scale per row (store.encode_high); int4
+    # scored as float16 within the benchmarks' error on all three quality benchmarks (docs/indexing.md)
+    high_storage: str = "int4"
     include: str | None = None
     exclude: str | None = None
     device: str = "cpu"
@@ -89,6 +94,8 @@ class BuildConfig:
         for name in ("head_share", "high_head_share"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be between 0 and 1, got {getattr(self, name)}")
+        if self.high_storage not in HIGH_STORAGES:
+            raise ValueError(f"high_storage must be one of {HIGH_STORAGES}, got {self.high_storage!r}")
         if self.high_preconditioner not in HIGH_PRECONDITIONERS:
             raise ValueError(f"high_preconditioner must be one of {HIGH_PRECONDITIONERS}, got {self.high_preconditioner!r}")
 
@@ -222,7 +229,7 @@ def append_documents(index_dir: str | Path, data: Sequence[str], *, model: str |
                                formatter=TextFormatter(TextFormat.from_dict(m.text_format), tokenizer))
         high = base.high_engine(lm, cfg.model)  # the index's own high-fidelity stage too, not refitted
         if high is not None:
-            high = HighStage(*high, base.state["high"], 0, m.high.preconditioner.damping_ratio, 0.0)
+            high = HighStage(*high, base.state["high"], 0, m.high.preconditioner.damping_ratio, 0.0, m.high.storage)
         counts, seconds, _, _, _ = _gradient_pass(cfg, records, logra, tokenizer, pre, writer, fit=False, high=high)
         if writer.n_rows == 0:
             raise ValueError(f"no new documents in {', '.join(map(str, cfg.data))} (skipped {stats.skipped})")
@@ -385,12 +392,16 @@ class HighStage:
     sample_documents: int
     damping: float
     fit_seconds: float
+    storage: str  # how its rows are stored (store.encode_high)
 
     def manifest(self) -> dict:
+        stored = {"float16": "float16 unit rows and float32 norms",
+                  "int8": "int8 codes with a float32 scale per unit row, and float32 norms",
+                  "int4": "int4 codes (two a byte) with a float32 scale per unit row, and float32 norms"}[self.storage]
         return {"layers": self.logra.layer_spec(), "dim": self.logra.dim,
                 "budget": {"dims": self.logra.config.budget, "head_share": self.logra.config.head_share},
                 "preconditioner": {"kind": self.pre.kind, "damping_ratio": self.damping},
-                "sample_documents": self.sample_documents, "stored": "float16 unit rows and float32 norms"}
+                "sample_documents": self.sample_documents, "stored": stored, "storage": self.storage}
 
     def vectors(self, grads) -> torch.Tensor:
         """Stored vectors of projected gradients: in the preconditioner's eigenbasis (inner products
@@ -420,7 +431,8 @@ def _fit_high(cfg: BuildConfig, model, tokenizer, fast: LoGra, writer: IndexWrit
         writer.save_high_state(saved)
     else:
         pre = load_engine_state(logra, saved["state"])
-    return HighStage(logra, pre, saved["state"], saved["sample_documents"], cfg.high_damping, saved["fit_seconds"])
+    return HighStage(logra, pre, saved["state"], saved["sample_documents"], cfg.high_damping, saved["fit_seconds"],
+                     cfg.high_storage)
 
 
 class HighSampler:
@@ -473,7 +485,8 @@ class HighSampler:
         state = _engine_state(self.logra, self.pre)
         saved = {"state": state, "sample_documents": self.rows, "fit_seconds": round(time.time() - t0, 2)}
         self.writer.save_high_state(saved)  # from here a resumed build has the stage (_fit_high loads it)
-        high = HighStage(self.logra, self.pre, state, self.rows, self.cfg.high_damping, saved["fit_seconds"])
+        high = HighStage(self.logra, self.pre, state, self.rows, self.cfg.high_damping, saved["fit_seconds"],
+                         self.cfg.high_storage)
         self.write_sample_rows(high, out, self.writer)
         high.fit_seconds = round(time.time() - t0, 2)
         return high
@@ -499,7 +512,7 @@ class HighSampler:
             raise IndexFormatError(f"the partial build in {writer.tmp} lost its high-fidelity sample; "
                                    "rebuild with --overwrite")
         for x in cls.read_blocks(path, high.logra.dim, out.rows, stop):
-            out.add_unit(*HighVectorWriter.unit(high.vectors(torch.from_numpy(x)).numpy()))
+            out.add(high.vectors(torch.from_numpy(x)).numpy())
             out.checkpoint()
         path.unlink(missing_ok=True)
 
@@ -535,7 +548,7 @@ SAMPLE_BLOCK_BYTES = 64 << 20  # sample gradients read back per block by fit_sam
 def _write_high(cfg: BuildConfig, high: HighStage, tokenizer, writer: IndexWriter) -> None:
     """Every document's high-fidelity vector in a pass of its own (builds of several processes),
     after those a killed run already wrote."""
-    out = writer.high_vectors(high.logra.dim)
+    out = writer.high_vectors(high.logra.dim, high.storage)
     done = out.rows - writer.row_offset
     with tqdm(total=writer.n_rows, initial=done, unit="doc", desc="high-fidelity vectors", disable=not cfg.progress,
               dynamic_ncols=True) as bar:
@@ -585,17 +598,17 @@ def _gradient_pass(cfg: BuildConfig, records, logra: LoGra, tokenizer, pre: Prec
 
     high_out = None
     if high is not None:  # its rows written before each shard's checkpoint: at least as many as the checkpoint's
-        high_out = writer.high_vectors(high.logra.dim)
+        high_out = writer.high_vectors(high.logra.dim, high.storage)
         if high_out.rows < writer.row_offset + writer.n_rows:  # killed while the sample's rows were written
             HighSampler.write_sample_rows(high, high_out, writer)
         high_out.rewind(writer.row_offset + writer.n_rows)
     elif sampler is not None:  # rows come once the stage is fitted
-        high_out = writer.high_vectors(sampler.logra.dim)
+        high_out = writer.high_vectors(sampler.logra.dim, cfg.high_storage)
         high_out.rewind(0)
 
     def write(rows, raw, state, high_rows):
         if high_rows is not None:
-            high_out.add_unit(*high_rows)
+            high_out.add_stored(*high_rows)
             high_out.checkpoint()
         writer.add_shard(rows, raw, state=state)
 
@@ -636,15 +649,15 @@ def _gradient_pass(cfg: BuildConfig, records, logra: LoGra, tokenizer, pre: Prec
 
 def _shard_gradients(cfg: BuildConfig, shard: list[Record], logra: LoGra, tokenizer, pre: Preconditioner, fit: bool,
                      counts: dict, progress, high: HighStage | None = None, sampler: "HighSampler | None" = None
-                     ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray] | None, list[Encoded]]:
+                     ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray] | None, list[Encoded]]:
     """Raw projected gradients of one shard (and statistics with `fit`), with `high` its high-fidelity
-    vectors as stored (unit rows, norms), with `sampler` the high-fidelity gradients and statistics
-    of a sample shard; `counts` updated in place, `progress(n)` called after each batch of n
-    documents. Returns the gradients, the high-fidelity rows and the encodings."""
+    vectors as stored (store.encode_high: codes, scales, norms), with `sampler` the high-fidelity
+    gradients and statistics of a sample shard; `counts` updated in place, `progress(n)` called after
+    each batch of n documents. Returns the gradients, the high-fidelity rows and the encodings."""
     encoded = encode_pairs(tokenizer, [document_pair(r.prompt, r.text) for r in shard], logra.max_tokens)
     raw = np.zeros((len(shard), logra.dim), dtype=np.float32)
     if high is not None:
-        unit, norms = np.zeros((len(shard), high.logra.dim), dtype=np.float16), np.zeros(len(shard), dtype=np.float32)
+        stored = HighVectorWriter.empty(len(shard), high.logra.dim, high.storage)
     second = high.logra if high is not None else sampler.logra if sampler is not None else None
     projectors = [logra] + ([second] if second is not None else [])
     for idx in _batches(encoded, cfg.batch_size, cfg.batch_tokens):
@@ -655,7 +668,8 @@ def _shard_gradients(cfg: BuildConfig, shard: list[Record], logra: LoGra, tokeni
             pre.update(out[0].grads, out[0].token_stats)
         raw[idx] = logra.flatten(out[0].grads).cpu().numpy()
         if high is not None:
-            unit[idx], norms[idx] = HighVectorWriter.unit(high.vectors(out[1].grads).cpu().numpy())
+            for part, new in zip(stored, encode_high(high.vectors(out[1].grads).cpu().numpy(), high.storage)):
+                part[idx] = new
         elif sampler is not None:
             sampler.add(idx, out[1])
         counts["tokens"] += sum(len(encoded[i].input_ids) for i in idx)
@@ -666,7 +680,7 @@ def _shard_gradients(cfg: BuildConfig, shard: list[Record], logra: LoGra, tokeni
         counts["loss_tokens"] += e.n_loss_tokens
         counts["truncated"] += e.truncated
         counts["no_loss_tokens"] += e.n_loss_tokens == 0
-    return raw, ((unit, norms) if high is not None else None), encoded
+    return raw, (stored if high is not None else None), encoded
 
 
 def _write_vectors(cfg, pre: Preconditioner, writer: IndexWriter, dim: int) -> dict:

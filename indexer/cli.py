@@ -13,7 +13,7 @@ from .ranking import HIGH_DEPTH
 from .distributed import PeerFailed
 from .records import BadRecordError
 from .ann import COMPRESSED_TYPE, FLAT_BELOW, FLAT_UP_TO_BYTES, INDEX_TYPES
-from .store import IndexFormatError, read_manifest
+from .store import HIGH_STORAGES, IndexFormatError, read_manifest
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -97,13 +97,17 @@ BUILD_OPTIONS: list[Option] = [
     _opt("--no-high", dest="high", action="store_false",
          help="build no high-fidelity stage (queries then always use the compact vectors alone)"),
     _opt("--high-budget", type=positive_int, default=_D.high_budget,
-         help="dimensions per document of the high-fidelity vectors (stored as float16: 2 bytes each)"),
+         help="dimensions per document of the high-fidelity vectors (bytes each: see --high-storage)"),
     _opt("--high-head-share", type=float, default=_D.high_head_share, help="fraction of --high-budget given to the LM head"),
     _opt("--high-preconditioner", choices=("none", "kfac", "ekfac"), default=_D.high_preconditioner,
          help="the high-fidelity stage's preconditioner"),
     _opt("--high-damping", type=float, default=_D.high_damping, help="as --damping, for the high-fidelity stage"),
     _opt("--high-sample", type=positive_int, default=_D.high_sample,
          help="documents the high-fidelity preconditioner is fitted on (the first ones, whole shards)"),
+    _opt("--high-storage", choices=HIGH_STORAGES, default=_D.high_storage,
+         help="how the high-fidelity rows are stored: float16 (2 bytes a dimension), int8 (1 byte) or int4 (half a "
+              "byte), the integer codes with a float32 scale per row; int8 and int4 rank as float16 does within "
+              "the quality benchmarks' error (docs/indexing.md)"),
     _opt("--seed", type=int, default=_D.seed, help="projection seed"),
     _opt("--preconditioner", choices=PRECONDITIONERS, default=_D.preconditioner,
          help="the compact vectors' preconditioner, fitted on every document"),

@@ -5,7 +5,7 @@ import re
 from pathlib import Path
 
 from .manifest import LayerInfo
-from .store import HIGH_VECTORS, VECTORS, read_manifest
+from .store import HIGH_FILES, VECTORS, high_bytes_per_document, read_manifest
 
 
 def _mib(n: int) -> str:
@@ -72,12 +72,15 @@ def summary(index_dir: str | Path) -> str:
     if high:
         lines.append(f"high stage   {high.dim:,} dimensions (budget {high.budget.dims:,}, {high.budget.head_share} to the "
                      f"LM head), {high.preconditioner.kind} (damping {high.preconditioner.damping_ratio:g}) "
-                     f"fitted on {high.sample_documents:,} documents; stored as float16")
+                     f"fitted on {high.sample_documents:,} documents; stored as {high.storage} "
+                     f"({high_bytes_per_document(high.storage, high.dim):,} bytes a document with its "
+                     f"{'norm' if high.storage == 'float16' else 'scale and norm'})")
     else:
         lines.append("high stage   none (built with --no-high: queries answer with the compact vectors)")
     probe = f", {faiss.nprobe} of {faiss.nlist} lists probed" if faiss.nlist else ""
     lines.append(f"faiss        {faiss.type}{probe}, rerank x{faiss.rerank_factor}, built on {faiss.device}")
-    lines.append(f"size         {_mib(total)}: vectors {_mib(sizes.get(VECTORS, 0))}, high-fidelity {_mib(sizes.get(HIGH_VECTORS, 0))}, "
+    high_bytes = sum(sizes.get(f, 0) for f in HIGH_FILES)
+    lines.append(f"size         {_mib(total)}: vectors {_mib(sizes.get(VECTORS, 0))}, high-fidelity {_mib(high_bytes)}, "
                  f"FAISS {_mib(faiss_bytes)}, documents {_mib(table)}, state {_mib(sizes.get('state.pt', 0))}")
     fit = f", high-fidelity fit {build.high_fit_seconds:,.0f} s" if build.high_fit_seconds is not None else ""
     lines.append(f"built        in {build.seconds:,.0f} s (gradients {build.gradient_seconds:,.0f} s at "

@@ -7,11 +7,14 @@ The JSON keeps the keys a field was given (`to_json`: unset optional parts are l
 written as null), so manifests of this version read back unchanged."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-FORMAT_VERSION = 2  # 2: the high-fidelity stage stores its vectors (high.npy); 1 recomputed them
+# 3: the high-fidelity stage's rows may be stored as 8- or 4-bit codes (HighInfo.storage); 2: float16
+# rows (read as they are: a version 2 manifest has no `storage`, so float16); 1 recomputed them
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (2, 3)
 
 
 class _Part(BaseModel):
@@ -56,14 +59,19 @@ class FaissInfo(_Part):
     padded_dim: int | None = None
 
 
+HighStorage = Literal["float16", "int8", "int4"]
+
+
 class HighInfo(_Part):
-    """The high-fidelity stage (high.npy): its own layers' sizes and preconditioner."""
+    """The high-fidelity stage (high.npy): its own layers' sizes and preconditioner, and how its rows
+    are stored (indexer.store.HighRows)."""
     layers: list[LayerInfo]
     dim: int
     budget: Budget
     preconditioner: PreconditionerInfo
     sample_documents: int  # the preconditioner was fitted on the first this many documents
-    stored: str
+    stored: str  # in words
+    storage: HighStorage = "float16"  # what the reader decodes; absent (float16) in manifests before version 3
 
 
 class DataInfo(_Part):

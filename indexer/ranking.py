@@ -20,7 +20,7 @@ DIRECTIONS = {"proponents": 1.0, "opponents": -1.0}
 CANDIDATES_PER_HIT = 4
 CANDIDATES_MIN_EXTRA = 64
 HIGH_CANDIDATES_PER_DEPTH = 4
-HIGH_BLOCK_ROWS = 8192  # float16 high-fidelity rows read per block (about 1 GiB at the default dims)
+HIGH_BLOCK_ROWS = 8192  # high-fidelity rows read per block (2 GiB of float32 at the default dims)
 SCAN_BLOCK_ROWS = 65536  # compact rows scored per block by the exact scan
 # The high-fidelity stage rescores this many of the compact vectors' best candidates (or k, if more):
 # docs/quality.md "Two stages" gives the k = 10 answers' agreement with the top 10 over every document by depth.
@@ -66,8 +66,8 @@ def rerank_search(index: faiss.Index, vectors: np.ndarray, norms: np.ndarray, q:
 
 
 def high_scores(index: Index, rows: np.ndarray, q: np.ndarray, mode: str, block: int = HIGH_BLOCK_ROWS) -> np.ndarray:
-    """Scores of `rows` for the high-fidelity query vector q, from the stored vectors (float16 unit
-    rows, float32 norms), read a block at a time in file order."""
+    """Scores of `rows` for the high-fidelity query vector q, from the stored vectors (unit rows as
+    Index.high_rows reads them, float32 norms), read a block at a time in file order."""
     q = np.asarray(q, dtype=np.float32)
     q_norm = float(np.linalg.norm(q))
     unit_q = q / q_norm if q_norm > 0 else q
@@ -76,7 +76,7 @@ def high_scores(index: Index, rows: np.ndarray, q: np.ndarray, mode: str, block:
     for s in range(0, len(rows), block):
         at = order[s : s + block]
         r = rows[at]
-        cos = (np.asarray(index.high_vectors[r], dtype=np.float32) @ unit_q).astype(np.float64)
+        cos = (index.high_rows(r) @ unit_q).astype(np.float64)
         out[at] = np.clip(cos, -1.0, 1.0) if mode == "cosine" else cos * index.high_norms[r] * q_norm
     return out
 

@@ -8,6 +8,9 @@
     DIR/faiss-influence.index  FAISS inner-product index over the vectors
     DIR/faiss-cosine.index     FAISS inner-product index over the unit-normalised vectors
     DIR/documents.lance        LanceDB table `documents`: row, id, text, prompt, metadata (JSON), ...
+    DIR/high.npy               the high-fidelity stage's rows (HighRows: float16, int8 or int4 codes), memory-mapped
+    DIR/high-scales.npy        float32 (N,) their per-row scales (int8 and int4)
+    DIR/high-norms.npy         float32 (N,) the high-fidelity vectors' norms
 
 Row i of the table is row i of vectors.npy and id i of both FAISS indexes. An index is built in a
 sibling temporary folder and renamed into place, so DIR is never half-written.
@@ -29,7 +32,7 @@ import faiss
 from pydantic import ValidationError
 
 from .ann import MODES, build_faiss, unit_rows  # noqa: F401  (unit_rows: the writers' and readers' one definition)
-from .manifest import FORMAT_VERSION, LayerInfo, Manifest
+from .manifest import FORMAT_VERSION, READABLE_VERSIONS, LayerInfo, Manifest
 
 # LanceDB logs a warning for every table it creates ("No existing dataset ... it will be created"):
 # noise on every build. Its Rust logger reads LANCEDB_LOG once, at import; a user's setting wins.
@@ -46,10 +49,18 @@ if TYPE_CHECKING:
 MANIFEST = "manifest.json"
 STATE = "state.pt"
 VECTORS = "vectors.npy"
-# The high-fidelity stage's vectors (indexes built with it): float16 unit rows, their float32 norms apart
-# (a whitened gradient's entries span more than float16's range; a unit row's do not).
+# The high-fidelity stage's vectors (indexes built with it): unit rows, their float32 norms apart (a
+# whitened gradient's entries span more than float16's range; a unit row's do not). The rows are stored
+# as the manifest's `high.storage` says (HighRows): float16, or integer codes with a float32 scale per row.
 HIGH_VECTORS = "high.npy"
+HIGH_SCALES = "high-scales.npy"
 HIGH_NORMS = "high-norms.npy"
+HIGH_FILES = (HIGH_VECTORS, HIGH_SCALES, HIGH_NORMS)
+HIGH_STORAGES = ("float16", "int8", "int4")
+# int4 codes -8..7 in steps of INT4_CLIP x the unit row's rms / 7: entries beyond +-2.5 rms are clipped (a
+# whitened gradient's few large entries would otherwise coarsen every other one's step; docs/indexing.md
+# has the measurements). int8 codes -127..127 in steps of the row's largest |entry| / 127.
+INT4_CLIP = 2.5
 NORMS = "norms.npy"
 TABLE = "documents"
 REQUIRED = (MANIFEST, STATE, VECTORS, NORMS, "faiss-influence.index", "faiss-cosine.index", f"{TABLE}.lance")
@@ -91,8 +102,9 @@ def read_manifest(root: str | Path) -> Manifest:
         raise IndexFormatError(f"{path} is corrupt: {e}") from e
     if not isinstance(data, dict):
         raise IndexFormatError(f"{path} is corrupt: not a JSON object")
-    if data.get("format_version") != FORMAT_VERSION:
-        raise IndexFormatError(f"{root} has index format {data.get('format_version')}; this version reads {FORMAT_VERSION}")
+    if data.get("format_version") not in READABLE_VERSIONS:
+        raise IndexFormatError(f"{root} has index format {data.get('format_version')}; this version reads "
+                               f"{' and '.join(map(str, READABLE_VERSIONS))}")
     try:
         return Manifest.model_validate(data)
     except ValidationError as e:
@@ -267,8 +279,8 @@ class IndexWriter:
     def save_high_state(self, state: dict) -> None:
         _atomic_torch_save(state, self.tmp / "high-state.pt")
 
-    def high_vectors(self, dim: int) -> "HighVectorWriter":
-        return HighVectorWriter(self.tmp, dim, self.base)
+    def high_vectors(self, dim: int, storage: str) -> "HighVectorWriter":
+        return HighVectorWriter(self.tmp, dim, storage, self.base)
 
     def write_faiss(self, index_type: str = "auto", nlist: int | None = None, block: int | None = None) -> dict:
         return write_faiss(self.tmp, index_type, nlist=nlist, block=block)
@@ -283,7 +295,8 @@ class IndexWriter:
         shutil.rmtree(self.shard_dir)
         for path in [*self.tmp.glob("checkpoint*.pt"), self.tmp / "key"]:
             path.unlink()
-        for path in (self.tmp / "high-state.pt", self.tmp / HighVectorWriter.PROGRESS, self.tmp / HighVectorWriter.NORMS):
+        for path in (self.tmp / "high-state.pt", self.tmp / HighVectorWriter.PROGRESS, self.tmp / HighVectorWriter.NORMS,
+                     self.tmp / HighVectorWriter.SCALES):
             path.unlink(missing_ok=True)
         old = None
         if self.out.exists():  # --overwrite: move the old index aside only once the new one is complete
@@ -310,54 +323,178 @@ class IndexWriter:
         self._lock.close()
 
 
+def _code_layout(storage: str, dim: int) -> tuple[str, int]:
+    """The .npy dtype of HIGH_VECTORS and its columns for rows of `dim` dimensions stored as `storage`."""
+    if storage == "float16":
+        return "<f2", dim
+    if storage == "int8":
+        return "|i1", dim
+    if storage == "int4":
+        return "|u1", (dim + 1) // 2  # two codes a byte: column j holds dims 2j (low nibble) and 2j + 1 (high)
+    raise ValueError(f"high-fidelity storage must be one of {HIGH_STORAGES}, got {storage!r}")
+
+
+def high_bytes_per_document(storage: str, dim: int) -> int:
+    """What the high-fidelity stage stores per document: its codes, a float32 scale (int8, int4) and a
+    float32 norm."""
+    descr, width = _code_layout(storage, dim)
+    return width * np.dtype(descr).itemsize + (4 if storage != "float16" else 0) + 4
+
+
+def encode_high(vectors: np.ndarray, storage: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What is stored of float vectors (rows): (codes, scales, norms). The unit rows are stored as
+    `storage` says: float16 (scales 1), or integer codes c with scale 1 / |c|, so that a row reads
+    back as c x scale, a unit row in the quantized direction (int8: c = round(127 u / max |u|);
+    int4: c = round(u / step) clipped to -8..7, step = INT4_CLIP rms(u) / 7, packed two a byte). A
+    zero vector is stored as zero codes, scale 0 and norm 0."""
+    _code_layout(storage, 1)  # a known storage
+    norms = np.linalg.norm(vectors, axis=1)
+    unit = vectors / np.where(norms > 0, norms, 1.0)[:, None]
+    if storage == "float16":  # as version 2 indexes were written
+        return unit.astype(np.float16), np.ones(len(unit), np.float32), norms.astype(np.float32)
+    unit = np.asarray(unit, dtype=np.float32)
+    if storage == "int8":
+        step, lo, hi = np.abs(unit).max(axis=1, initial=0.0) / 127, -127, 127
+    else:
+        step, lo, hi = INT4_CLIP * np.sqrt(np.mean(np.square(unit), axis=1)) / 7, -8, 7
+    codes = np.clip(np.rint(unit / np.where(step > 0, step, 1)[:, None]), lo, hi)
+    length = np.linalg.norm(codes, axis=1)
+    scales = np.divide(1.0, length, out=np.zeros_like(length), where=length > 0).astype(np.float32)
+    codes = codes.astype(np.int8)
+    if storage == "int4":
+        nibbles = (codes + 8).astype(np.uint8)
+        if nibbles.shape[1] % 2:
+            nibbles = np.pad(nibbles, ((0, 0), (0, 1)), constant_values=8)  # code 0
+        codes = nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)
+    return codes, scales, norms.astype(np.float32)
+
+
+def decode_high(codes: np.ndarray, scales: np.ndarray | None, storage: str, dim: int) -> np.ndarray:
+    """Stored rows (encode_high's codes and scales) as float32 unit rows: a new, writable array."""
+    if storage == "float16":
+        return np.array(codes, dtype=np.float32)
+    if storage == "int8":
+        x = np.array(codes, dtype=np.float32)
+    else:  # each byte's two codes, low nibble first (bitwise into float32 directly: 6x a lookup table's speed)
+        codes = np.asarray(codes)
+        x = np.empty((*codes.shape, 2), np.float32)
+        np.bitwise_and(codes, 15, out=x[..., 0], casting="unsafe")
+        np.right_shift(codes, 4, out=x[..., 1], casting="unsafe")
+        x = x.reshape(len(codes), -1)
+        x -= 8
+        if x.shape[1] != dim:  # an odd dim's padding code
+            return x[:, :dim] * np.asarray(scales, dtype=np.float32)[:, None]
+    x *= np.asarray(scales, dtype=np.float32)[:, None]
+    return x
+
+
+class HighRows:
+    """The high-fidelity stage's stored rows: codes memory-mapped (HIGH_VECTORS: 1M documents do not fit
+    in memory), per-row scales and norms in memory. Every reader goes through `rows` or `blocks`, which
+    give float32 unit rows whatever the storage; the norms are the vectors' own (float32)."""
+
+    def __init__(self, codes: np.ndarray, scales: np.ndarray | None, norms: np.ndarray, storage: str, dim: int):
+        self.codes, self.scales, self.norms, self.storage, self.dim = codes, scales, norms, storage, dim
+
+    @classmethod
+    def open(cls, root: str | Path, storage: str, dim: int) -> "HighRows":
+        """The rows of an index (or build) folder; IndexFormatError if the files are not `storage` rows of `dim`."""
+        root = Path(root)
+        descr, width = _code_layout(storage, dim)
+        codes = np.load(root / HIGH_VECTORS, mmap_mode="r")
+        scales = np.load(root / HIGH_SCALES) if storage != "float16" else None
+        norms = np.load(root / HIGH_NORMS)
+        if codes.dtype != np.dtype(descr) or codes.ndim != 2 or codes.shape[1] != width:
+            raise IndexFormatError(f"{root / HIGH_VECTORS} holds {codes.dtype} {codes.shape}, not {storage} rows of "
+                                   f"{dim} dimensions")
+        return cls(codes, scales, norms, storage, dim)
+
+    def __len__(self) -> int:
+        return self.codes.shape[0]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return len(self), self.dim
+
+    def sizes(self) -> dict[str, int]:
+        """Rows each file holds (Index.open checks them against the manifest)."""
+        return {"high": len(self), "high_norms": len(self.norms),
+                **({"high_scales": len(self.scales)} if self.scales is not None else {})}
+
+    def rows(self, rows: slice | range | np.ndarray | list[int]) -> np.ndarray:
+        """float32 unit rows (a new array) of a slice, range or list of row numbers, in the order asked."""
+        if isinstance(rows, range) and rows.step == 1:
+            rows = slice(rows.start, rows.stop)
+        elif not isinstance(rows, slice):
+            rows = np.asarray(rows, dtype=np.int64)
+        scales = None if self.scales is None else self.scales[rows]
+        return decode_high(self.codes[rows], scales, self.storage, self.dim)
+
+    def blocks(self, rows: range | None = None, block_rows: int = 8192) -> Iterable[tuple[range, np.ndarray]]:
+        """(rows, float32 unit rows) of `rows` (default: all), `block_rows` at a time, in file order."""
+        rows = range(len(self)) if rows is None else rows
+        for s in range(rows.start, rows.stop, block_rows):
+            r = range(s, min(s + block_rows, rows.stop))
+            yield r, self.rows(r)
+
+
 class HighVectorWriter:
-    """Writes HIGH_VECTORS and HIGH_NORMS into a build folder, rows appended in order, a block at a
-    time (plain writes, not a memory map, so the indexer's memory does not grow with the corpus); the
-    number of rows need not be known ahead (the gradient pass streams). After each `checkpoint` the
-    file is flushed and PROGRESS records the rows written: a killed build resumes after them (`rows`).
-    An append's writer starts with the base index's rows."""
+    """Writes HIGH_VECTORS, HIGH_SCALES (int8, int4) and HIGH_NORMS into a build folder, rows appended
+    in order, a block at a time (plain writes, not a memory map, so the indexer's memory does not grow
+    with the corpus); the number of rows need not be known ahead (the gradient pass streams). After each
+    `checkpoint` the file is flushed and PROGRESS records the rows written: a killed build resumes after
+    them (`rows`). An append's writer starts with the base index's rows, copied as they are stored."""
     PROGRESS = "high-progress.json"
     NORMS = "high-norms.partial.npy"  # the norms written so far; kept until commit, so a closed writer resumes
+    SCALES = "high-scales.partial.npy"  # ... and the scales
     # room for the .npy header of any row count; the final header is padded to it (`close`)
-    _RESERVED_SHAPE = (10**15, 0)
+    _RESERVED_ROWS = 10**15
 
-    def __init__(self, folder: Path, dim: int, base: "Index | None" = None):
-        self.folder, self.dim = folder, dim
-        self.offset = len(_npy_header((self._RESERVED_SHAPE[0], dim)))
+    def __init__(self, folder: Path, dim: int, storage: str, base: "Index | None" = None):
+        self.folder, self.dim, self.storage = folder, dim, storage
+        self.descr, self.width = _code_layout(storage, dim)
+        self.row_bytes = self.width * np.dtype(self.descr).itemsize
+        self.quantized = storage != "float16"
+        self.offset = len(_npy_header((self._RESERVED_ROWS, self.width), self.descr))
         progress = folder / self.PROGRESS
         done = json.loads(progress.read_text()) if progress.is_file() else {}
-        if done.get("dim") == dim and done.get("offset") == self.offset:
+        if (done.get("dim"), done.get("offset"), done.get("storage", "float16")) == (dim, self.offset, storage):
             self.rows, self.norms = done["rows"], [np.load(folder / self.NORMS)]
+            self.scales = [np.load(folder / self.SCALES)] if self.quantized else []
             self._file = open(folder / HIGH_VECTORS, "r+b")
             return
-        self.rows, self.norms = 0, []
+        self.rows, self.norms, self.scales = 0, [], []
         self._file = open(folder / HIGH_VECTORS, "w+b")
-        self._file.write(_npy_header((self._RESERVED_SHAPE[0], dim)))
+        self._file.write(_npy_header((self._RESERVED_ROWS, self.width), self.descr))
         if base is not None:
-            if base.high_vectors is None or base.high_vectors.shape[1] != dim:
-                raise IndexFormatError(f"{base.root} has no high-fidelity vectors of dim {dim}")
+            old = base.high_store
+            if old is None or old.dim != dim or old.storage != storage:
+                raise IndexFormatError(f"{base.root} has no high-fidelity vectors of dim {dim} stored as {storage}")
             for s in range(0, len(base), 8192):
-                self.add_unit(np.asarray(base.high_vectors[s : s + 8192]), base.high_norms[s : s + 8192])
+                scales = old.scales[s : s + 8192] if self.quantized else np.ones(len(old.norms[s : s + 8192]), np.float32)
+                self.add_stored(np.asarray(old.codes[s : s + 8192]), scales, old.norms[s : s + 8192])
             self.checkpoint()
 
     @staticmethod
-    def unit(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """What is stored of float vectors: float16 unit rows (their entries fit float16; a whitened
-        gradient's need not) and float32 norms."""
-        norms = np.linalg.norm(vectors, axis=1)
-        unit = vectors / np.where(norms > 0, norms, 1.0)[:, None]
-        return unit.astype(np.float16), norms.astype(np.float32)
+    def empty(n: int, dim: int, storage: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Zeroed (codes, scales, norms) for `n` rows, to be filled from `encode_high`'s results."""
+        descr, width = _code_layout(storage, dim)
+        return np.zeros((n, width), dtype=descr), np.zeros(n, np.float32), np.zeros(n, np.float32)
 
     def add(self, vectors: np.ndarray) -> None:
         """The next rows' vectors (float32 or float64)."""
-        self.add_unit(*self.unit(vectors))
+        self.add_stored(*encode_high(vectors, self.storage))
 
-    def add_unit(self, unit: np.ndarray, norms: np.ndarray) -> None:
-        """The next rows, already as `unit` returns them."""
-        self._file.seek(self.offset + self.rows * self.dim * 2)
-        self._file.write(np.ascontiguousarray(unit, dtype="<f2").tobytes())
+    def add_stored(self, codes: np.ndarray, scales: np.ndarray, norms: np.ndarray) -> None:
+        """The next rows, already as `encode_high` returns them for this writer's storage."""
+        if codes.ndim != 2 or codes.shape[1] != self.width or np.dtype(codes.dtype) != np.dtype(self.descr):
+            raise ValueError(f"{codes.dtype} {codes.shape} rows are not {self.storage} rows of {self.dim} dimensions")
+        self._file.seek(self.offset + self.rows * self.row_bytes)
+        self._file.write(np.ascontiguousarray(codes).tobytes())
         self.norms.append(np.asarray(norms, dtype=np.float32))
-        self.rows += len(unit)
+        if self.quantized:
+            self.scales.append(np.asarray(scales, dtype=np.float32))
+        self.rows += len(codes)
 
     def rewind(self, rows: int) -> None:
         """Keep only the first `rows` rows (those a resumed gradient pass has checkpointed)."""
@@ -365,38 +502,45 @@ class HighVectorWriter:
             raise IndexFormatError(f"the partial build's high-fidelity vectors stop at row {self.rows}, before its "
                                    f"checkpoint at {rows}; rebuild with --overwrite")
         self.norms = [np.concatenate(self.norms)[:rows]] if self.norms else []
+        self.scales = [np.concatenate(self.scales)[:rows]] if self.scales else []
         self.rows = rows
+
+    def _joined(self, parts: list[np.ndarray]) -> np.ndarray:
+        return np.concatenate(parts) if parts else np.zeros(0, np.float32)
 
     def checkpoint(self) -> None:
         """Make the rows added so far survive a kill."""
         self._file.flush()
         os.fsync(self._file.fileno())
-        norms = np.concatenate(self.norms) if self.norms else np.zeros(0, np.float32)
-        self.norms = [norms]
-        tmp = self.folder / "high-norms.partial.tmp.npy"
-        np.save(tmp, norms)
-        os.replace(tmp, self.folder / self.NORMS)
+        for parts, name in [(self.norms, self.NORMS)] + ([(self.scales, self.SCALES)] if self.quantized else []):
+            joined = self._joined(parts)
+            parts[:] = [joined]
+            tmp = self.folder / (name + ".tmp.npy")
+            np.save(tmp, joined)
+            os.replace(tmp, self.folder / name)
         tmp = self.folder / (self.PROGRESS + ".tmp")
-        tmp.write_text(json.dumps({"dim": self.dim, "rows": self.rows, "offset": self.offset}))
+        tmp.write_text(json.dumps({"dim": self.dim, "rows": self.rows, "offset": self.offset, "storage": self.storage}))
         os.replace(tmp, self.folder / self.PROGRESS)
 
     def close(self, total: int) -> None:
-        """All `total` rows written: the final header and norms file (the progress stays until the
-        index is committed: a build that fails after this resumes with the rows complete)."""
+        """All `total` rows written: the final header, norms and scales files (the progress stays until
+        the index is committed: a build that fails after this resumes with the rows complete)."""
         if self.rows != total:
             raise RuntimeError(f"wrote {self.rows} high-fidelity vectors for {total} documents")
-        self._file.truncate(self.offset + total * self.dim * 2)
+        self._file.truncate(self.offset + total * self.row_bytes)
         self._file.seek(0)
-        self._file.write(_npy_header((total, self.dim), pad_to=self.offset))
+        self._file.write(_npy_header((total, self.width), self.descr, pad_to=self.offset))
         self._file.close()
-        np.save(self.folder / HIGH_NORMS, np.concatenate(self.norms) if self.norms else np.zeros(0, np.float32))
+        np.save(self.folder / HIGH_NORMS, self._joined(self.norms))
+        if self.quantized:
+            np.save(self.folder / HIGH_SCALES, self._joined(self.scales))
 
 
-def _npy_header(shape: tuple[int, int], pad_to: int | None = None) -> bytes:
-    """The .npy (version 1.0) header of a float16 array of `shape`, padded with spaces to `pad_to`
+def _npy_header(shape: tuple[int, int], descr: str = "<f2", pad_to: int | None = None) -> bytes:
+    """The .npy (version 1.0) header of an array of `descr` and `shape`, padded with spaces to `pad_to`
     bytes (the format allows any padding that keeps the data 64-byte aligned)."""
     buf = io.BytesIO()
-    np.lib.format.write_array_header_1_0(buf, {"descr": "<f2", "fortran_order": False, "shape": shape})
+    np.lib.format.write_array_header_1_0(buf, {"descr": descr, "fortran_order": False, "shape": shape})
     header = buf.getvalue()
     if pad_to is None or pad_to == len(header):
         return header
@@ -472,8 +616,25 @@ class Index:
     faiss: dict[str, faiss.Index]
     table: object
     row_of_id: dict[str, int]
-    high_vectors: np.ndarray | None = None  # memory-mapped (N, high dim) float16 unit rows
-    high_norms: np.ndarray | None = None
+    high_store: HighRows | None = None  # the high-fidelity stage's rows: read them with high_rows / high_blocks
+
+    @property
+    def high_norms(self) -> np.ndarray | None:
+        """The high-fidelity vectors' float32 norms (None without the stage)."""
+        return None if self.high_store is None else self.high_store.norms
+
+    def high_rows(self, rows: slice | range | np.ndarray | list[int]) -> np.ndarray:
+        """The high-fidelity stage's float32 unit rows (a new array) of `rows`, in the order asked,
+        whatever their storage (HighRows.rows)."""
+        if self.high_store is None:
+            raise ValueError(f"{self.root} has no high-fidelity stage")
+        return self.high_store.rows(rows)
+
+    def high_blocks(self, rows: range | None = None, block_rows: int = 8192) -> Iterable[tuple[range, np.ndarray]]:
+        """(rows, float32 unit rows) of the high-fidelity stage over `rows` (default: all), a block at a time."""
+        if self.high_store is None:
+            raise ValueError(f"{self.root} has no high-fidelity stage")
+        return self.high_store.blocks(rows, block_rows)
 
     @classmethod
     def open(cls, root: str | Path) -> "Index":
@@ -492,20 +653,18 @@ class Index:
             table = lancedb.connect(root).open_table(TABLE)
             ids = table.search().select(["row", "id"]).limit(None).to_arrow()
             high = manifest.high
-            high_vectors = np.load(root / HIGH_VECTORS, mmap_mode="r") if high else None
-            high_norms = np.load(root / HIGH_NORMS) if high else None
+            high_store = HighRows.open(root, high.storage, high.dim) if high else None
         except Exception as e:  # any unreadable file means a corrupt index, said plainly
             raise IndexFormatError(f"{root} is corrupt: {type(e).__name__}: {e}") from e
         n = manifest.n_documents
         sizes = {"vectors": vectors.shape[0], "norms": norms.shape[0], "table": ids.num_rows,
                  **{f"faiss-{m}": ix.ntotal for m, ix in indexes.items()}}
         if high:
-            sizes.update(high=high_vectors.shape[0], high_norms=high_norms.shape[0])
-        if (any(v != n for v in sizes.values()) or vectors.shape[1] != manifest.dim
-                or (high and high_vectors.shape[1] != high.dim)):
+            sizes.update(high_store.sizes())
+        if any(v != n for v in sizes.values()) or vectors.shape[1] != manifest.dim:
             raise IndexFormatError(f"{root} is corrupt: manifest says {n} documents of dim {manifest.dim}, files hold {sizes}")
         row_of_id = dict(zip(ids.column("id").to_pylist(), ids.column("row").to_pylist()))
-        return cls(root, manifest, state, vectors, norms, indexes, table, row_of_id, high_vectors, high_norms)
+        return cls(root, manifest, state, vectors, norms, indexes, table, row_of_id, high_store)
 
     def __len__(self) -> int:
         return self.vectors.shape[0]

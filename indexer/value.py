@@ -44,16 +44,16 @@ def stage_blocks(index: Index, stage: str, mode: str, device, rows: range):
     """(rows, float32 block) over `rows` of the stage's stored vectors, BLOCK_BYTES at a time (memory
     bounded by the block, not the index), each row scaled so that its product with a query vector is
     the score of `mode` (cosine: unit rows, against unit queries)."""
-    if stage == "high":  # unit rows and norms apart (store.HighVectorWriter)
-        vectors, norms = index.high_vectors, index.high_norms
+    if stage == "high":  # unit rows (float32, whatever their storage) and norms apart (store.HighRows)
+        read, norms, dim = index.high_rows, index.high_norms, index.high_store.dim
         scale = "multiply" if mode == "influence" else None
-    else:
-        vectors, norms = index.vectors, index.norms
+    else:  # a copy: the map is read-only
+        read, norms, dim = lambda r: np.array(index.vectors[r], dtype=np.float32), index.norms, index.vectors.shape[1]
         scale = "divide" if mode == "cosine" else None
-    block = max(1, BLOCK_BYTES // (4 * vectors.shape[1]))
+    block = max(1, BLOCK_BYTES // (4 * dim))
     for s in range(rows.start, rows.stop, block):
         e = min(s + block, rows.stop)
-        x = torch.as_tensor(np.array(vectors[s:e], dtype=np.float32), device=device)  # a copy: the map is read-only
+        x = torch.as_tensor(read(slice(s, e)), device=device)
         if scale:
             n = torch.as_tensor(np.asarray(norms[s:e], dtype=np.float32), device=device)[:, None]
             x.mul_(n) if scale == "multiply" else x.div_(torch.where(n > 0, n, 1))  # in place; a zero row scores 0

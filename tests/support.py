@@ -121,6 +121,59 @@ def exact_scores(vectors, q, mode: str, norms=None) -> np.ndarray:
     return scores / (norms * np.linalg.norm(q))
 
 
+def stored_high(index_dir) -> tuple[str, np.ndarray, np.ndarray | None, np.ndarray]:
+    """The high-fidelity stage as its files hold it, read here without the store's reader: (storage,
+    codes, scales, norms). Codes are float16 unit rows, or integers (int4: each byte's two nibbles,
+    low first, minus 8); scales are None for float16."""
+    index_dir = Path(index_dir)
+    high = json.loads((index_dir / "manifest.json").read_text())["high"]
+    storage, dim = high.get("storage", "float16"), high["dim"]
+    raw = np.load(index_dir / "high.npy")
+    if storage == "int4":
+        codes = np.empty((raw.shape[0], 2 * raw.shape[1]), np.int16)
+        codes[:, 0::2], codes[:, 1::2] = (raw & 15).astype(np.int16) - 8, (raw >> 4).astype(np.int16) - 8
+        codes = codes[:, :dim]
+    else:
+        codes = raw
+    scales = None if storage == "float16" else np.load(index_dir / "high-scales.npy")
+    return storage, codes, scales, np.load(index_dir / "high-norms.npy")
+
+
+def stored_high_rows(index_dir) -> np.ndarray:
+    """The high-fidelity unit rows the files hold (`stored_high`'s codes times their scales), float64."""
+    _, codes, scales, _ = stored_high(index_dir)
+    rows = np.asarray(codes, dtype=np.float64)
+    return rows if scales is None else rows * scales[:, None].astype(np.float64)
+
+
+def assert_same_high_rows(a_dir, b_dir) -> None:
+    """Two builds' high-fidelity rows, computed in another order (batches, processes): float16 rows
+    within float16 rounding of each other; integer codes apart by at most one step in a few entries
+    (a float sum's last bit can put a value on the other side of a rounding boundary)."""
+    (storage, a, sa, na), (storage_b, b, sb, nb) = stored_high(a_dir), stored_high(b_dir)
+    assert storage == storage_b
+    np.testing.assert_allclose(na, nb, rtol=1e-4)
+    if storage == "float16":
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-2, atol=2e-4)
+        return
+    diff = np.abs(a.astype(np.int16) - b.astype(np.int16))
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (diff.max(), (diff > 0).mean())
+    np.testing.assert_allclose(sa, sb, rtol=1e-3)
+
+
+# A document sent as the query meets its own stored high-fidelity row: its cosine is 1 up to the
+# storage's error. int4 rows of these tiny random models (heavier-tailed than a trained model's) keep
+# cosines of 0.96-0.99 with the vectors they store.
+SELF_COSINE_TOLERANCE = {"float16": 2e-3, "int8": 2e-3, "int4": 0.05}
+
+
+def self_cosine_tolerance(index_dir, precision: str = "high") -> float:
+    """How far below 1 a document's own cosine score may be at `precision` in this index."""
+    if precision == "fast":
+        return SELF_COSINE_TOLERANCE["float16"]  # float32 vectors: rounding only
+    return SELF_COSINE_TOLERANCE[json.loads((Path(index_dir) / "manifest.json").read_text())["high"].get("storage", "float16")]
+
+
 def reference_engine(index_dir, model_dir=None):
     """(index, model, tokenizer, LoGra, preconditioner) rebuilt outside the API and the store's own
     loader: a model load of its own (`model_dir`, default the manifest's), LoGra from the manifest's

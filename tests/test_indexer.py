@@ -26,8 +26,8 @@ from indexer.cli import main as cli_main
 from indexer.records import BadRecordError
 from indexer.store import REQUIRED, Index
 
-from .support import (checkpointed_shards, exact_scores, leftovers, run_cli, subprocess_env, synthetic_corpus,
-                      table_rows, write_jsonl)
+from .support import (assert_same_high_rows, checkpointed_shards, exact_scores, leftovers, run_cli, stored_high,
+                      subprocess_env, synthetic_corpus, table_rows, write_jsonl)
 
 MODELS = ("gpt2", "llama")
 N_SELF = 150
@@ -125,6 +125,8 @@ def test_cli_info_summary_reads_like_the_manifest(cli):
     assert f"{m['n_documents']:,}" in lines["documents"] and m["model"]["fingerprint"] in lines["model"]
     assert f"{m['dim']:,} dimensions" in lines["vectors"] and "ekfac (damping 0.01)" in lines["vectors"]
     assert f"{m['high']['dim']:,} dimensions" in lines["high"] and m["faiss"]["type"] in lines["faiss"]
+    per_doc = (m["high"]["dim"] + 1) // 2 + 8  # the default int4: half a byte a dimension, a scale and a norm
+    assert f"stored as int4 ({per_doc:,} bytes a document" in lines["high"]
     # two blocks of the same shapes: each block layer once, with both block numbers, then the LM head
     shape = lambda l: f"{l['r_out']} x {l['r_in']} of {l['out_features']} x {l['in_features']}"
     blocks = [[l for l in m["layers"] if f".h.{b}." in l["name"]] for b in (0, 1)]
@@ -186,6 +188,7 @@ def test_cli_info_manifest_fields(cli, model, request, capsys):
     high = printed["high"]
     assert high["preconditioner"] == {"kind": "ekfac", "damping_ratio": 0.01} and high["sample_documents"] == N_SELF
     assert high["budget"] == {"dims": 65536, "head_share": 0.75}
+    assert high["storage"] == BuildConfig.high_storage == "int4" and high["stored"].startswith("int4 codes")
     assert [l["name"] for l in high["layers"]] == [l["name"] for l in printed["layers"]]
     assert high["dim"] == sum(l["r_out"] * l["r_in"] for l in high["layers"]) <= 65536
     assert all(h["r_out"] >= f["r_out"] and h["r_in"] >= f["r_in"] for h, f in zip(high["layers"], printed["layers"]))
@@ -477,9 +480,7 @@ def test_batch_settings_change_no_vector_and_a_build_resumes_with_others(tmp_pat
     # float32 sums in another order, amplified along EK-FAC's smallest (damping 0.01) directions
     np.testing.assert_allclose(np.load(tmp_path / "many" / store.VECTORS), np.load(tmp_path / "one" / store.VECTORS),
                                rtol=1e-4, atol=1e-4)
-    a, b = Index.open(tmp_path / "many"), Index.open(tmp_path / "one")
-    np.testing.assert_allclose(a.high_norms, b.high_norms, rtol=1e-4)
-    np.testing.assert_allclose(np.asarray(a.high_vectors, np.float32), np.asarray(b.high_vectors, np.float32), atol=2e-3)
+    assert_same_high_rows(tmp_path / "many", tmp_path / "one")
     assert resume_key(one, "f") == resume_key(BuildConfig(**{**one.__dict__, "out": "x", "batch_tokens": 64}), "f")
 
 
@@ -642,10 +643,11 @@ def test_killed_build_resumes_to_the_identical_index(tmp_path, gpt2_dir):
     """SIGKILL the indexer at several points (early, mid-pass, after the gradient pass); rerunning
     the same command continues from the last complete shard and ends with exactly the index an
     uninterrupted build makes. The high-fidelity vectors are written with the shards, so each kill
-    also stops them mid-way."""
+    also stops them mid-way: their int4 codes, per-row scales and norms resume to the same bytes."""
     data = write_jsonl(tmp_path / "d.jsonl", synthetic_corpus(240, seed=21))
     # the high-fidelity stage is fitted in the pass from the first 4 shards: kill 1 stops it mid-sample
-    args = ["--shard-size", "16", "--batch-size", "4", "--preconditioner", "kfac", "--high-sample", "64", "--no-progress"]
+    args = ["--shard-size", "16", "--batch-size", "4", "--preconditioner", "kfac", "--high-sample", "64",
+            "--high-storage", "int4", "--no-progress"]
     env = subprocess_env(OMP_NUM_THREADS="1")
     cmd = lambda out: [sys.executable, "-m", "indexer", "build", "--model", gpt2_dir, "--data", data, "--out", str(out), *args]
     reference = tmp_path / "reference"
@@ -677,8 +679,9 @@ def test_killed_build_resumes_to_the_identical_index(tmp_path, gpt2_dir):
     ref, got = Index.open(reference), Index.open(out)
     assert got.manifest.build.resumed_at_document == 16 * kills[-1]
     assert np.array_equal(np.asarray(ref.vectors), np.asarray(got.vectors))
-    assert np.array_equal(np.asarray(ref.high_vectors), np.asarray(got.high_vectors))
-    assert np.array_equal(ref.high_norms, got.high_norms)
+    assert got.manifest.high.storage == "int4" and got.high_store.codes.dtype == np.uint8
+    for name in store.HIGH_FILES:  # codes, scales, norms
+        assert (reference / name).read_bytes() == (out / name).read_bytes(), name
     assert table_rows(reference) == table_rows(out)
     q = np.asarray(ref.vectors[:20])
     for mode in ("influence", "cosine"):
@@ -703,8 +706,8 @@ def test_failure_after_the_gradient_pass_resumes_to_the_identical_index(tmp_path
     assert manifest.build.resumed_at_document == 40
     got = Index.open(tmp_path / "idx")
     assert np.array_equal(np.asarray(reference.vectors), np.asarray(got.vectors))
-    assert np.array_equal(np.asarray(reference.high_vectors), np.asarray(got.high_vectors))
-    assert np.array_equal(reference.high_norms, got.high_norms)
+    for name in store.HIGH_FILES:
+        assert (reference.root / name).read_bytes() == (got.root / name).read_bytes(), name
     assert leftovers(tmp_path) == []
 
 
@@ -740,9 +743,10 @@ def test_append_adds_documents_with_the_index_own_preconditioner(tmp_path, gpt2_
     old = write_jsonl(tmp_path / "old.jsonl", old_docs)
     new = write_jsonl(tmp_path / "new.jsonl", new_docs)
     idx = tmp_path / "idx"
-    assert run_cli(build_args(gpt2_dir, old, idx, "--preconditioner", "kfac"), capsys)[0] == 0
+    assert run_cli(build_args(gpt2_dir, old, idx, "--preconditioner", "kfac", "--high-storage", "int8"), capsys)[0] == 0
     before = Index.open(idx)
     old_vectors, old_state = np.array(before.vectors), before.state
+    _, old_codes, old_scales, old_norms = stored_high(idx)
 
     code, out, err = run_cli(["append", "--index", idx, "--data", new, "--no-progress", "--shard-size", "7"], capsys)
     assert code == 0, err
@@ -759,10 +763,14 @@ def test_append_adds_documents_with_the_index_own_preconditioner(tmp_path, gpt2_
     hits, _, _ = att.attribute("", new_docs[3]["text"], 1, "cosine", precision="fast")
     assert hits[0].row == 63 and hits[0].score == pytest.approx(1.0, abs=1e-5)
     assert all(att.attribute("", d["text"], 1, "cosine")[0][0].row == i for i, d in enumerate(old_docs + new_docs))
-    # ... and its high-fidelity vector too (stored as float16), the old ones kept
+    # ... and its high-fidelity vector too, in the index's own storage (int8 here, not the default), the old
+    # rows kept as they were stored
     hits, _, _ = att.attribute("", new_docs[3]["text"], 1, "cosine")
     assert hits[0].row == 63 and hits[0].stage == "high" and hits[0].score == pytest.approx(1.0, abs=2e-3)
-    assert np.array_equal(np.asarray(after.high_vectors[:60]), np.asarray(before.high_vectors))
+    storage, codes, scales, norms = stored_high(idx)
+    assert storage == after.manifest.high.storage == "int8" and len(codes) == len(scales) == len(norms) == 90
+    assert np.array_equal(codes[:60], old_codes) and np.array_equal(scales[:60], old_scales)
+    assert np.array_equal(norms[:60], old_norms)
 
 
 def test_append_refuses_duplicate_ids_and_keeps_the_index(tmp_path, gpt2_dir, capsys):

@@ -1,7 +1,9 @@
 """Precision "high": the compact vectors' candidates rescored by the high-fidelity stage, against an
 independent brute force (each document's high-stage vector recomputed from its text alone, in
 float64, in the original basis), and the response's account of which stage scored what. The index
-stores the high-fidelity vectors as float16 unit rows: scores agree to FP16 of the largest score."""
+stores the high-fidelity vectors as float16 unit rows (--high-storage float16, so that scores agree to
+FP16 of the largest score; the int8 and int4 storages are checked against their own stored rows and
+the engine's vectors in test_high_storage.py)."""
 from __future__ import annotations
 
 import numpy as np
@@ -25,7 +27,7 @@ def corpus():
 
 @pytest.fixture(scope="module")
 def index_dir(tmp_path_factory, gpt2_dir, corpus):
-    return build_corpus_index(tmp_path_factory.mktemp("precision"), gpt2_dir, corpus)
+    return build_corpus_index(tmp_path_factory.mktemp("precision"), gpt2_dir, corpus, high_storage="float16")
 
 
 @pytest.fixture(scope="module")

@@ -470,7 +470,7 @@ def default_scores(gt: Path, work: Path, api_self_checks: int = 20, base: Path |
     row_of = np.array([s.index.row_of_id[r["id"]] for r in tr_rows])
     size = sum(p.stat().st_size for p in index_dir.rglob("*") if p.is_file())
     out = {}
-    stored = {"fast": np.asarray(s.index.vectors)[row_of], "high": np.asarray(s.index.high_vectors, np.float32)[row_of]}
+    stored = {"fast": np.asarray(s.index.vectors)[row_of], "high": s.index.high_rows(row_of)}
     for prec in ("fast", "high"):
         scores = np.zeros((len(q_rows), n))
         t = time.perf_counter()
@@ -537,12 +537,12 @@ def stage_vectors(gt: Path, index_dir: Path) -> dict:
     row_of = np.array([s.index.row_of_id[r["id"]] for r in tr_rows])
     pairs_q = [s.text_format.messages(attr.tokenizer, r["messages"]) for r in q_rows]
     out = {}
-    for stage, (logra, pre), stored in (("fast", (s.logra, s.preconditioner), np.asarray(s.index.vectors)),
-                                        ("high", s.high, np.asarray(s.index.high_vectors))):
+    for stage, (logra, pre), stored in (("fast", (s.logra, s.preconditioner), np.asarray(s.index.vectors)[row_of]),
+                                        ("high", s.high, s.index.high_rows(row_of))):
         # in the basis the index stores each stage in: compact rows whitened (build._write_vectors), high
         # rows in the preconditioner's eigenbasis (build.HighStage.vectors); a part's products need both alike
         qv = pair_vectors(logra, pre, attr.tokenizer, pairs_q, batch_size=16, eigenbasis=stage == "high").numpy()
-        out[stage] = (qv.astype(np.float64), stored[row_of].astype(np.float64), logra.layer_spec())
+        out[stage] = (qv.astype(np.float64), stored.astype(np.float64), logra.layer_spec())
     return out
 
 

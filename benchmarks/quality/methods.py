@@ -145,6 +145,7 @@ def default_scores(gt: Path, work: Path, train_rows: list[dict], queries: list[s
     precision high) and its time, for the top-10 agreement."""
     from api.search import Attributor
     from engine import pair_vectors
+    from indexer.store import high_bytes_per_document
     index_dir = default_index(gt, work, train_rows)
     attr = Attributor(index_dir)
     s = attr.current()
@@ -157,7 +158,7 @@ def default_scores(gt: Path, work: Path, train_rows: list[dict], queries: list[s
     hq = pair_vectors(high_logra, high_pre, attr.tokenizer, [("", q) for q in queries[:checked]], batch_size=32).numpy()
     hd_norm, hq_norm = np.linalg.norm(hd, axis=1).astype(np.float64), np.linalg.norm(hq, axis=1).astype(np.float64)
     h_dot = (hq @ hd.T).astype(np.float64)
-    stored_high = np.asarray(s.index.high_vectors, dtype=np.float32)[row_of]  # unit rows
+    stored_high = s.index.high_rows(row_of)  # unit rows
     out = {}
     for mode in MODES:
         scores = {p: np.zeros((len(queries), n)) for p in ("fast", "high")}
@@ -188,7 +189,8 @@ def default_scores(gt: Path, work: Path, train_rows: list[dict], queries: list[s
         out[f"default high {mode}"] = {**common, "dim": s.high[0].dim, "scores": scores["high"], "api_k10_top": np.array(top10),
                                        "self_at1": _self_at1(high_stored, high_stored, mode == "cosine"),
                                        "api_max_rel_error": worst, "high_depth": attr.high_depth,
-                                       "vector_bytes_per_doc": s.index.manifest.dim * 4 + s.high[0].dim * 2 + 4,
+                                       "vector_bytes_per_doc": s.index.manifest.dim * 4 + high_bytes_per_document(
+                                           s.index.high_store.storage, s.high[0].dim),
                                        "seconds_per_query": secs["high"]}
     return out
 
