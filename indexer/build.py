@@ -479,7 +479,7 @@ class HighSampler:
         t0 = time.time()
         self.file.close()
         if self.pre.needs_second_pass:
-            for x in self._blocks(0):
+            for x in scratch_blocks(self.path, self.logra.dim, 0, self.rows):
                 self.pre.update_second(torch.from_numpy(x))
         self.pre.finalize()
         state = _engine_state(self.logra, self.pre)
@@ -491,16 +491,6 @@ class HighSampler:
         high.fit_seconds = round(time.time() - t0, 2)
         return high
 
-    def _blocks(self, start: int):
-        return self.read_blocks(self.path, self.logra.dim, start, self.rows)
-
-    @staticmethod
-    def read_blocks(path: Path, dim: int, start: int, stop: int):
-        block = max(1, SAMPLE_BLOCK_BYTES // (4 * dim))
-        for s in range(start, stop, block):
-            n = min(block, stop - s)
-            yield np.fromfile(path, np.float32, count=n * dim, offset=4 * s * dim).reshape(n, dim)
-
     @classmethod
     def write_sample_rows(cls, high: HighStage, out: HighVectorWriter, writer: IndexWriter) -> None:
         """The stored rows of the sample's documents from the scratch file, after those `out` has,
@@ -511,7 +501,7 @@ class HighSampler:
         if out.rows < stop and not path.is_file():
             raise IndexFormatError(f"the partial build in {writer.tmp} lost its high-fidelity sample; "
                                    "rebuild with --overwrite")
-        for x in cls.read_blocks(path, high.logra.dim, out.rows, stop):
+        for x in scratch_blocks(path, high.logra.dim, out.rows, stop):
             out.add(high.vectors(torch.from_numpy(x)).numpy())
             out.checkpoint()
         path.unlink(missing_ok=True)
@@ -533,16 +523,23 @@ def fit_sample(logra: LoGra, pre: Preconditioner, tokenizer, batches: Sequence[S
                 pre.update(out.grads, out.token_stats)
                 f.write(np.ascontiguousarray(logra.flatten(out.grads).cpu().numpy(), dtype=np.float32).tobytes())
                 rows += len(batch)
-        block = max(1, SAMPLE_BLOCK_BYTES // (4 * logra.dim))
-        for s in progress("eigenvalues", range(0, rows, block)):
-            x = np.fromfile(scratch, np.float32, count=min(block, rows - s) * logra.dim, offset=4 * s * logra.dim)
-            pre.update_second(torch.from_numpy(x.reshape(-1, logra.dim)))
+        for x in progress("eigenvalues", scratch_blocks(scratch, logra.dim, 0, rows)):
+            pre.update_second(torch.from_numpy(x))
     finally:
         scratch.unlink(missing_ok=True)
     return pre.finalize()
 
 
-SAMPLE_BLOCK_BYTES = 64 << 20  # sample gradients read back per block by fit_sample (EK-FAC rotates them in float64)
+SAMPLE_BLOCK_BYTES = 64 << 20  # sample gradients read back per block (EK-FAC rotates them in float64)
+
+
+def scratch_blocks(path: Path, dim: int, start: int, stop: int) -> Iterator[np.ndarray]:
+    """Rows start..stop of a float32 scratch file of `dim`-wide rows (fit_sample's, HighSampler's),
+    SAMPLE_BLOCK_BYTES at a time."""
+    block = max(1, SAMPLE_BLOCK_BYTES // (4 * dim))
+    for s in range(start, stop, block):
+        n = min(block, stop - s)
+        yield np.fromfile(path, np.float32, count=n * dim, offset=4 * s * dim).reshape(n, dim)
 
 
 def _write_high(cfg: BuildConfig, high: HighStage, tokenizer, writer: IndexWriter) -> None:
