@@ -252,7 +252,7 @@ for owner, name, label, top in [
         (b, 'projected_gradients', 'model_pass', False),  # the high fit's forward+backward with projections
         (b, 'joint_gradients', 'model_pass', False),  # the joint pass's forward+backward with projections
         (b.HighStage, 'vectors', 'high_vectors', False),  # high-fidelity gradients into their eigenbasis
-        (b, 'encode_high', 'high_encode', False),  # ... their unit rows quantized as stored (--high-storage)
+        (b, 'encode_rows', 'high_encode', False),  # ... their unit rows quantized as stored (--high-storage)
         (Preconditioner, 'update', 'statistics', False),
         (Preconditioner, 'update_second', 'eigenvalues', False),  # top level: the compact EK-FAC's pass over its shards
         (Preconditioner, 'finalize', 'finalize', False),
@@ -330,10 +330,10 @@ def stage_bytes(index_dir: Path) -> dict:
                               for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file())
     m = read_manifest(index_dir)
     n = m.n_documents
-    stages = {"compact_vectors": size(store.VECTORS, store.NORMS), "high_vectors": size(*store.HIGH_FILES),
+    stages = {"compact_vectors": size(store.VECTORS, store.SCALES, store.NORMS), "high_vectors": size(*store.HIGH_FILES),
               "faiss": size("faiss-*.index"), "lancedb": size(f"{store.TABLE}.lance")}
     fixed = size(store.STATE, store.MANIFEST)  # projections and preconditioners: per index, not per document
-    return {"documents": n, "high_storage": m.high.storage if m.high else None,
+    return {"documents": n, "storage": m.storage, "high_storage": m.high.storage if m.high else None,
             "bytes": {**stages, "state_and_manifest": fixed},
             "bytes_per_document": {**{k: round(v / n) for k, v in stages.items()},
                                    "total_without_state": round(sum(stages.values()) / n)}}

@@ -133,7 +133,7 @@ def enlarged_index(base_dir: Path, out: Path, n: int, work: Path) -> dict:
                 for i in range(s, min(extra, s + SHARD))]
         # raw (unpreconditioned) gradients only feed a preconditioner fit, which this build skips
         writer.add_shard(rows, np.zeros((len(rows), 0), np.float32))
-    writer.write_vectors(((x - m_gen) @ w + mu for _, x in vf.blocks(65536)), dim)
+    writer.write_vectors(((x - m_gen) @ w + mu for _, x in vf.blocks(65536)), dim, base.manifest.storage)
     if base.high_store is not None:  # the base's rows first, in its own storage
         high = writer.high_vectors(base.high_store.dim, base.high_store.storage)
         real = base.high_rows(slice(None)) * base.high_norms[:, None]
@@ -184,7 +184,7 @@ def search_measures(index_dir: Path, queries: np.ndarray) -> dict:
                 out[mode]["by_nprobe"][p] = measure(mode, queries[: max(1, len(queries) // 2)])
             ix.nprobe = default
     # exact brute force: every vector in RAM, one float32 matmul per query, top k by argpartition
-    vectors = np.load(index_dir / store.VECTORS)
+    vectors = np.asarray(index.vectors, dtype=np.float32)
     times = []
     for q in queries[: min(len(queries), 30)]:
         t = time.perf_counter()

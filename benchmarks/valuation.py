@@ -5,9 +5,10 @@ in one process.
 
 The baseline, per block of the same memory-mapped rows: numpy's float32 matmul of the block by the
 (dim x queries) query matrix, each document's sum over the queries, and each query's sum per group
-(a one-hot float32 matmul); the high-fidelity stage's stored rows (float16, or int8 / int4 codes with a
-per-row scale: --high-storage) decoded to float32 unit rows first (store.HighRows), as any BLAS product
-over them must. No norm scaling, no float64, no metadata read, no report: a lower bound.
+(a one-hot float32 matmul); stored codes decoded to float32 first, as any BLAS product over them must:
+the compact rows (int8 codes with a per-row scale, or float32: --storage) through store.CompactRows, the
+high-fidelity stage's (float16, or int8 / int4 codes: --high-storage) to unit rows through store.HighRows.
+No norm scaling, no float64, no metadata read, no report: a lower bound.
 
     python benchmarks/valuation.py            # fast stage 1M x 4096, high stage 100k x 65536, 1000 queries
     python benchmarks/valuation.py --smoke    # seconds (checks the benchmark runs)
@@ -62,25 +63,31 @@ def chunk_rows(dim: int) -> int:
 
 def prepare(folder: Path, stage: str, n: int, dim: int, n_queries: int, n_groups: int,
             storage: str = "float16") -> float:
-    """The stage's stored vectors, a documents table and query vectors in `folder`, reused when already
-    there for the same sizes. Returns the seconds it took (0 when reused)."""
+    """The stage's stored vectors (as `storage` says), a documents table and query vectors in `folder`,
+    reused when already there for the same sizes. Returns the seconds it took (0 when reused)."""
     meta = {"stage": stage, "n": n, "dim": dim, "queries": n_queries, "groups": n_groups, "generator": GENERATOR,
-            **({"storage": storage} if stage == "high" else {})}
+            "storage": storage}
     if (folder / "meta.json").is_file() and json.loads((folder / "meta.json").read_text()) == meta:
         return 0.0
     t = time.perf_counter()
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "meta.json").unlink(missing_ok=True)
-    if stage == "fast":
-        out = np.lib.format.open_memmap(folder / store.VECTORS, mode="w+", dtype=np.float32, shape=(n, dim))
-        norms, s = np.zeros(n, np.float32), 0
+    if stage == "fast":  # as store.IndexWriter.write_vectors stores them
+        out = np.lib.format.open_memmap(folder / store.VECTORS, mode="w+", shape=(n, dim),
+                                        dtype=np.float32 if storage == "float32" else np.int8)
+        norms, scales, s = np.zeros(n, np.float32), np.zeros(n, np.float32), 0
         for z in rows(n, dim, rotate=False, chunk=chunk_rows(dim)):
-            out[s : s + len(z)] = z
-            norms[s : s + len(z)] = np.linalg.norm(z, axis=1)
+            at = slice(s, s + len(z))
+            if storage == "float32":
+                out[at], norms[at] = z, np.linalg.norm(z, axis=1)
+            else:
+                out[at], scales[at], norms[at] = store.encode_rows(z, storage)
             s += len(z)
         out.flush()
         del out
         np.save(folder / store.NORMS, norms)
+        if storage != "float32":
+            np.save(folder / store.SCALES, scales)
     else:  # what the indexer writes: stored unit rows and float32 norms, through its own writer
         writer = store.HighVectorWriter(folder, dim, storage)
         for z in rows(n, dim, rotate=False, chunk=chunk_rows(dim)):
@@ -112,10 +119,10 @@ def open_index(folder: Path, stage: str, n: int) -> store.Index:
     norms, the documents table and the ids (no model state, no FAISS files: never read by it)."""
     table = lancedb.connect(folder).open_table(store.TABLE)
     row_of_id = {f"doc-{i}": i for i in range(n)}
-    if stage == "fast":
-        return store.Index(folder, None, {}, np.load(folder / store.VECTORS, mmap_mode="r"), np.load(folder / store.NORMS),
-                           {}, table, row_of_id)
     meta = json.loads((folder / "meta.json").read_text())
+    if stage == "fast":
+        vectors = store.CompactRows.open(folder, meta["storage"])
+        return store.Index(folder, None, {}, vectors, vectors.norms, {}, table, row_of_id)
     return store.Index(folder, None, {}, np.empty((n, 0), np.float32), np.ones(n, np.float32), {}, table, row_of_id,
                        store.HighRows.open(folder, meta["storage"], meta["dim"]))
 
@@ -186,7 +193,7 @@ def measure(folder: Path, stage: str, n: int, dim: int, n_groups: int, repeats: 
     """The alternated timings, and the one-process report's group values and intervals."""
     index = open_index(folder, stage, n)
     if stage == "fast":
-        stored, read = index.vectors, lambda r: np.asarray(index.vectors[r], dtype=np.float32)
+        stored, read = index.vectors.stored, lambda r: np.asarray(index.vectors[r], dtype=np.float32)
     else:
         stored, read = index.high_store.codes, index.high_rows
     queries = np.load(folder / "queries.npy")
@@ -221,7 +228,7 @@ def measure(folder: Path, stage: str, n: int, dim: int, n_groups: int, repeats: 
     med = {k: float(np.median(v)) for k, v in times.items()}
     flops = 2.0 * n * dim * len(queries)
     return {"n_documents": n, "dim": dim,
-            "stored_dtype": "float32" if stage == "fast" else index.high_store.storage, "queries": len(queries),
+            "stored_dtype": index.vectors.storage if stage == "fast" else index.high_store.storage, "queries": len(queries),
             "groups": n_groups, "vectors_bytes": int(stored.nbytes),
             "block_rows": block, "read_only_pass_s": round(read_s, 2), "metadata_grouping_s": round(groups_s, 2),
             "value_s": [round(x, 2) for x in times["value"]], "blas_s": [round(x, 2) for x in times["blas"]],
@@ -242,6 +249,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--groups", type=int, default=100, help="distinct sources the documents are grouped by")
     ap.add_argument("--repeats", type=int, default=2, help="alternated (baseline, valuation) pairs per stage")
     ap.add_argument("--stages", nargs="+", default=["fast", "high"], choices=("fast", "high"))
+    ap.add_argument("--storage", choices=store.STORAGES, default=BuildConfig.storage,
+                    help="how the compact (fast stage) rows are stored (default: the indexer's)")
     ap.add_argument("--high-storage", choices=store.HIGH_STORAGES, default=BuildConfig.high_storage,
                     help="how the high-fidelity rows are stored (default: the indexer's)")
     ap.add_argument("--smoke", action="store_true", help="4,000 x 64 and 2,000 x 256, 50 queries: seconds")
@@ -263,7 +272,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         for stage in args.stages:
             n, dim = (args.n, args.dim) if stage == "fast" else (args.high_n, args.high_dim)
-            prepare_s = prepare(work / stage, stage, n, dim, args.queries, args.groups, args.high_storage)
+            prepare_s = prepare(work / stage, stage, n, dim, args.queries, args.groups,
+                                args.storage if stage == "fast" else args.high_storage)
             timed, one = measure(work / stage, stage, n, dim, args.groups, args.repeats)
             r = {"prepare_s": round(prepare_s, 2), **timed}
             if args.processes:

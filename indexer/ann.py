@@ -74,54 +74,71 @@ def _gpu_resources():
     return None
 
 
+def _prepare(mode: str, d: int):
+    """What a mode's FAISS index holds of a block of vectors: the rows (influence) or unit rows (cosine), padded to d."""
+    return (lambda x: pad_to(x, d)) if mode == "influence" else (lambda x: pad_to(unit_rows(x), d))
+
+
+def flat_indexes(vectors, block: int | None = None) -> dict[str, faiss.Index]:
+    """The exact (flat) FAISS index of each mode, built in memory from `vectors` (float32 rows by slice:
+    store.CompactRows). A flat index is the vectors themselves (FLAT_UP_TO_BYTES of float32 at most,
+    added in a second or so), so no file repeats them on disk: it is built when an index is opened."""
+    n, dim = vectors.shape
+    block = block or max(1, BLOCK_BYTES // (4 * dim))
+    out = {}
+    for mode in MODES:
+        index, prep = faiss.IndexFlatIP(dim), _prepare(mode, dim)
+        for s in range(0, n, block):
+            index.add(prep(np.asarray(vectors[s : s + block], dtype=np.float32)))
+        out[mode] = index
+    return out
+
+
 def build_faiss(vectors, paths: dict[str, Path], index_type: str = "auto", nlist: int | None = None,
                 block: int | None = None, gpu: bool = True) -> dict:
     """Write the FAISS index of each mode to paths[mode] from `vectors` (a store.VectorFile: `shape`,
     `rows`, `blocks`) and return what was built (type, nlist, nprobe, ..., rerank_factor) for the
-    manifest. Training uses a bounded sample and vectors are added a block at a time, so memory is
-    the index itself plus one block. With faiss-gpu and a GPU (and `gpu`), IVF indexes are trained
-    and filled on GPU 0."""
+    manifest; a flat index writes nothing (flat_indexes). Training uses a bounded sample and vectors
+    are added a block at a time, so memory is the index itself plus one block. With faiss-gpu and a
+    GPU (and `gpu`), IVF indexes are trained and filled on GPU 0."""
     vf = vectors
     n, dim = vf.shape
     block = block or max(1, BLOCK_BYTES // (4 * dim))
     kind = resolve_index_type(index_type, n, dim)
-    res = _gpu_resources() if gpu and kind != "flat" else None
+    if kind == "flat":
+        return {"type": kind, "rerank_factor": RERANK_FACTOR[kind], "device": "cpu"}
+    res = _gpu_resources() if gpu else None
     d = padded_dim(kind, dim)
     for mode in MODES:
-        prep = (lambda x: pad_to(x, d)) if mode == "influence" else (lambda x: pad_to(unit_rows(x), d))
+        prep = _prepare(mode, d)
         info = {"type": kind, "rerank_factor": RERANK_FACTOR[kind]}
-        if kind == "flat":
-            index = faiss.IndexFlatIP(d)
-        else:
-            k = nlist or default_nlist(n)
-            quantizer = faiss.IndexFlatIP(d)
-            n_train = min(n, TRAIN_POINTS_PER_LIST * k, max(MIN_POINTS_PER_LIST * k, TRAIN_BYTES // (4 * dim)))
-            sample = np.sort(np.random.default_rng(0).choice(n, size=n_train, replace=False))
-            if kind == "ivf-flat":
-                index = faiss.IndexIVFFlat(quantizer, d, k, faiss.METRIC_INNER_PRODUCT)
-            elif kind == "ivf-sq8":
-                index = faiss.IndexIVFScalarQuantizer(quantizer, d, k, faiss.ScalarQuantizer.QT_8bit,
-                                                      faiss.METRIC_INNER_PRODUCT)
-            else:  # 8-bit codes need 256 training points per sub-quantizer; tiny corpora get fewer bits
-                m, nbits = d // PQ_DIMS_PER_CODE, min(8, int(np.log2(n_train)))
-                index = faiss.IndexIVFPQ(quantizer, d, k, m, nbits, faiss.METRIC_INNER_PRODUCT)
-                info.update(m=m, nbits=nbits, padded_dim=d)
-            info.update(nlist=k, n_train=n_train)
+        k = nlist or default_nlist(n)
+        quantizer = faiss.IndexFlatIP(d)
+        n_train = min(n, TRAIN_POINTS_PER_LIST * k, max(MIN_POINTS_PER_LIST * k, TRAIN_BYTES // (4 * dim)))
+        sample = np.sort(np.random.default_rng(0).choice(n, size=n_train, replace=False))
+        if kind == "ivf-flat":
+            index = faiss.IndexIVFFlat(quantizer, d, k, faiss.METRIC_INNER_PRODUCT)
+        elif kind == "ivf-sq8":
+            index = faiss.IndexIVFScalarQuantizer(quantizer, d, k, faiss.ScalarQuantizer.QT_8bit,
+                                                  faiss.METRIC_INNER_PRODUCT)
+        else:  # 8-bit codes need 256 training points per sub-quantizer; tiny corpora get fewer bits
+            m, nbits = d // PQ_DIMS_PER_CODE, min(8, int(np.log2(n_train)))
+            index = faiss.IndexIVFPQ(quantizer, d, k, m, nbits, faiss.METRIC_INNER_PRODUCT)
+            info.update(m=m, nbits=nbits, padded_dim=d)
+        info.update(nlist=k, n_train=n_train)
         work, on_gpu = index, False
         if res is not None:
             try:
                 work, on_gpu = faiss.index_cpu_to_gpu(res, 0, index), True
             except RuntimeError as e:  # e.g. a PQ code size the GPU kernels lack: build on the CPU
                 warnings.warn(f"faiss-gpu cannot build {kind} here ({e}); building on the CPU")
-        if kind != "flat":
-            work.train(prep(vf.rows(sample, block)))
+        work.train(prep(vf.rows(sample, block)))
         for _, x in vf.blocks(block):
             work.add(prep(x))
         index = faiss.index_gpu_to_cpu(work) if on_gpu else work
         del work
-        if kind != "flat":
-            # Candidates are reranked exactly; recall is what costs: half the lists (see FLAT_BELOW).
-            index.nprobe = info["nprobe"] = min(index.nlist, max(8, index.nlist // 2))
+        # Candidates are reranked exactly; recall is what costs: half the lists (see FLAT_BELOW).
+        index.nprobe = info["nprobe"] = min(index.nlist, max(8, index.nlist // 2))
         info["device"] = "gpu" if on_gpu else "cpu"
         faiss.write_index(index, str(paths[mode]))
         del index

@@ -27,7 +27,7 @@ from .manifest import (AppendInfo, Budget, BuildInfo, DataInfo, FaissInfo, Manif
                        Stats)
 from .records import ReadStats, Record, TextFormatter, expand_inputs, is_dataset, read_records, source_identity
 from .ann import INDEX_TYPES
-from .store import (HIGH_STORAGES, HighVectorWriter, Index, IndexFormatError, IndexWriter, document_pair, encode_high,
+from .store import (HIGH_STORAGES, STORAGES, HighVectorWriter, Index, IndexFormatError, IndexWriter, document_pair, encode_rows,
                     load_engine_state)
 
 
@@ -49,6 +49,9 @@ class BuildConfig:
     batch_tokens: int | None = None  # padded tokens per pass at most (None: batch_size alone decides)
     rank: int | None = None  # explicit r_in = r_out for every layer; None: spread `budget` (engine.budget)
     budget: int = 4096  # dimensions per document of the compact (ANN) vectors
+    # the compact vectors as stored: int8 codes with a float32 scale per row (4x smaller than float32, the
+    # same LDS within 0.001 on all three quality benchmarks: docs/indexing.md), or float32
+    storage: str = "int8"
     head_share: float = 0.75  # of the budget, to the LM head (chosen on all three quality benchmarks)
     head: bool = True  # track the LM head (output embedding)
     seed: int = 0
@@ -65,7 +68,7 @@ class BuildConfig:
     high_preconditioner: str = "ekfac"
     high_damping: float = 0.01
     high_sample: int = 4096
-    # the stored rows: float16, or int8 / int4 codes with a float32 scale per row (store.encode_high); int4
+    # the stored rows: float16, or int8 / int4 codes with a float32 scale per row (store.encode_rows); int4
     # scored as float16 within the benchmarks' error on all three quality benchmarks (docs/indexing.md)
     high_storage: str = "int4"
     include: str | None = None
@@ -94,6 +97,8 @@ class BuildConfig:
         for name in ("head_share", "high_head_share"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be between 0 and 1, got {getattr(self, name)}")
+        if self.storage not in STORAGES:
+            raise ValueError(f"storage must be one of {STORAGES}, got {self.storage!r}")
         if self.high_storage not in HIGH_STORAGES:
             raise ValueError(f"high_storage must be one of {HIGH_STORAGES}, got {self.high_storage!r}")
         if self.high_preconditioner not in HIGH_PRECONDITIONERS:
@@ -214,7 +219,7 @@ def append_documents(index_dir: str | Path, data: Sequence[str], *, model: str |
                       max_tokens=m.max_tokens, batch_size=batch_size, batch_tokens=batch_tokens, rank=m.rank, seed=m.seed,
                       preconditioner=m.preconditioner.kind, damping=m.preconditioner.damping_ratio,
                       include=m.include, exclude=m.exclude, device=device, dtype=m.model.dtype,
-                      skip_bad=skip_bad, overwrite=True, index_type=m.index_type,
+                      skip_bad=skip_bad, overwrite=True, index_type=m.index_type, storage=m.storage,
                       shard_size=shard_size, progress=progress)
     lm, tokenizer = _load(cfg)
     logra, pre = base.engine(lm, cfg.model)
@@ -360,7 +365,7 @@ def _build(cfg: BuildConfig, model, tokenizer, writer: IndexWriter, started: flo
         layers=logra.layer_spec(), rank=cfg.rank,
         budget=None if cfg.rank is not None else Budget(dims=cfg.budget, head_share=cfg.head_share),
         seed=cfg.seed, include=cfg.include, exclude=cfg.exclude, max_tokens=max_tokens, text_format=fmt.to_dict(),
-        dim=logra.dim, preconditioner=PreconditionerInfo(kind=cfg.preconditioner, damping_ratio=cfg.damping),
+        dim=logra.dim, storage=cfg.storage, preconditioner=PreconditionerInfo(kind=cfg.preconditioner, damping_ratio=cfg.damping),
         faiss=faiss_info, index_type=cfg.index_type,
         **({"high": high.manifest()} if high else {}),
         data=DataInfo(files=[str(p) for p in cfg.data], text_field=cfg.text_field, prompt_field=cfg.prompt_field,
@@ -392,7 +397,7 @@ class HighStage:
     sample_documents: int
     damping: float
     fit_seconds: float
-    storage: str  # how its rows are stored (store.encode_high)
+    storage: str  # how its rows are stored (store.encode_rows)
 
     def manifest(self) -> dict:
         stored = {"float16": "float16 unit rows and float32 norms",
@@ -648,7 +653,7 @@ def _shard_gradients(cfg: BuildConfig, shard: list[Record], logra: LoGra, tokeni
                      counts: dict, progress, high: HighStage | None = None, sampler: "HighSampler | None" = None
                      ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray] | None, list[Encoded]]:
     """Raw projected gradients of one shard (and statistics with `fit`), with `high` its high-fidelity
-    vectors as stored (store.encode_high: codes, scales, norms), with `sampler` the high-fidelity
+    vectors as stored (store.encode_rows: codes, scales, norms), with `sampler` the high-fidelity
     gradients and statistics of a sample shard; `counts` updated in place, `progress(n)` called after
     each batch of n documents. Returns the gradients, the high-fidelity rows and the encodings."""
     encoded = encode_pairs(tokenizer, [document_pair(r.prompt, r.text) for r in shard], logra.max_tokens)
@@ -665,7 +670,7 @@ def _shard_gradients(cfg: BuildConfig, shard: list[Record], logra: LoGra, tokeni
             pre.update(out[0].grads, out[0].token_stats)
         raw[idx] = logra.flatten(out[0].grads).cpu().numpy()
         if high is not None:
-            for part, new in zip(stored, encode_high(high.vectors(out[1].grads).cpu().numpy(), high.storage)):
+            for part, new in zip(stored, encode_rows(high.vectors(out[1].grads).cpu().numpy(), high.storage)):
                 part[idx] = new
         elif sampler is not None:
             sampler.add(idx, out[1])
@@ -687,7 +692,7 @@ def _write_vectors(cfg, pre: Preconditioner, writer: IndexWriter, dim: int) -> d
             for block in writer.raw_shards():
                 yield pre.apply(torch.from_numpy(block)).numpy()
                 bar.update(len(block))
-        writer.write_vectors(whitened(), dim)
+        writer.write_vectors(whitened(), dim, cfg.storage)
     return writer.write_faiss(cfg.index_type)
 
 

@@ -13,7 +13,7 @@ from .ranking import HIGH_DEPTH
 from .distributed import PeerFailed
 from .records import BadRecordError
 from .ann import COMPRESSED_TYPE, FLAT_BELOW, FLAT_UP_TO_BYTES, INDEX_TYPES
-from .store import HIGH_STORAGES, IndexFormatError, read_manifest
+from .store import HIGH_STORAGES, STORAGES, IndexFormatError, read_manifest
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -104,6 +104,9 @@ BUILD_OPTIONS: list[Option] = [
     _opt("--high-damping", type=float, default=_D.high_damping, help="as --damping, for the high-fidelity stage"),
     _opt("--high-sample", type=positive_int, default=_D.high_sample,
          help="documents the high-fidelity preconditioner is fitted on (the first ones, whole shards)"),
+    _opt("--storage", choices=STORAGES, default=_D.storage,
+         help="how the compact vectors are stored: int8 (1 byte a dimension, codes with a float32 scale per row) "
+              "or float32 (4 bytes); int8 ranks as float32 does within the quality benchmarks' error (docs/indexing.md)"),
     _opt("--high-storage", choices=HIGH_STORAGES, default=_D.high_storage,
          help="how the high-fidelity rows are stored: float16 (2 bytes a dimension), int8 (1 byte) or int4 (half a "
               "byte), the integer codes with a float32 scale per row; int8 and int4 rank as float16 does within "

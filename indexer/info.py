@@ -5,7 +5,7 @@ import re
 from pathlib import Path
 
 from .manifest import LayerInfo
-from .store import HIGH_FILES, VECTORS, high_bytes_per_document, read_manifest
+from .store import HIGH_FILES, NORMS, SCALES, VECTORS, compact_bytes_per_document, high_bytes_per_document, read_manifest
 
 
 def _mib(n: int) -> str:
@@ -65,7 +65,9 @@ def summary(index_dir: str | Path) -> str:
         f"at {m.max_tokens} tokens; {stats.tokens:,} tokens)",
         f"data         {', '.join(d.files)} (text {d.text_field!r}"
         + (f", prompt {d.prompt_field!r} / response {d.response_field!r}" if d.prompt_field else "") + f", id {d.id_field!r})",
-        f"vectors      {m.dim:,} dimensions ({spread}), {pre.kind} (damping {pre.damping_ratio:g}), seed {m.seed}",
+        f"vectors      {m.dim:,} dimensions ({spread}), {pre.kind} (damping {pre.damping_ratio:g}), seed {m.seed}; "
+        f"stored as {m.storage} ({compact_bytes_per_document(m.storage, m.dim):,} bytes a document with its "
+        f"{'norm' if m.storage == 'float32' else 'scale and norm'})",
         f"layers       {len(m.layers)} (r_out x r_in of out x in; a block's repeats on one line):", *_layers(m.layers),
     ]
     high = m.high
@@ -78,9 +80,11 @@ def summary(index_dir: str | Path) -> str:
     else:
         lines.append("high stage   none (built with --no-high: queries answer with the compact vectors)")
     probe = f", {faiss.nprobe} of {faiss.nlist} lists probed" if faiss.nlist else ""
-    lines.append(f"faiss        {faiss.type}{probe}, rerank x{faiss.rerank_factor}, built on {faiss.device}")
+    built = "built when the index is opened (no file)" if faiss.type == "flat" else f"built on {faiss.device}"
+    lines.append(f"faiss        {faiss.type}{probe}, rerank x{faiss.rerank_factor}, {built}")
     high_bytes = sum(sizes.get(f, 0) for f in HIGH_FILES)
-    lines.append(f"size         {_mib(total)}: vectors {_mib(sizes.get(VECTORS, 0))}, high-fidelity {_mib(high_bytes)}, "
+    compact = sum(sizes.get(f, 0) for f in (VECTORS, SCALES, NORMS))
+    lines.append(f"size         {_mib(total)}: vectors {_mib(compact)}, high-fidelity {_mib(high_bytes)}, "
                  f"FAISS {_mib(faiss_bytes)}, documents {_mib(table)}, state {_mib(sizes.get('state.pt', 0))}")
     fit = f", high-fidelity fit {build.high_fit_seconds:,.0f} s" if build.high_fit_seconds is not None else ""
     lines.append(f"built        in {build.seconds:,.0f} s (gradients {build.gradient_seconds:,.0f} s at "

@@ -11,10 +11,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-# 3: the high-fidelity stage's rows may be stored as 8- or 4-bit codes (HighInfo.storage); 2: float16
-# rows (read as they are: a version 2 manifest has no `storage`, so float16); 1 recomputed them
-FORMAT_VERSION = 3
-READABLE_VERSIONS = (2, 3)
+# 4: the compact vectors may be stored as int8 codes (Manifest.storage) and a flat index has no FAISS
+# files (built when opened); 3: the high-fidelity stage's rows may be stored as 8- or 4-bit codes
+# (HighInfo.storage); 2: float16 rows (read as they are: a version 2 manifest has no `storage`, so
+# float16); 1 recomputed them. Older manifests lack the newer fields, whose defaults are what they wrote.
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (2, 3, 4)
 
 
 class _Part(BaseModel):
@@ -60,6 +62,7 @@ class FaissInfo(_Part):
 
 
 HighStorage = Literal["float16", "int8", "int4"]
+CompactStorage = Literal["float32", "int8"]
 
 
 class HighInfo(_Part):
@@ -125,6 +128,7 @@ class Manifest(_Part):
     max_tokens: int
     text_format: dict[str, Any] | None = None  # engine.TextFormat.to_dict
     dim: int
+    storage: CompactStorage = "float32"  # the compact vectors' (indexer.store.CompactRows); float32 before version 4
     preconditioner: PreconditionerInfo
     faiss: FaissInfo
     index_type: str = "auto"  # as asked (faiss.type is what it resolved to)

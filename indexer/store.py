@@ -3,10 +3,12 @@
 
     DIR/manifest.json          what was indexed, with which model, layers, ranks and preconditioner
     DIR/state.pt               projection matrices and preconditioner state (torch, weights_only)
-    DIR/vectors.npy            float32 (N, dim) preconditioned LoGra vectors, exact, memory-mapped
+    DIR/vectors.npy            the compact (N, dim) preconditioned LoGra vectors (CompactRows: int8 codes of the
+                               unit rows, or float32 rows as written), memory-mapped
+    DIR/scales.npy             float32 (N,) their per-row scales (int8)
     DIR/norms.npy              float32 (N,) their norms
-    DIR/faiss-influence.index  FAISS inner-product index over the vectors
-    DIR/faiss-cosine.index     FAISS inner-product index over the unit-normalised vectors
+    DIR/faiss-influence.index  FAISS inner-product index over the vectors (compressed types only: an exact
+    DIR/faiss-cosine.index     ... and over the unit-normalised vectors      flat index is built when opened)
     DIR/documents.lance        LanceDB table `documents`: row, id, text, prompt, metadata (JSON), ...
     DIR/high.npy               the high-fidelity stage's rows (HighRows: float16, int8 or int4 codes), memory-mapped
     DIR/high-scales.npy        float32 (N,) their per-row scales (int8 and int4)
@@ -31,7 +33,7 @@ import faiss
 
 from pydantic import ValidationError
 
-from .ann import MODES, build_faiss, unit_rows  # noqa: F401  (unit_rows: the writers' and readers' one definition)
+from .ann import MODES, build_faiss, flat_indexes, unit_rows  # noqa: F401  (unit_rows: the writers' and readers' one definition)
 from .manifest import FORMAT_VERSION, READABLE_VERSIONS, LayerInfo, Manifest
 
 # LanceDB logs a warning for every table it creates ("No existing dataset ... it will be created"):
@@ -62,8 +64,13 @@ HIGH_STORAGES = ("float16", "int8", "int4")
 # has the measurements). int8 codes -127..127 in steps of the row's largest |entry| / 127.
 INT4_CLIP = 2.5
 NORMS = "norms.npy"
+# The compact vectors (indexes of format 4): int8 codes of the unit rows with a float32 scale per row (as the
+# high-fidelity stage's int8; the norms apart), or float32 rows as written (every index before format 4).
+# int8 ranks as float32 does within the quality benchmarks' error (docs/indexing.md).
+SCALES = "scales.npy"
+STORAGES = ("float32", "int8")
 TABLE = "documents"
-REQUIRED = (MANIFEST, STATE, VECTORS, NORMS, "faiss-influence.index", "faiss-cosine.index", f"{TABLE}.lance")
+REQUIRED = (MANIFEST, STATE, VECTORS, NORMS, f"{TABLE}.lance")  # and the FAISS files of a compressed type
 DOCUMENT_SCHEMA = pa.schema([
     ("row", pa.int64()),
     ("id", pa.string()),
@@ -244,30 +251,47 @@ class IndexWriter:
                                                mode="overwrite")
 
     # -- pass 2: preconditioned vectors and FAISS ----------------------------------------------
-    def write_vectors(self, vectors: Iterable[np.ndarray], dim: int, block_rows: int = 65536) -> None:
-        """Preconditioned vectors of the new documents, after the base index's own (if any). Written
-        block by block through a file, not a memory map: mapped pages would count in the indexer's
-        memory until the end, so its peak would grow with the corpus."""
+    def write_vectors(self, vectors: Iterable[np.ndarray], dim: int, storage: str, block_rows: int = 65536) -> None:
+        """Preconditioned vectors of the new documents, after the base index's own (if any), stored as
+        `storage` (STORAGES). Written block by block through a file, not a memory map: mapped pages
+        would count in the indexer's memory until the end, so its peak would grow with the corpus."""
+        if storage not in STORAGES:
+            raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
         total = self.row_offset + self.n_rows
         norms = np.zeros(total, dtype=np.float32)
+        scales = np.zeros(total, dtype=np.float32)
         start = 0
-        with open(self.tmp / VECTORS, "wb") as f:
-            np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (total, dim)})
-            if self.base is not None:
-                for _, block in VectorFile(self.base.root / VECTORS).blocks(block_rows):
-                    f.write(block.tobytes())
-                norms[: self.row_offset] = self.base.norms
-                start = self.row_offset
-            for block in vectors:
-                block = np.ascontiguousarray(block, dtype=np.float32)
-                if start + len(block) > total:
-                    raise RuntimeError(f"more vectors than the {total} documents")
+
+        def put(f, block: np.ndarray) -> None:
+            nonlocal start
+            block = np.ascontiguousarray(block, dtype=np.float32)
+            if start + len(block) > total:
+                raise RuntimeError(f"more vectors than the {total} documents")
+            at = slice(start, start + len(block))
+            if storage == "float32":
                 f.write(block.tobytes())
-                norms[start : start + len(block)] = np.linalg.norm(block, axis=1)
-                start += len(block)
+                norms[at] = np.linalg.norm(block, axis=1)
+            else:
+                codes, scales[at], norms[at] = encode_rows(block, storage)
+                f.write(codes.tobytes())
+            start += len(block)
+
+        with open(self.tmp / VECTORS, "wb") as f:
+            np.lib.format.write_array_header_1_0(f, {"descr": "<f4" if storage == "float32" else "|i1",
+                                                     "fortran_order": False, "shape": (total, dim)})
+            if self.base is not None:  # as the base stores them (int8 codes re-encode to themselves)
+                for _, block in VectorFile(self.base.root / VECTORS).blocks(block_rows):
+                    put(f, block)
+                norms[: self.row_offset] = self.base.norms
+            for block in vectors:
+                put(f, block)
         if start != total:
             raise RuntimeError(f"wrote {start} vectors for {total} documents")
         np.save(self.tmp / NORMS, norms)
+        if storage != "float32":
+            np.save(self.tmp / SCALES, scales)
+        else:
+            (self.tmp / SCALES).unlink(missing_ok=True)
 
     # -- the high-fidelity stage: fitted state, then its vectors ---------------------------------
     @property
@@ -341,7 +365,12 @@ def high_bytes_per_document(storage: str, dim: int) -> int:
     return width * np.dtype(descr).itemsize + (4 if storage != "float16" else 0) + 4
 
 
-def encode_high(vectors: np.ndarray, storage: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def compact_bytes_per_document(storage: str, dim: int) -> int:
+    """What the compact vectors store per document: float32 rows, or int8 codes and a float32 scale; and a float32 norm."""
+    return (4 * dim if storage == "float32" else dim + 4) + 4
+
+
+def encode_rows(vectors: np.ndarray, storage: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """What is stored of float vectors (rows): (codes, scales, norms). The unit rows are stored as
     `storage` says: float16 (scales 1), or integer codes c with scale 1 / |c|, so that a row reads
     back as c x scale, a unit row in the quantized direction (int8: c = round(127 u / max |u|);
@@ -369,8 +398,8 @@ def encode_high(vectors: np.ndarray, storage: str) -> tuple[np.ndarray, np.ndarr
     return codes, scales, norms.astype(np.float32)
 
 
-def decode_high(codes: np.ndarray, scales: np.ndarray | None, storage: str, dim: int) -> np.ndarray:
-    """Stored rows (encode_high's codes and scales) as float32 unit rows: a new, writable array."""
+def decode_rows(codes: np.ndarray, scales: np.ndarray | None, storage: str, dim: int) -> np.ndarray:
+    """Stored rows (encode_rows's codes and scales) as float32 unit rows: a new, writable array."""
     if storage == "float16":
         return np.array(codes, dtype=np.float32)
     if storage == "int8":
@@ -428,7 +457,7 @@ class HighRows:
         elif not isinstance(rows, slice):
             rows = np.asarray(rows, dtype=np.int64)
         scales = None if self.scales is None else self.scales[rows]
-        return decode_high(self.codes[rows], scales, self.storage, self.dim)
+        return decode_rows(self.codes[rows], scales, self.storage, self.dim)
 
     def blocks(self, rows: range | None = None, block_rows: int = 8192) -> Iterable[tuple[range, np.ndarray]]:
         """(rows, float32 unit rows) of `rows` (default: all), `block_rows` at a time, in file order."""
@@ -477,16 +506,16 @@ class HighVectorWriter:
 
     @staticmethod
     def empty(n: int, dim: int, storage: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Zeroed (codes, scales, norms) for `n` rows, to be filled from `encode_high`'s results."""
+        """Zeroed (codes, scales, norms) for `n` rows, to be filled from `encode_rows`'s results."""
         descr, width = _code_layout(storage, dim)
         return np.zeros((n, width), dtype=descr), np.zeros(n, np.float32), np.zeros(n, np.float32)
 
     def add(self, vectors: np.ndarray) -> None:
         """The next rows' vectors (float32 or float64)."""
-        self.add_stored(*encode_high(vectors, self.storage))
+        self.add_stored(*encode_rows(vectors, self.storage))
 
     def add_stored(self, codes: np.ndarray, scales: np.ndarray, norms: np.ndarray) -> None:
-        """The next rows, already as `encode_high` returns them for this writer's storage."""
+        """The next rows, already as `encode_rows` returns them for this writer's storage."""
         if codes.ndim != 2 or codes.shape[1] != self.width or np.dtype(codes.dtype) != np.dtype(self.descr):
             raise ValueError(f"{codes.dtype} {codes.shape} rows are not {self.storage} rows of {self.dim} dimensions")
         self._file.seek(self.offset + self.rows * self.row_bytes)
@@ -561,21 +590,27 @@ def load_engine_state(logra: "LoGra", state: dict) -> "Preconditioner":
 
 
 class VectorFile:
-    """Reads a float32 (N, dim) .npy in blocks with plain reads instead of a memory map, so the
+    """Reads a float32 (N, dim) .npy, or an index folder's int8 compact vectors (VECTORS with SCALES
+    and NORMS beside it) as float32 rows, in blocks with plain reads instead of a memory map, so the
     pages read do not stay in this process's resident set: memory stays at one block."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         header = np.load(self.path, mmap_mode="r")  # for its shape and data offset; unmapped below
-        if header.dtype != np.float32 or header.ndim != 2 or not header.flags.c_contiguous:
-            raise IndexFormatError(f"{self.path} is not a float32 (N, dim) array")
-        self.shape, self.offset = header.shape, header.offset
+        if header.dtype not in (np.float32, np.int8) or header.ndim != 2 or not header.flags.c_contiguous:
+            raise IndexFormatError(f"{self.path} is not a float32 or int8 (N, dim) array")
+        self.shape, self.offset, self.dtype = header.shape, header.offset, header.dtype
         del header
+        self.scales = self.norms = None
+        if self.dtype == np.int8:
+            self.scales, self.norms = np.load(self.path.parent / SCALES), np.load(self.path.parent / NORMS)
 
     def read(self, start: int, stop: int) -> np.ndarray:
         dim = self.shape[1]
-        count = (min(stop, self.shape[0]) - start) * dim
-        return np.fromfile(self.path, dtype=np.float32, count=count, offset=self.offset + start * dim * 4).reshape(-1, dim)
+        stop = min(stop, self.shape[0])
+        x = np.fromfile(self.path, dtype=self.dtype, count=(stop - start) * dim,
+                        offset=self.offset + start * dim * self.dtype.itemsize).reshape(-1, dim)
+        return x if self.scales is None else compact_vectors(x, self.scales[start:stop], self.norms[start:stop])
 
     def blocks(self, block: int) -> Iterable[tuple[int, np.ndarray]]:
         for s in range(0, self.shape[0], block):
@@ -590,9 +625,56 @@ class VectorFile:
         return np.concatenate(parts)
 
 
+def compact_vectors(codes: np.ndarray, scales: np.ndarray, norms: np.ndarray) -> np.ndarray:
+    """float32 vectors of int8 compact rows: the unit rows encode_rows stored, times their norms."""
+    x = decode_rows(codes, scales, "int8", codes.shape[1])
+    x *= np.asarray(norms, dtype=np.float32)[:, None]
+    return x
+
+
+class CompactRows:
+    """The compact vectors of an opened index, memory-mapped (VECTORS; SCALES and NORMS in memory), read
+    as float32 vectors whatever their storage: `rows[r]` for a row number, a slice or an array of rows
+    gives a float32 array (int8 rows decoded: a new array; float32 rows: the map's own)."""
+
+    def __init__(self, stored: np.ndarray, scales: np.ndarray | None, norms: np.ndarray):
+        self.stored, self.scales, self.norms = stored, scales, norms
+        self.storage = "float32" if scales is None else "int8"
+
+    @classmethod
+    def open(cls, root: str | Path, storage: str) -> "CompactRows":
+        root = Path(root)
+        stored = np.load(root / VECTORS, mmap_mode="r")
+        if stored.ndim != 2 or stored.dtype != np.dtype({"float32": "<f4", "int8": "|i1"}[storage]):
+            raise IndexFormatError(f"{root / VECTORS} holds {stored.dtype} {stored.shape}, not {storage} rows")
+        return cls(stored, np.load(root / SCALES) if storage == "int8" else None, np.load(root / NORMS))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.stored.shape
+
+    def __len__(self) -> int:
+        return self.stored.shape[0]
+
+    def sizes(self) -> dict[str, int]:
+        """Rows each file holds (Index.open checks them against the manifest)."""
+        return {"vectors": len(self), "norms": len(self.norms), **({"scales": len(self.scales)} if self.scales is not None else {})}
+
+    def __getitem__(self, rows) -> np.ndarray:
+        if self.scales is None:
+            return self.stored[rows]
+        if np.ndim(rows) == 0 and not isinstance(rows, slice):  # one row
+            return self[np.array([rows])][0]
+        return compact_vectors(self.stored[rows], self.scales[rows], self.norms[rows])
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        return np.asarray(self[:], dtype=dtype)
+
+
 def write_faiss(root: str | Path, index_type: str = "auto", nlist: int | None = None, block: int | None = None,
                 gpu: bool = True) -> dict:
-    """The folder's FAISS files, both modes, from its vectors (ann.build_faiss); returns what was built."""
+    """The folder's FAISS files, both modes, from its vectors (ann.build_faiss; an exact flat index has
+    none: it is built from the vectors when the index is opened); returns what was built."""
     root = Path(root)
     return build_faiss(VectorFile(root / VECTORS), {mode: faiss_path(root, mode) for mode in MODES}, index_type,
                        nlist=nlist, block=block, gpu=gpu)
@@ -611,7 +693,7 @@ class Index:
     root: Path
     manifest: Manifest
     state: dict
-    vectors: np.ndarray  # memory-mapped (N, dim)
+    vectors: "CompactRows | np.ndarray"  # (N, dim) float32 rows on indexing, memory-mapped
     norms: np.ndarray
     faiss: dict[str, faiss.Index]
     table: object
@@ -645,11 +727,17 @@ class Index:
         if missing:
             raise IndexFormatError(f"{root} is not a complete index: missing {', '.join(missing)}")
         manifest = read_manifest(root)
+        flat = manifest.faiss.type == "flat"
+        needed = ([SCALES] if manifest.storage == "int8" else []) + ([] if flat else [faiss_path(root, m).name for m in MODES])
+        missing = [name for name in needed if not (root / name).exists()]
+        if missing:
+            raise IndexFormatError(f"{root} is not a complete index: missing {', '.join(missing)}")
         try:
             state = torch.load(root / STATE, weights_only=True)
-            vectors = np.load(root / VECTORS, mmap_mode="r")
-            norms = np.load(root / NORMS)
-            indexes = {mode: faiss.read_index(str(faiss_path(root, mode))) for mode in MODES}
+            vectors = CompactRows.open(root, manifest.storage)
+            norms = vectors.norms
+            indexes = (flat_indexes(vectors) if flat else
+                       {mode: faiss.read_index(str(faiss_path(root, mode))) for mode in MODES})
             table = lancedb.connect(root).open_table(TABLE)
             ids = table.search().select(["row", "id"]).limit(None).to_arrow()
             high = manifest.high
@@ -657,7 +745,7 @@ class Index:
         except Exception as e:  # any unreadable file means a corrupt index, said plainly
             raise IndexFormatError(f"{root} is corrupt: {type(e).__name__}: {e}") from e
         n = manifest.n_documents
-        sizes = {"vectors": vectors.shape[0], "norms": norms.shape[0], "table": ids.num_rows,
+        sizes = {**vectors.sizes(), "table": ids.num_rows,
                  **{f"faiss-{m}": ix.ntotal for m, ix in indexes.items()}}
         if high:
             sizes.update(high_store.sizes())

@@ -139,11 +139,38 @@ def stored_high(index_dir) -> tuple[str, np.ndarray, np.ndarray | None, np.ndarr
     return storage, codes, scales, np.load(index_dir / "high-norms.npy")
 
 
+def stored_vectors(index_dir) -> np.ndarray:
+    """The compact vectors as the files hold them, read here without the store's reader, float64: float32
+    rows, or int8 codes (vectors.npy) times their scales (scales.npy: unit rows) times their norms."""
+    index_dir = Path(index_dir)
+    raw = np.load(index_dir / "vectors.npy").astype(np.float64)
+    if not (index_dir / "scales.npy").is_file():
+        return raw
+    scales, norms = np.load(index_dir / "scales.npy"), np.load(index_dir / "norms.npy")
+    return raw * (scales.astype(np.float64) * norms.astype(np.float64))[:, None]
+
+
 def stored_high_rows(index_dir) -> np.ndarray:
     """The high-fidelity unit rows the files hold (`stored_high`'s codes times their scales), float64."""
     _, codes, scales, _ = stored_high(index_dir)
     rows = np.asarray(codes, dtype=np.float64)
     return rows if scales is None else rows * scales[:, None].astype(np.float64)
+
+
+def assert_same_vectors(a_dir, b_dir) -> None:
+    """Two builds' compact vectors, computed in another order (batches, processes), as their files hold
+    them: float32 rows within float rounding (amplified along EK-FAC's smallest, damped directions);
+    int8 codes apart by at most one step in a few entries, norms and scales within rounding."""
+    a_dir, b_dir = Path(a_dir), Path(b_dir)
+    a, b = np.load(a_dir / "vectors.npy"), np.load(b_dir / "vectors.npy")
+    assert a.dtype == b.dtype and a.shape == b.shape
+    np.testing.assert_allclose(np.load(a_dir / "norms.npy"), np.load(b_dir / "norms.npy"), rtol=1e-4)
+    if a.dtype == np.float32:
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+        return
+    diff = np.abs(a.astype(np.int16) - b.astype(np.int16))
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-2, (diff.max(), (diff > 0).mean())
+    np.testing.assert_allclose(np.load(a_dir / "scales.npy"), np.load(b_dir / "scales.npy"), rtol=1e-3)
 
 
 def assert_same_high_rows(a_dir, b_dir) -> None:
@@ -169,9 +196,10 @@ SELF_COSINE_TOLERANCE = {"float16": 2e-3, "int8": 2e-3, "int4": 0.05}
 
 def self_cosine_tolerance(index_dir, precision: str = "high") -> float:
     """How far below 1 a document's own cosine score may be at `precision` in this index."""
-    if precision == "fast":
-        return SELF_COSINE_TOLERANCE["float16"]  # float32 vectors: rounding only
-    return SELF_COSINE_TOLERANCE[json.loads((Path(index_dir) / "manifest.json").read_text())["high"].get("storage", "float16")]
+    manifest = json.loads((Path(index_dir) / "manifest.json").read_text())
+    if precision == "fast":  # float32 vectors: rounding only
+        return SELF_COSINE_TOLERANCE["int8" if manifest.get("storage") == "int8" else "float16"]
+    return SELF_COSINE_TOLERANCE[manifest["high"].get("storage", "float16")]
 
 
 def reference_engine(index_dir, model_dir=None):

@@ -19,7 +19,7 @@ from indexer import ann, store
 from indexer.build import BuildConfig, build_index
 from indexer.store import Index
 
-from .support import (REPO, assert_same_high_rows, checkpointed_shards, fit_preconditioner, leftovers, subprocess_env, synthetic_corpus,
+from .support import (REPO, assert_same_high_rows, assert_same_vectors, checkpointed_shards, fit_preconditioner, leftovers, subprocess_env, synthetic_corpus,
                       table_rows, write_jsonl)
 
 SHARD = 8
@@ -126,8 +126,7 @@ def test_two_processes_build_the_one_process_index(runs, kind):
     assert table_rows(d / f"two-{kind}") == table_rows(d / f"one-{kind}")
     assert [r["id"] for r in table_rows(d / f"two-{kind}")] == [f"doc-{i}" for i in range(N_DOCS[kind])]
     # the same vectors up to the order in which the preconditioner's sums were added
-    np.testing.assert_allclose(np.asarray(two.vectors), np.asarray(one.vectors), rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(two.norms, one.norms, rtol=1e-4)
+    assert_same_vectors(d / f"two-{kind}", d / f"one-{kind}")
     # the high-fidelity vectors: one process computes them in its gradient pass, two in a pass of their own.
     # Stored in the EK-FAC eigenbasis, whose vectors' signs follow the sums' order: compare what scores
     # read, the rows' inner products (within the storage's rounding)

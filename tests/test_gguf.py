@@ -19,7 +19,8 @@ from api import create_app
 from engine import TextFormat, find_tracked_layers, load_model, model_fingerprint, query_vectors
 from indexer.store import VECTORS, Index
 
-from .support import build_corpus_index, exact_scores, post_ok, reference_engine, run_cli, synthetic_corpus, write_jsonl
+from .support import (build_corpus_index, exact_scores, post_ok, reference_engine, run_cli, stored_vectors, synthetic_corpus,
+                      write_jsonl)
 
 gguf = pytest.importorskip("gguf", reason="the gguf package (a project dependency) is not installed")
 
@@ -204,7 +205,7 @@ def test_served_gguf_index_scores_match_brute_force(gguf_index, tiny, mode):
     # The reference loads the plain folder of the same weights, not the GGUF: independent of its loader.
     idx, _, tok, logra, pre = reference_engine(gguf_index, tiny["plain"])
     fmt = TextFormat.from_dict(idx.manifest.text_format)
-    vectors = np.load(gguf_index / VECTORS).astype(np.float64)
+    vectors = stored_vectors(gguf_index)
     ids = [r["id"] for r in idx.documents(list(range(len(idx))))]
     prompt, response, k = "winter engine", "paper violet harbor needle falcon", 6
     q, _ = query_vectors(logra, pre, tok, [fmt.pair(tok, prompt, response)])

@@ -6,15 +6,17 @@ Each stage's document vectors are quantized per row (symmetric codes; the step t
 / (2^(bits-1) - 1), or `clip` x its rms / (2^(bits-1) - 1) with entries beyond clipped), read back as unit
 rows, and scored by cosine against the queries' float vectors; LDS per query (evaluate.lds_per_query)
 against the float rows' on the same queries: mean and paired standard error of the difference. The
-shipped storages (int8: max-abs; int4: clip store.INT4_CLIP) are store.encode_high / decode_high
+shipped storages (int8: max-abs; int4: clip store.INT4_CLIP) are store.encode_rows / decode_rows
 themselves; the other rows are the alternatives they were chosen over.
 
     python -m benchmarks.quality.storage gpt2-stdlib llama-pkgdocs smollm2-chat --chat-index DIR
 
-gpt2-stdlib and llama-pkgdocs: both stages' vectors recomputed with the engine at the default sizes
-(compact 4096 / head 0.5, high 65536 / head 0.75, EK-FAC fitted on the fine-tune set). smollm2-chat:
-the stored rows of a default index of its records (`--chat-index`, built with --high-storage float16,
-e.g. chat.default_index's), as chat.stage_vectors reads them. Writes benchmarks/results/high_storage.json.
+gpt2-stdlib and llama-pkgdocs: both stages' vectors recomputed with the engine at the indexer's default
+sizes (BuildConfig: budget and head share of each stage; EK-FAC fitted on the fine-tune set), each in the
+basis the index stores it in (compact rows whitened, high rows in the eigenbasis). smollm2-chat: the stored
+rows of an index of its records built with the defaults but float rows (`--chat-index`, built with
+--storage float32 --high-storage float16), as chat.stage_vectors reads them; `--stages` picks the stages.
+Writes benchmarks/results/high_storage.json (keys already there for other benchmarks or stages are kept).
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from indexer.store import INT4_CLIP, decode_high, encode_high
+from indexer.store import INT4_CLIP, decode_rows, encode_rows
 
 from . import chat, data, evaluate, methods
 from .specs import ground_truth
@@ -39,7 +41,7 @@ def quantized(u: np.ndarray, bits: int, clip: float | None) -> np.ndarray:
     """Rows u stored with `bits`-bit codes and read back as unit rows."""
     if (bits, clip) in SHIPPED:
         storage = SHIPPED[bits, clip]
-        return decode_high(*encode_high(u, storage)[:2], storage, u.shape[1]).astype(np.float64)
+        return decode_rows(*encode_rows(u, storage)[:2], storage, u.shape[1]).astype(np.float64)
     u = u / np.linalg.norm(u, axis=1, keepdims=True).clip(1e-30)
     levels = 2 ** (bits - 1) - 1
     top = np.abs(u).max(axis=1, keepdims=True) if clip is None else clip * np.sqrt((u * u).mean(axis=1, keepdims=True))
@@ -67,26 +69,35 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("benches", nargs="+")
     ap.add_argument("--chat-index", default=None, help="smollm2-chat: a default index of its records (float16 rows)")
+    ap.add_argument("--stages", default="fast,high", help="comma-separated: fast (compact rows), high")
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args(argv)
-    out = {}
+    from indexer import BuildConfig
+    stages = args.stages.split(",")
+    out = json.loads(Path(args.out).read_text()) if Path(args.out).is_file() else {}
     for bench in args.benches:
         gt = ground_truth(bench)
         lds = np.load(gt / "lds.npz")
         masks, losses = lds["masks"], lds["losses"]
         if bench == "smollm2-chat":
             for stage, (qv, dv, _) in chat.stage_vectors(gt, Path(args.chat_index)).items():
-                evaluate_stage(f"{bench} {stage}", qv, dv, masks, losses, out)
+                if stage in stages:
+                    evaluate_stage(f"{bench} {stage}", qv, dv, masks, losses, out)
             continue
         from engine import LoGra, LoGraConfig, encode_pairs, pair_vectors
         train_rows, query_rows = data.load_rows(gt)
         model, tok = methods.load_finetuned(gt)
-        for stage, (budget, head) in {"fast": (4096, 0.5), "high": (65536, 0.75)}.items():
+        d = BuildConfig
+        for stage, (budget, head) in {"fast": (d.budget, d.head_share), "high": (d.high_budget, d.high_head_share)}.items():
+            if stage not in stages:
+                continue
             logra = LoGra(model, LoGraConfig(budget=budget, head_share=head, max_tokens=data.MAX_TOKENS))
             docs, queries = ([("", r["text"]) for r in rows] for rows in (train_rows, query_rows))
             pre = methods._fit(logra, tok, "ekfac", 0.01, encode_pairs(tok, docs, logra.max_tokens))
-            dv, qv = (pair_vectors(logra, pre, tok, p, batch_size=32, eigenbasis=True).double().numpy() for p in (docs, queries))
+            dv, qv = (pair_vectors(logra, pre, tok, p, batch_size=32, eigenbasis=stage == "high").double().numpy()
+                      for p in (docs, queries))
             evaluate_stage(f"{bench} {stage}", qv, dv, masks, losses, out)
+            out[f"{bench} {stage}"]["settings"] = {"budget": budget, "head_share": head, "dim": logra.dim}
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
 
 
