@@ -147,9 +147,11 @@ def proc_status_kib(field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def child(work: Path, kind: str) -> dict:
-    """Build one type via the indexer's code path, then search it; runs in its own process."""
-    folder = work / kind
+def child(work: Path, kind: str, pq_dims: int = ann.PQ_DIMS_PER_CODE) -> dict:
+    """Build one type via the indexer's code path (IVF-PQ with `pq_dims` dimensions a code), then search it;
+    runs in its own process."""
+    ann.PQ_DIMS_PER_CODE = pq_dims
+    folder = work / (kind if kind != "ivf-pq" or pq_dims == 8 else f"{kind}-{pq_dims}")
     folder.mkdir(exist_ok=True)
     for name in (store.VECTORS, store.NORMS):
         if not (folder / name).exists():
@@ -208,13 +210,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dim", type=int, default=512, help="vector size (the demo index's)")
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--types", nargs="+", default=list(TYPES), choices=TYPES)
+    ap.add_argument("--pq-dims", type=int, nargs="+", default=[ann.PQ_DIMS_PER_CODE],
+                    help="IVF-PQ: dimensions per one-byte code (ann.PQ_DIMS_PER_CODE); several: one IVF-PQ build each")
     ap.add_argument("--workdir", default=None, help="keep corpus and indexes here (reused by a rerun); default: a temporary folder")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "indexing.json"))
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     faiss.omp_set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     if args.child:
-        print(json.dumps(child(Path(args.workdir), args.child)))
+        print(json.dumps(child(Path(args.workdir), args.child, args.pq_dims[0])))
         return
     if args.quick:
         args.n, args.queries = 50_000, 100
@@ -233,10 +237,12 @@ def main(argv: list[str] | None = None) -> None:
                            "omp_threads": int(os.environ.get("OMP_NUM_THREADS", "0")) or None, "faiss": faiss.__version__},
                "types": []}
     key = "large_index_smoke" if args.smoke else "large_index_quick" if args.quick else "large_index"
-    for kind in args.types:
-        out = subprocess.run([sys.executable, __file__, "--child", kind, "--workdir", str(work)],
+    builds = [(kind, d) for kind in args.types for d in (args.pq_dims if kind == "ivf-pq" else [ann.PQ_DIMS_PER_CODE])]
+    for kind, d in builds:
+        out = subprocess.run([sys.executable, __file__, "--child", kind, "--workdir", str(work), "--pq-dims", str(d)],
                              stdout=subprocess.PIPE, text=True, check=True)  # its stderr shows here
         r = json.loads(out.stdout.strip().splitlines()[-1])
+        r["pq_dims_per_code"] = d if kind == "ivf-pq" else None
         r["search_speedup_vs_brute_force"] = {
             mode: round(prepared["brute_force_ms_per_query"] / r["modes"][mode]["default"]["ms_mean"], 1) for mode in ann.MODES}
         print(json.dumps({k: r[k] for k in ("type", "build_s", "index_bytes_per_document", "peak_rss_build_mib")}
