@@ -7,7 +7,7 @@ kinds:
   (projected output gradients); inverted through the two factors' eigenbases.
 - `ekfac`: K-FAC's eigenbasis with the eigenvalues replaced by the gradients' own second moments
   in that basis (George et al. 2018); needs a second pass over the gradients.
-Damping: lambda = damping_ratio x mean eigenvalue of H, per layer. All fitting in float64.
+Damping: lambda = damping_ratio x mean eigenvalue of H, per layer. All fitting in float64 (EK-FAC's eigenvalue pass may rotate the gradients in float32: update_second).
 A layer whose output-gradient statistics come as a vector (LoGra.diagonal_out: the LM head's
 vocabulary side kept whole) has a diagonal S: its K-FAC eigenbasis is the identity on that side.
 """
@@ -125,16 +125,18 @@ class Preconditioner:
             self.state = {n: {"qs": qs, "qa": qa} for n, (qs, _, qa, _) in self._eigenbases().items()}
             self._second_docs = 0
 
-    def update_second(self, grads) -> None:
-        """ekfac only: second moments of the gradients rotated into the K-FAC eigenbasis."""
+    def update_second(self, grads, dtype: torch.dtype = torch.float64) -> None:
+        """ekfac only: second moments of the gradients rotated into the K-FAC eigenbasis, the rotation
+        in `dtype` (float32: the arithmetic `apply(eigenbasis=True, dtype=torch.float32)` does, a third of
+        float64's time) and the squares summed in float64."""
         grads = self.split(grads)
         self._begin_second()
         n = next(iter(grads.values())).shape[0]
         self._second_docs += n
         for name, g in grads.items():
-            st = self.state[name]
-            rot = _rotate(g.detach().to("cpu", torch.float64), st["qs"], st["qa"])
-            self._acc(name, "E", (rot**2).sum(dim=0))
+            qs, qa = (None if self.state[name][k] is None else self.state[name][k].to(dtype) for k in ("qs", "qa"))
+            rot = _rotate(g.detach().to("cpu", dtype), qs, qa)
+            self._acc(name, "E", rot.square().sum(dim=0, dtype=torch.float64))
 
     def finalize(self) -> "Preconditioner":
         if self.kind == "none":

@@ -483,9 +483,9 @@ class HighSampler:
         state, then write the sample's rows."""
         t0 = time.time()
         self.file.close()
-        if self.pre.needs_second_pass:
+        if self.pre.needs_second_pass:  # rotated in float32, as the stored rows are (HighStage.vectors)
             for x in scratch_blocks(self.path, self.logra.dim, 0, self.rows):
-                self.pre.update_second(torch.from_numpy(x))
+                self.pre.update_second(torch.from_numpy(x), dtype=torch.float32)
         self.pre.finalize()
         state = _engine_state(self.logra, self.pre)
         saved = {"state": state, "sample_documents": self.rows, "fit_seconds": round(time.time() - t0, 2)}

@@ -386,15 +386,19 @@ def encode_rows(vectors: np.ndarray, storage: str) -> tuple[np.ndarray, np.ndarr
         step, lo, hi = np.abs(unit).max(axis=1, initial=0.0) / 127, -127, 127
     else:
         step, lo, hi = INT4_CLIP * np.sqrt(np.mean(np.square(unit), axis=1)) / 7, -8, 7
-    codes = np.clip(np.rint(unit / np.where(step > 0, step, 1)[:, None]), lo, hi)
+    codes = unit  # a new array: worked in place (for 65k-wide rows each temporary costs as much as the arithmetic)
+    np.divide(codes, np.where(step > 0, step, 1)[:, None], out=codes)
+    np.clip(np.rint(codes, out=codes), lo, hi, out=codes)
     length = np.linalg.norm(codes, axis=1)
     scales = np.divide(1.0, length, out=np.zeros_like(length), where=length > 0).astype(np.float32)
-    codes = codes.astype(np.int8)
     if storage == "int4":
-        nibbles = (codes + 8).astype(np.uint8)
+        codes += 8
+        nibbles = codes.astype(np.uint8)
         if nibbles.shape[1] % 2:
             nibbles = np.pad(nibbles, ((0, 0), (0, 1)), constant_values=8)  # code 0
         codes = nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)
+    else:
+        codes = codes.astype(np.int8)
     return codes, scales, norms.astype(np.float32)
 
 
