@@ -125,17 +125,28 @@ class Preconditioner:
             self.state = {n: {"qs": qs, "qa": qa} for n, (qs, _, qa, _) in self._eigenbases().items()}
             self._second_docs = 0
 
-    def update_second(self, grads, dtype: torch.dtype = torch.float64) -> None:
+    def rotate(self, grads, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """ekfac, before `finalize`: the gradients in the layers' K-FAC eigenbases, flat (batch, dim),
+        in `dtype` (the rotation `update_second` and `apply(eigenbasis=True)` do), for a caller that
+        needs them twice: pass them back with `rotated=True`."""
+        self._begin_second()
+        return torch.cat([_rotate(g.detach().to("cpu", dtype), *self._basis(name, dtype)).flatten(1)
+                          for name, g in self.split(grads).items()], dim=1)
+
+    def _basis(self, name: str, dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        st = self.state[name]
+        return tuple(None if st[k] is None else st[k].to(dtype) for k in ("qs", "qa"))
+
+    def update_second(self, grads, dtype: torch.dtype = torch.float64, rotated: bool = False) -> None:
         """ekfac only: second moments of the gradients rotated into the K-FAC eigenbasis, the rotation
         in `dtype` (float32: the arithmetic `apply(eigenbasis=True, dtype=torch.float32)` does, a third of
-        float64's time) and the squares summed in float64."""
+        float64's time) and the squares summed in float64. `rotated`: `grads` come from `rotate`."""
         grads = self.split(grads)
         self._begin_second()
         n = next(iter(grads.values())).shape[0]
         self._second_docs += n
         for name, g in grads.items():
-            qs, qa = (None if self.state[name][k] is None else self.state[name][k].to(dtype) for k in ("qs", "qa"))
-            rot = _rotate(g.detach().to("cpu", dtype), qs, qa)
+            rot = g if rotated else _rotate(g.detach().to("cpu", dtype), *self._basis(name, dtype))
             self._acc(name, "E", rot.square().sum(dim=0, dtype=torch.float64))
 
     def finalize(self) -> "Preconditioner":
@@ -167,14 +178,18 @@ class Preconditioner:
         self.finalized = True
         return self
 
-    def apply(self, grads, eigenbasis: bool = False, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    def apply(self, grads, eigenbasis: bool = False, dtype: torch.dtype = torch.float64,
+              rotated: bool = False) -> torch.Tensor:
         """Whitened vectors v = H^{-1/2} g, concatenated over layers: (batch, dim), float32.
         `eigenbasis` (kfac, ekfac): v in the layer's K-FAC eigenbasis instead, an orthogonal change
         of basis that keeps every inner product and norm and skips the rotation back (half the work;
-        the high-fidelity stage's query-time path). `dtype`: the arithmetic's precision."""
+        the high-fidelity stage's query-time path). `dtype`: the arithmetic's precision. `rotated`
+        (with `eigenbasis`): `grads` are already in the eigenbasis (`rotate`), only scaled here."""
         grads = self.split(grads)
         if not self.finalized:
             raise RuntimeError("preconditioner is not fitted: call finalize() first")
+        if rotated and not (eigenbasis and self.kind in ("kfac", "ekfac")):
+            raise ValueError("rotated gradients are only scaled: kfac or ekfac, with eigenbasis=True")
         parts = []
         for name in self.shapes:
             g = grads[name].detach().to("cpu", dtype)
@@ -185,8 +200,8 @@ class Preconditioner:
                 v = g.reshape(n, -1) @ self.state[name]["inv_sqrt"].to(dtype)
             else:
                 st = self.state[name]
-                qs, qa = (None if st[k] is None else st[k].to(dtype) for k in ("qs", "qa"))
-                rot = _rotate(g, qs, qa) * st["scale"].to(dtype)
+                qs, qa = self._basis(name, dtype)
+                rot = (g if rotated else _rotate(g, qs, qa)) * st["scale"].to(dtype)
                 v = (rot if eigenbasis else _rotate(rot, qs, qa, back=True)).reshape(n, -1)
             parts.append(v.float())
         return torch.cat(parts, dim=1)

@@ -408,10 +408,10 @@ class HighStage:
                 "preconditioner": {"kind": self.pre.kind, "damping_ratio": self.damping},
                 "sample_documents": self.sample_documents, "stored": stored, "storage": self.storage}
 
-    def vectors(self, grads) -> torch.Tensor:
+    def vectors(self, grads, rotated: bool = False) -> torch.Tensor:
         """Stored vectors of projected gradients: in the preconditioner's eigenbasis (inner products
-        and norms are the same there), float32."""
-        return self.pre.apply(grads, eigenbasis=True, dtype=torch.float32)
+        and norms are the same there), float32. `rotated`: the gradients are in it already."""
+        return self.pre.apply(grads, eigenbasis=True, dtype=torch.float32, rotated=rotated)
 
 
 def _fit_high(cfg: BuildConfig, model, tokenizer, fast: LoGra, writer: IndexWriter,
@@ -449,6 +449,7 @@ class HighSampler:
     of its own (`fit_sample` makes one). The statistics ride in the shards' checkpoints and the
     scratch rows are flushed before them, so a killed build resumes the sample too."""
     SCRATCH = "high-sample.f32"
+    ROTATED = "high-sample-rotated.f32"  # EK-FAC: the scratch rows in the stage's eigenbasis, once fitted
 
     def __init__(self, cfg: BuildConfig, model, fast: LoGra, writer: IndexWriter):
         config = replace(fast.config, rank=None, budget=cfg.high_budget, head_share=cfg.high_head_share)
@@ -483,13 +484,20 @@ class HighSampler:
         state, then write the sample's rows."""
         t0 = time.time()
         self.file.close()
-        if self.pre.needs_second_pass:  # rotated in float32, as the stored rows are (HighStage.vectors)
-            for x in scratch_blocks(self.path, self.logra.dim, 0, self.rows):
-                self.pre.update_second(torch.from_numpy(x), dtype=torch.float32)
+        if self.pre.needs_second_pass:  # rotated once, in float32 as the stored rows are (HighStage.vectors)
+            with open(self.writer.tmp / self.ROTATED, "wb") as f:
+                for x in scratch_blocks(self.path, self.logra.dim, 0, self.rows):
+                    rot = self.pre.rotate(torch.from_numpy(x), dtype=torch.float32)
+                    self.pre.update_second(rot, dtype=torch.float32, rotated=True)
+                    f.write(rot.numpy().tobytes())  # the rows' own rotation: written scaled, not rotated again
+                f.flush()
+                os.fsync(f.fileno())  # before the saved state, which says the file is whole
         self.pre.finalize()
         state = _engine_state(self.logra, self.pre)
         saved = {"state": state, "sample_documents": self.rows, "fit_seconds": round(time.time() - t0, 2)}
         self.writer.save_high_state(saved)  # from here a resumed build has the stage (_fit_high loads it)
+        if self.pre.needs_second_pass:
+            self.path.unlink(missing_ok=True)  # the rotated rows replace the raw ones
         high = HighStage(self.logra, self.pre, state, self.rows, self.cfg.high_damping, saved["fit_seconds"],
                          self.cfg.high_storage)
         self.write_sample_rows(high, out, self.writer)
@@ -501,15 +509,19 @@ class HighSampler:
         """The stored rows of the sample's documents from the scratch file, after those `out` has,
         up to the checkpointed shards (a build killed while writing them resumes here); then the
         scratch file goes."""
-        path = writer.tmp / cls.SCRATCH
+        raw, rotated = writer.tmp / cls.SCRATCH, writer.tmp / cls.ROTATED
+        # the rotated rows are whole once the state is saved (finish); a build from before they were
+        # written, or with kfac, has the raw ones
+        path = rotated if rotated.is_file() and high.pre.kind == "ekfac" else raw
         stop = writer.row_offset + writer.n_rows
         if out.rows < stop and not path.is_file():
             raise IndexFormatError(f"the partial build in {writer.tmp} lost its high-fidelity sample; "
                                    "rebuild with --overwrite")
         for x in scratch_blocks(path, high.logra.dim, out.rows, stop):
-            out.add(high.vectors(torch.from_numpy(x)).numpy())
+            out.add(high.vectors(torch.from_numpy(x), rotated=path == rotated).numpy())
             out.checkpoint()
-        path.unlink(missing_ok=True)
+        raw.unlink(missing_ok=True)
+        rotated.unlink(missing_ok=True)
 
 
 def fit_sample(logra: LoGra, pre: Preconditioner, tokenizer, batches: Sequence[Sequence[Encoded]], scratch: Path,

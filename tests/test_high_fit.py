@@ -33,6 +33,30 @@ def test_one_pass_fit_equals_the_two_pass_fit(tmp_path, model_dir):
                                                                      batches).apply(probe))
 
 
+def test_rows_rotated_once_equal_rows_rotated_twice(model_dir):
+    """The in-pass fit rotates its sample into the eigenbasis once, for the eigenvalues and then the
+    stored rows (Preconditioner.rotate, rotated=True): the same numbers as rotating for each."""
+    model, tok = load_model(model_dir)
+    logra = LoGra(model, LoGraConfig(budget=2048, head_share=0.75))
+    enc = [encode(tok, "", d["text"], 32) for d in synthetic_corpus(24, seed=5)]
+    grads = [logra.flatten(logra.gradients(collate(enc[i : i + 8], tok.pad_token_id), token_stats=True).grads)
+             for i in range(0, 24, 8)]
+    fits = []
+    for once in (False, True):
+        pre = Preconditioner("ekfac", logra.shapes, damping_ratio=0.01)
+        for i in range(0, 24, 8):
+            out = logra.gradients(collate(enc[i : i + 8], tok.pad_token_id), token_stats=True)
+            pre.update(out.grads, out.token_stats)
+        rows = [pre.rotate(g) if once else g for g in grads]
+        for r in rows:
+            pre.update_second(r, dtype=torch.float32, rotated=once)
+        pre.finalize()
+        fits.append(torch.cat([pre.apply(r, eigenbasis=True, dtype=torch.float32, rotated=once) for r in rows]))
+    torch.testing.assert_close(fits[1], fits[0], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="only scaled"):
+        pre.apply(grads[0], rotated=True)  # not in the eigenbasis: no rotation back from rotated rows
+
+
 @pytest.mark.parametrize("high_sample", [16, 100])  # the first two shards of eight; more than the corpus
 def test_a_build_fits_the_high_stage_inside_its_gradient_pass(tmp_path, gpt2_dir, monkeypatch, high_sample):
     """One model pass: the stage is fitted from the gradient pass's own first shards (no separate
@@ -59,4 +83,4 @@ def test_a_build_fits_the_high_stage_inside_its_gradient_pass(tmp_path, gpt2_dir
     norms = np.linalg.norm(want, axis=1)
     np.testing.assert_allclose(index.high_norms, norms, rtol=1e-4)
     np.testing.assert_allclose(np.asarray(index.high_rows(range(40)), np.float64), want / norms[:, None], atol=2e-3)
-    assert not list(tmp_path.glob("**/high-sample.f32"))
+    assert not list(tmp_path.glob("**/high-sample*.f32"))  # the raw and the rotated scratch rows
