@@ -57,6 +57,24 @@ def test_rows_rotated_once_equal_rows_rotated_twice(model_dir):
         pre.apply(grads[0], rotated=True)  # not in the eigenbasis: no rotation back from rotated rows
 
 
+def test_the_folded_stage_gives_the_stages_rows(model_dir):
+    """After the sample, documents' rows come from the stage with its eigenbasis folded into the
+    projections (HighStage.folded): the rows of rotating each document's gradient, to float rounding."""
+    from indexer.build import HighStage
+    model, tok = load_model(model_dir)
+    logra = LoGra(model, LoGraConfig(budget=2048, head_share=0.75))
+    enc = [encode(tok, "", d["text"], 32) for d in synthetic_corpus(24, seed=7)]
+    pre = fit_preconditioner(logra, Preconditioner("ekfac", logra.shapes, damping_ratio=0.01), tok,
+                             [enc[i : i + 8] for i in range(0, 16, 8)])
+    stage = HighStage(logra, pre, {}, 16, 0.01, 0.0, "float16")
+    folded = stage.folded()
+    assert folded is stage.folded() and folded.logra is not logra
+    batch = collate(enc[16:], tok.pad_token_id)
+    want = stage.vectors(logra.gradients(batch).grads)
+    got = folded.vectors(folded.logra.gradients(batch).grads)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+
+
 @pytest.mark.parametrize("high_sample", [16, 100])  # the first two shards of eight; more than the corpus
 def test_a_build_fits_the_high_stage_inside_its_gradient_pass(tmp_path, gpt2_dir, monkeypatch, high_sample):
     """One model pass: the stage is fitted from the gradient pass's own first shards (no separate
