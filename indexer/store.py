@@ -370,6 +370,13 @@ def compact_bytes_per_document(storage: str, dim: int) -> int:
     return (4 * dim if storage == "float32" else dim + 4) + 4
 
 
+def vector_bytes_per_document(manifest: Manifest, precision: str) -> int:
+    """Vector bytes a document of this index stores for a query `precision` ("fast": its compact
+    row; "high": that and its high-fidelity row)."""
+    n = compact_bytes_per_document(manifest.storage, manifest.dim)
+    return n + (high_bytes_per_document(manifest.high.storage, manifest.high.dim) if precision == "high" else 0)
+
+
 def encode_rows(vectors: np.ndarray, storage: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """What is stored of float vectors (rows): (codes, scales, norms). The unit rows are stored as
     `storage` says: float16 (scales 1), or integer codes c with scale 1 / |c|, so that a row reads

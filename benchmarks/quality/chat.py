@@ -462,6 +462,7 @@ def default_scores(gt: Path, work: Path, api_self_checks: int = 20, base: Path |
     fast and high. Self-retrieval@1 from the stored vectors (a record sent as the query encodes as it
     was indexed), and checked through the API on the first `api_self_checks` records as messages."""
     from api.search import Attributor
+    from indexer.store import vector_bytes_per_document
     index_dir = default_index(gt, work, base)
     tr_rows, q_rows = data.load_rows(gt)
     attr = Attributor(index_dir)
@@ -487,7 +488,7 @@ def default_scores(gt: Path, work: Path, api_self_checks: int = 20, base: Path |
             "family": "default", "mode": "cosine", "dim": dim, "scores": scores, "seconds_per_query": sec,
             "self_at1": float(np.mean((v @ v.T).argmax(axis=1) == np.arange(len(v)))),
             "self_at1_api": float(np.mean(np.array(found) == row_of[:api_self_checks])), "index_bytes_per_doc": size / n,
-            "vector_bytes_per_doc": s.index.manifest.dim * 4 + (s.high[0].dim * 2 + 4 if prec == "high" else 0)}
+            "vector_bytes_per_doc": vector_bytes_per_document(s.index.manifest, prec)}
     return out
 
 

@@ -145,7 +145,7 @@ def default_scores(gt: Path, work: Path, train_rows: list[dict], queries: list[s
     precision high) and its time, for the top-10 agreement."""
     from api.search import Attributor
     from engine import pair_vectors
-    from indexer.store import high_bytes_per_document
+    from indexer.store import vector_bytes_per_document
     index_dir = default_index(gt, work, train_rows)
     attr = Attributor(index_dir)
     s = attr.current()
@@ -185,12 +185,12 @@ def default_scores(gt: Path, work: Path, train_rows: list[dict], queries: list[s
         high_stored = stored_high if mode == "cosine" else stored_high * s.index.high_norms[row_of][:, None]
         out[f"default fast {mode}"] = {**common, "dim": s.index.manifest.dim, "scores": scores["fast"],
                                        "self_at1": _self_at1(stored, stored, mode == "cosine"),
-                                       "vector_bytes_per_doc": s.index.manifest.dim * 4, "seconds_per_query": secs["fast"]}
+                                       "vector_bytes_per_doc": vector_bytes_per_document(s.index.manifest, "fast"),
+                                       "seconds_per_query": secs["fast"]}
         out[f"default high {mode}"] = {**common, "dim": s.high[0].dim, "scores": scores["high"], "api_k10_top": np.array(top10),
                                        "self_at1": _self_at1(high_stored, high_stored, mode == "cosine"),
                                        "api_max_rel_error": worst, "high_depth": attr.high_depth,
-                                       "vector_bytes_per_doc": s.index.manifest.dim * 4 + high_bytes_per_document(
-                                           s.index.high_store.storage, s.high[0].dim),
+                                       "vector_bytes_per_doc": vector_bytes_per_document(s.index.manifest, "high"),
                                        "seconds_per_query": secs["high"]}
     return out
 
