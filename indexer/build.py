@@ -593,7 +593,8 @@ def _write_high(cfg: BuildConfig, high: HighStage, tokenizer, writer: IndexWrite
             if not todo:
                 continue
             pairs = [document_pair(p, t) for p, t in todo]
-            out.add(pair_vectors(high.logra, high.pre, tokenizer, pairs, batch_size=cfg.batch_size).numpy())
+            stage = high.folded()  # the eigenbasis in the projections: rows only scaled
+            out.add(pair_vectors(stage.logra, stage.pre, tokenizer, pairs, batch_size=cfg.batch_size).numpy())
             out.checkpoint()
             bar.update(len(todo))
     out.close(writer.row_offset + writer.n_rows)
