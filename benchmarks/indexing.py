@@ -1,9 +1,10 @@
 """Indexing speed and memory.
 
-1. Throughput: tokens/s of the indexer's gradient pass (LoGra hooks + preconditioner statistics,
-   no weight gradients) against a plain training step (forward + backward with weight gradients,
-   optimizer excluded) on the same model and the same batches, alternated in one process. Two
-   model sizes (random weights: speed does not depend on what the model learned).
+1. Throughput: each pass of the default build (the high-fidelity sample's, a later shard's,
+   `--no-high`'s; LoGra hooks, statistics, no weight gradients) against a plain training step
+   (forward + backward with weight gradients, optimizer excluded) on the same model and the same
+   batches, alternated in one process. Two model sizes (random weights: speed does not depend on
+   what the model learned).
 2. Memory: peak RSS of `python -m indexer build` at two corpus sizes, each in a fresh process.
 3. Whole build against a plain epoch ("build_vs_epoch"): `python -m indexer build` with the default
    options, and with `--no-high` (the compact vectors alone), against a plain forward+backward epoch over the same documents and model (a training
@@ -34,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -42,14 +44,15 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from engine import LoGra, LoGraConfig, Preconditioner, collate, per_example_loss, prepare_model  # noqa: E402
+from engine import LoGra, Preconditioner, collate, per_example_loss, prepare_model  # noqa: E402
 from engine.encoding import Encoded  # noqa: E402
-from indexer.build import BuildConfig  # noqa: E402
+from engine.logra import joint_gradients  # noqa: E402
+from indexer.build import BuildConfig, HighStage  # noqa: E402
 from indexer import store  # noqa: E402
-from indexer.store import read_manifest  # noqa: E402
+from indexer.store import encode_rows, read_manifest  # noqa: E402
 
 MODELS = {  # name -> GPT2Config kwargs
-    "gpt2-tiny (2x128)": dict(n_layer=2, n_embd=128, n_head=4, vocab_size=4096),
+    "gpt2-tiny (2x128)": dict(n_layer=2, n_embd=128, n_head=4, vocab_size=4096, bos_token_id=0, eos_token_id=0),
     "gpt2-small (12x768)": dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257),
 }
 
@@ -63,14 +66,32 @@ def batches_for(vocab: int, n_batches: int, batch_size: int, max_len: int, seed:
     return out
 
 
-def throughput(name: str, kwargs: dict, n_batches: int, batch_size: int, max_len: int, repeats: int, rank: int) -> dict:
+def throughput(name: str, kwargs: dict, n_batches: int, batch_size: int, max_len: int, repeats: int) -> dict:
+    """One process, the same batches: a plain training step against each pass the default build makes
+    (BuildConfig's budgets, preconditioners and storage), alternated `repeats` times; per pass its
+    median time over the training step's (lower is faster). The passes: the high-fidelity sample's
+    (both stages' gradients and token statistics from one forward and backward), a later shard's (the
+    compact stage's statistics, the high stage's rows from its folded projections, scaled and encoded
+    as stored) and `--no-high`'s (the compact stage alone)."""
     torch.manual_seed(0)
-    model = prepare_model(GPT2LMHeadModel(GPT2Config(n_positions=max_len, attn_implementation="eager", **kwargs)))
+    model = prepare_model(GPT2LMHeadModel(GPT2Config(n_positions=max_len, **kwargs)))
     batches = batches_for(kwargs["vocab_size"], n_batches, batch_size, max_len)
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-    logra = LoGra(model, LoGraConfig(rank=rank, max_tokens=max_len))
-    kind = BuildConfig.preconditioner  # the indexer's default
-    pre = Preconditioner(kind, logra.shapes)
+    cfg = BuildConfig(model="", data=[], out="", max_tokens=max_len)
+    fast = LoGra(model, cfg.logra_config())
+    high = LoGra(model, replace(fast.config, rank=None, budget=cfg.high_budget, head_share=cfg.high_head_share),
+                 layers=fast.layers)
+    compact = lambda: Preconditioner(cfg.preconditioner, fast.shapes, damping_ratio=cfg.damping)
+    sample = lambda: Preconditioner(cfg.high_preconditioner, high.shapes, damping_ratio=cfg.high_damping)
+    fitted = sample()  # the stage a later shard uses, fitted on these batches
+    grads = []
+    for b in batches:
+        out = joint_gradients([high], b, [True])[0]
+        fitted.update(out.grads, out.token_stats)
+        grads.append(high.flatten(out.grads))
+    for g in grads:
+        fitted.update_second(g, dtype=torch.float32)
+    stage = HighStage(high, fitted.finalize(), {}, len(grads), cfg.high_damping, 0.0, cfg.high_storage).folded()
 
     def train_step():
         model.requires_grad_(True)
@@ -80,27 +101,47 @@ def throughput(name: str, kwargs: dict, n_batches: int, batch_size: int, max_len
             per_example_loss(logits, b["labels"]).sum().backward()
         model.requires_grad_(False)
 
-    def index_pass():
+    def sample_pass():
+        pre, hpre = compact(), sample()
         for b in batches:
-            out = logra.gradients(b, token_stats=pre.needs_token_stats)
-            pre.update(out.grads, out.token_stats)
-            logra.flatten(out.grads).numpy()
+            out = joint_gradients([fast, high], b, [True, True])
+            pre.update(out[0].grads, out[0].token_stats)
+            hpre.update(out[1].grads, out[1].token_stats)
+            fast.flatten(out[0].grads).numpy(), high.flatten(out[1].grads).numpy()
 
-    train_step(), index_pass()  # warm-up
-    times = {"train_step": [], "index_pass": []}
-    for _ in range(repeats):  # alternate so drifts in machine load hit both alike
-        for label, fn in (("train_step", train_step), ("index_pass", index_pass)):
+    def later_pass():
+        pre = compact()
+        for b in batches:
+            out = joint_gradients([fast, stage.logra], b, [True, False])
+            pre.update(out[0].grads, out[0].token_stats)
+            fast.flatten(out[0].grads).numpy()
+            encode_rows(stage.vectors(out[1].grads).numpy(), stage.storage)
+
+    def compact_pass():
+        pre = compact()
+        for b in batches:
+            out = joint_gradients([fast], b, [True])[0]
+            pre.update(out.grads, out.token_stats)
+            fast.flatten(out.grads).numpy()
+
+    passes = {"train_step": train_step, "sample_pass": sample_pass, "later_pass": later_pass,
+              "compact_only_pass": compact_pass}
+    for fn in passes.values():  # warm-up
+        fn()
+    times = {k: [] for k in passes}
+    for _ in range(repeats):  # alternated so drifts in machine load hit all alike
+        for label, fn in passes.items():
             t = time.perf_counter()
             fn()
             times[label].append(time.perf_counter() - t)
-    ratios = [t / i for t, i in zip(times["train_step"], times["index_pass"])]
+    over = {k: [t / s for t, s in zip(times[k], times["train_step"])] for k in passes if k != "train_step"}
     return {
-        "model": name, "parameters": sum(p.numel() for p in model.parameters()), "tracked_layers": len(logra.layers),
-        "preconditioner": kind, "rank": rank, "dim": logra.dim, "batches": n_batches, "batch_size": batch_size, "tokens_per_repeat": tokens,
-        "train_step_tokens_per_s": round(tokens / statistics.median(times["train_step"]), 1),
-        "index_pass_tokens_per_s": round(tokens / statistics.median(times["index_pass"]), 1),
-        "speedup_median": round(statistics.median(ratios), 3),
-        "speedup_per_repeat": [round(r, 3) for r in ratios],
+        "model": name, "parameters": sum(p.numel() for p in model.parameters()), "tracked_layers": len(fast.layers),
+        "dims": {"compact": fast.dim, "high": high.dim}, "batches": n_batches, "batch_size": batch_size,
+        "tokens_per_repeat": tokens, "threads": torch.get_num_threads(),
+        "tokens_per_s": {k: round(tokens / statistics.median(v), 1) for k, v in times.items()},
+        "over_train_step": {k: round(statistics.median(v), 3) for k, v in over.items()},
+        "over_train_step_per_repeat": {k: [round(x, 3) for x in v] for k, v in over.items()},
     }
 
 
@@ -436,7 +477,7 @@ def main() -> None:
             if args.smoke and small:
                 continue
             r = throughput(name, kwargs, n_batches=1 if args.smoke else 2 if q else (3 if small else 16), batch_size=8,
-                           max_len=128, repeats=1 if args.smoke else 2 if q else 7, rank=8)
+                           max_len=128, repeats=1 if args.smoke else 2 if q else 5)
             print(json.dumps(r), flush=True)
             results["throughput"].append(r)
     if args.only in (None, "memory"):
