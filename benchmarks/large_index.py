@@ -150,8 +150,8 @@ def proc_status_kib(field: str) -> int:
 def child(work: Path, kind: str, pq_dims: int = ann.PQ_DIMS_PER_CODE) -> dict:
     """Build one type via the indexer's code path (IVF-PQ with `pq_dims` dimensions a code), then search it;
     runs in its own process."""
-    ann.PQ_DIMS_PER_CODE = pq_dims
-    folder = work / (kind if kind != "ivf-pq" or pq_dims == 8 else f"{kind}-{pq_dims}")
+    shipped, ann.PQ_DIMS_PER_CODE = ann.PQ_DIMS_PER_CODE, pq_dims
+    folder = work / (kind if kind != "ivf-pq" or pq_dims == shipped else f"{kind}-{pq_dims}")
     folder.mkdir(exist_ok=True)
     for name in (store.VECTORS, store.NORMS):
         if not (folder / name).exists():

@@ -9,6 +9,7 @@ backward pass starts at the input embedding's output, so no weight gradient is c
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -118,6 +119,13 @@ class LoGra:
         p_in, p_out = self.projections[name]
         eye = lambda n: torch.eye(n, device=next(self.model.parameters()).device)
         return (eye(layer.in_features) if p_in is None else p_in), (eye(layer.out_features) if p_out is None else p_out)
+
+    def with_projections(self, projections: dict) -> "LoGra":
+        """The same projector (model, layers, shapes) with other projections, layer -> (P_in, P_out)
+        on the model's device (e.g. Preconditioner.fold's); no projection is drawn again."""
+        other = copy.copy(self)
+        other.projections, other._padding = dict(projections), {}
+        return other
 
     def _padded(self, name: str, side: int) -> torch.Tensor | None:
         """The layer's P_in (side 0) or P_out (side 1) with zero rows added up to a multiple of 16

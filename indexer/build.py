@@ -424,11 +424,11 @@ class HighStage:
         if self.pre.kind not in ("kfac", "ekfac"):
             return self
         if self._folded is None:
-            logra = LoGra(self.logra.model, self.logra.config, layers=self.logra.layers, shapes=self.logra.shapes)
             device = next(self.logra.model.parameters()).device  # the eigenbases live on the CPU
             cpu = lambda t: None if t is None else t.cpu()
             projections, pre = self.pre.fold({n: (cpu(a), cpu(b)) for n, (a, b) in self.logra.projections.items()})
-            logra.projections = {n: tuple(None if t is None else t.to(device) for t in ab) for n, ab in projections.items()}
+            logra = self.logra.with_projections(
+                {n: tuple(None if t is None else t.to(device) for t in ab) for n, ab in projections.items()})
             self._folded = replace(self, logra=logra, pre=pre)
         return self._folded
 
