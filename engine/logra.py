@@ -37,6 +37,9 @@ class LoGraConfig:
     # output-gradient statistics are then only the diagonal (a vocabulary-square factor is too big)
     head_whole: bool = False
     head: bool = True  # track the LM head (output embedding) besides the blocks' linear layers
+    # the LM head's output (vocabulary) side, where projected, by a sparse sign sketch (sketch_matrix)
+    # instead of a Gaussian: about V operations a token instead of r_out x V
+    head_sketch: bool = False
     head_only: bool = False  # track the LM head alone (then a forward pass and the head's gradient suffice)
     seed: int = 0
     include: str | None = None  # regex over layer names
@@ -60,6 +63,30 @@ def projection_matrix(seed: int, layer: str, role: str, rank: int, dim: int) -> 
     digest = hashlib.sha256(f"{seed}/{layer}/{role}".encode()).digest()
     gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
     return torch.randn(rank, dim, generator=gen) / rank**0.5
+
+
+def sketch_matrix(seed: int, layer: str, role: str, rank: int, dim: int) -> torch.Tensor:
+    """A (rank x dim) sparse sign sketch (CountSketch) as a matrix: each column holds one entry, +-1,
+    in a row drawn without replacement so that every row gets dim / rank columns (to one). Like the
+    Gaussian it keeps inner products in expectation, with no more variance; multiplying by it is a
+    signed scatter-add of the columns (LoGra's hooks do that, `_sketch`). Seeded as projection_matrix."""
+    digest = hashlib.sha256(f"{seed}/{layer}/{role}/sketch".encode()).digest()
+    gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+    rows = torch.randperm(dim, generator=gen) % rank
+    signs = torch.randint(0, 2, (dim,), generator=gen).float() * 2 - 1
+    out = torch.zeros(rank, dim)
+    out[rows, torch.arange(dim)] = signs
+    return out
+
+
+def _sketch_parts(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(row of each column, its sign) when `p` has one +-1 entry per column (sketch_matrix), else None."""
+    nonzero = p != 0
+    if not bool((nonzero.sum(dim=0) == 1).all()):
+        return None
+    rows = nonzero.float().argmax(dim=0)
+    signs = p.gather(0, rows[None]).squeeze(0)
+    return (rows, signs) if bool((signs.abs() == 1).all()) else None
 
 
 @dataclass
@@ -108,10 +135,11 @@ class LoGra:
         for layer in self.layers:
             r_out, r_in = self.shapes[layer.name]
             p_in = None if r_in == layer.in_features else projection_matrix(config.seed, layer.name, "in", r_in, layer.in_features).to(device)
-            p_out = None if r_out == layer.out_features else projection_matrix(config.seed, layer.name, "out", r_out, layer.out_features).to(device)
+            draw = sketch_matrix if config.head_sketch and layer.name == self.head_name else projection_matrix
+            p_out = None if r_out == layer.out_features else draw(config.seed, layer.name, "out", r_out, layer.out_features).to(device)
             self.projections[layer.name] = (p_in, p_out)
         self.dim = sum(o * i for o, i in self.shapes.values())
-        self._padding: dict = {}  # (layer, side) -> (projection, its version, padded copy): _padded
+        self._padding: dict = {}  # (layer, side) -> (projection, its version, padded copy or sketch): _padded, _sketch
 
     def projection(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(P_in, P_out) of a layer as matrices (an identity for a side kept whole)."""
@@ -141,6 +169,24 @@ class LoGra:
             extra = -rows % 16 if rows > 8 else 0
             hit = self._padding[(name, side)] = (p, p._version, torch.cat([p, p.new_zeros(extra, p.shape[1])]) if extra else p)
         return hit[2]
+
+    def _sketch(self, name: str) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+        """The layer's P_out as a sketch (row of each column, sign, rows padded as _padded pads them)
+        when it is one (sketch_matrix: drawn, or loaded from an index, or left unfolded by fold), else
+        None. Cached while the projection is the same tensor, unchanged."""
+        p = self.projections[name][1]
+        if p is None:
+            return None
+        hit = self._padding.get((name, "sketch"))
+        if hit is None or hit[0] is not p or hit[1] != p._version:
+            parts = _sketch_parts(p)
+            rows = p.shape[0] + (-p.shape[0] % 16 if p.shape[0] > 8 else 0)
+            hit = self._padding[(name, "sketch")] = (p, p._version, None if parts is None else (*parts, rows))
+        return hit[2]
+
+    def sketched(self, name: str) -> bool:
+        """Whether the layer's output side is projected by a sketch (sketch_matrix)."""
+        return self._sketch(name) is not None
 
     def layer_spec(self) -> list[dict]:
         return [
@@ -219,8 +265,9 @@ def _hooks(logras: Sequence[LoGra], mask: torch.Tensor, has_padding: bool, grads
         return (args[0].detach().requires_grad_(True),) + tuple(args[1:])
 
     def capture(name: str, users: list[int]):
-        # per projector: (P_in, P_out) padded (_padded; None: a side kept whole), (r_out, r_in), diagonal S
-        spec = [(*(logras[k]._padded(name, side) for side in (0, 1)), logras[k].shapes[name],
+        # per projector: P_in padded (_padded; None: a side kept whole), the output side's projection as a
+        # function of the output gradients, (r_out, r_in), diagonal S
+        spec = [(logras[k]._padded(name, 0), _out_projection(logras[k], name), logras[k].shapes[name],
                  name in logras[k].diagonal_out) for k in users]
 
         def forward_hook(_module, inputs, output):
@@ -243,8 +290,8 @@ def _hooks(logras: Sequence[LoGra], mask: torch.Tensor, has_padding: bool, grads
                 output.register_hook(lambda g: _on_grad(g.float(), xps))
 
         def _on_grad(g, xps):
-            for k, xp, (_, p_out, (r_out, r_in), diagonal) in zip(users, xps, spec):
-                gp = g if p_out is None else g @ p_out.T
+            for k, xp, (_, project, (r_out, r_in), diagonal) in zip(users, xps, spec):
+                gp = project(g)
                 # A module called twice in one forward contributes both calls' terms, as autograd would.
                 _add(grads[k], name, None, torch.bmm(gp.transpose(1, 2), xp)[:, :r_out, :r_in])
                 if token_stats[k] is not None:
@@ -270,6 +317,22 @@ def _hooks(logras: Sequence[LoGra], mask: torch.Tensor, has_padding: bool, grads
     finally:
         for h in handles:
             h.remove()
+
+
+def _out_projection(logra: LoGra, name: str):
+    """g -> g P_out^T for a layer's output gradients (..., out_features): a matmul by the padded
+    projection, a signed scatter-add for a sketch (its rows padded alike), g itself for a side kept whole."""
+    sketch = logra._sketch(name)
+    if sketch is not None:
+        rows, signs, width = sketch
+
+        def scatter(g):
+            flat = g.reshape(-1, g.shape[-1])
+            out = flat.new_zeros(flat.shape[0], width).index_add_(1, rows, flat * signs)
+            return out.view(*g.shape[:-1], width)
+        return scatter
+    p_out = logra._padded(name, 1)
+    return (lambda g: g) if p_out is None else (lambda g: g @ p_out.T)
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:

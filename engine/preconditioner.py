@@ -206,13 +206,15 @@ class Preconditioner:
             parts.append(v.float())
         return torch.cat(parts, dim=1)
 
-    def fold(self, projections: dict) -> tuple[dict, "Preconditioner"]:
+    def fold(self, projections: dict, keep_out: frozenset = frozenset()) -> tuple[dict, "Preconditioner"]:
         """kfac / ekfac: the K-FAC eigenbases moved into the projections, P_in <- Q_A^T P_in and
         P_out <- Q_S^T P_out, so that projected gradients come out in the eigenbasis and whitening is
         a scaling. Returns the new projections (layer -> (P_in, P_out), None for an identity) and the
         preconditioner that goes with them; the pair gives the vectors `apply(eigenbasis=True)` gives
         with the old pair. The rotation then costs a small matmul per token instead of one per
-        document on the whole r_out x r_in gradient (the high-fidelity stage's query-time path)."""
+        document on the whole r_out x r_in gradient (the high-fidelity stage's query-time path).
+        Layers in `keep_out` keep their P_out (a sketch, cheaper than any dense matrix) and the
+        returned preconditioner still rotates their output side, per document."""
         if self.kind not in ("kfac", "ekfac") or not self.finalized:
             raise ValueError(f"only a fitted kfac or ekfac preconditioner folds, not {self.kind!r}")
         new_proj, new_state = {}, {}
@@ -220,9 +222,10 @@ class Preconditioner:
             st = self.state[name]
             p_in, p_out = projections[name]
             turn = lambda q, p: None if q is None else (q.T.float() if p is None else q.T.float() @ p.float())
-            new_proj[name] = (turn(st["qa"], p_in) if st["qa"] is not None else p_in,
-                              turn(st["qs"], p_out) if st["qs"] is not None else p_out)
-            new_state[name] = {"qs": None, "qa": None, "scale": st["scale"], "damping": st["damping"]}
+            keep = name in keep_out or st["qs"] is None
+            new_proj[name] = (turn(st["qa"], p_in) if st["qa"] is not None else p_in, p_out if keep else turn(st["qs"], p_out))
+            new_state[name] = {"qs": st["qs"] if name in keep_out else None, "qa": None, "scale": st["scale"],
+                               "damping": st["damping"]}
         folded = Preconditioner(self.kind, self.shapes, self.damping_ratio, self.diagonal_out)
         folded.n_docs, folded.state, folded.finalized = self.n_docs, new_state, True
         return new_proj, folded

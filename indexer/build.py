@@ -68,6 +68,10 @@ class BuildConfig:
     high_preconditioner: str = "ekfac"
     high_damping: float = 0.01
     high_sample: int = 4096
+    # the LM head's vocabulary side projected by a Gaussian or a sparse sign sketch (engine.sketch_matrix):
+    # the sketch is a scatter-add instead of a V x r_out matmul a token, but ranked 0.017 LDS worse on both
+    # toy benchmarks (benchmarks/quality/projection.py), so it is not the default
+    high_head_projection: str = "gaussian"
     # the stored rows: float16, or int8 / int4 codes with a float32 scale per row (store.encode_rows); int4
     # scored as float16 within the benchmarks' error on all three quality benchmarks (docs/indexing.md)
     high_storage: str = "int4"
@@ -99,6 +103,8 @@ class BuildConfig:
                 raise ValueError(f"{name} must be between 0 and 1, got {getattr(self, name)}")
         if self.storage not in STORAGES:
             raise ValueError(f"storage must be one of {STORAGES}, got {self.storage!r}")
+        if self.high_head_projection not in HEAD_PROJECTIONS:
+            raise ValueError(f"high_head_projection must be one of {HEAD_PROJECTIONS}, got {self.high_head_projection!r}")
         if self.high_storage not in HIGH_STORAGES:
             raise ValueError(f"high_storage must be one of {HIGH_STORAGES}, got {self.high_storage!r}")
         if self.high_preconditioner not in HIGH_PRECONDITIONERS:
@@ -108,9 +114,15 @@ class BuildConfig:
         return LoGraConfig(rank=self.rank, budget=self.budget, head_share=self.head_share, head=self.head, seed=self.seed,
                            include=self.include, exclude=self.exclude, max_tokens=self.max_tokens)
 
+    def high_config(self, fast: LoGraConfig) -> LoGraConfig:
+        """The high-fidelity stage's projector: the compact one's layers and seed at the stage's budget."""
+        return replace(fast, rank=None, budget=self.high_budget, head_share=self.high_head_share,
+                       head_sketch=self.high_head_projection == "sketch")
+
 
 # raw would need a (r_out r_in)^2 covariance per layer: too large at the high stage's size
 HIGH_PRECONDITIONERS = ("none", "kfac", "ekfac")
+HEAD_PROJECTIONS = ("sketch", "gaussian")
 
 
 def _chunks(it: Iterator, n: int) -> Iterator[list]:
@@ -406,6 +418,7 @@ class HighStage:
                   "int4": "int4 codes (two a byte) with a float32 scale per unit row, and float32 norms"}[self.storage]
         return {"layers": self.logra.layer_spec(), "dim": self.logra.dim,
                 "budget": {"dims": self.logra.config.budget, "head_share": self.logra.config.head_share},
+                "head_projection": "sketch" if self.logra.head_name and self.logra.sketched(self.logra.head_name) else "gaussian",
                 "preconditioner": {"kind": self.pre.kind, "damping_ratio": self.damping},
                 "sample_documents": self.sample_documents, "stored": stored, "storage": self.storage}
 
@@ -426,7 +439,8 @@ class HighStage:
         if self._folded is None:
             device = next(self.logra.model.parameters()).device  # the eigenbases live on the CPU
             cpu = lambda t: None if t is None else t.cpu()
-            projections, pre = self.pre.fold({n: (cpu(a), cpu(b)) for n, (a, b) in self.logra.projections.items()})
+            projections, pre = self.pre.fold({n: (cpu(a), cpu(b)) for n, (a, b) in self.logra.projections.items()},
+                                             keep_out=frozenset(n for n in self.logra.shapes if self.logra.sketched(n)))
             logra = self.logra.with_projections(
                 {n: tuple(None if t is None else t.to(device) for t in ab) for n, ab in projections.items()})
             self._folded = replace(self, logra=logra, pre=pre)
@@ -439,8 +453,7 @@ def _fit_high(cfg: BuildConfig, model, tokenizer, fast: LoGra, writer: IndexWrit
     fitted on the first `high_sample` of `documents` ((prompt, text) pairs) by `fit_sample`. Saved in
     the build folder, so a killed build does not fit it again."""
     t0 = time.time()
-    config = replace(fast.config, rank=None, budget=cfg.high_budget, head_share=cfg.high_head_share)
-    logra = LoGra(model, config, layers=fast.layers)
+    logra = LoGra(model, cfg.high_config(fast.config), layers=fast.layers)
     saved = writer.high_state
     if saved is None:
         pre = Preconditioner(cfg.high_preconditioner, logra.shapes, damping_ratio=cfg.high_damping)
@@ -472,8 +485,7 @@ class HighSampler:
     ROTATED = "high-sample-rotated.f32"  # EK-FAC: the scratch rows in the stage's eigenbasis, once fitted
 
     def __init__(self, cfg: BuildConfig, model, fast: LoGra, writer: IndexWriter):
-        config = replace(fast.config, rank=None, budget=cfg.high_budget, head_share=cfg.high_head_share)
-        self.logra = LoGra(model, config, layers=fast.layers)
+        self.logra = LoGra(model, cfg.high_config(fast.config), layers=fast.layers)
         self.pre = Preconditioner(cfg.high_preconditioner, self.logra.shapes, damping_ratio=cfg.high_damping)
         self.cfg, self.writer, self.rows = cfg, writer, 0
         self.path = writer.tmp / self.SCRATCH

@@ -11,12 +11,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-# 4: the compact vectors may be stored as int8 codes (Manifest.storage) and a flat index has no FAISS
+# 5: the high-fidelity stage may project the LM head's vocabulary side by a sketch (HighInfo.head_projection;
+# the stored projections are what queries use either way); 4: the compact vectors may be stored as int8 codes (Manifest.storage) and a flat index has no FAISS
 # files (built when opened); 3: the high-fidelity stage's rows may be stored as 8- or 4-bit codes
 # (HighInfo.storage); 2: float16 rows (read as they are: a version 2 manifest has no `storage`, so
 # float16); 1 recomputed them. Older manifests lack the newer fields, whose defaults are what they wrote.
-FORMAT_VERSION = 4
-READABLE_VERSIONS = (2, 3, 4)
+FORMAT_VERSION = 5
+READABLE_VERSIONS = (2, 3, 4, 5)
 
 
 class _Part(BaseModel):
@@ -73,6 +74,8 @@ class HighInfo(_Part):
     budget: Budget
     preconditioner: PreconditionerInfo
     sample_documents: int  # the preconditioner was fitted on the first this many documents
+    # the LM head's vocabulary side: engine.sketch_matrix or a Gaussian (absent before version 5: gaussian)
+    head_projection: Literal["gaussian", "sketch"] = "gaussian"
     stored: str  # in words
     storage: HighStorage = "float16"  # what the reader decodes; absent (float16) in manifests before version 3
 

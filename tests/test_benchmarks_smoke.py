@@ -42,6 +42,13 @@ def test_quality_benchmark_smoke_run(tmp_path):
     assert methods["bm25"]["lds"] > methods["random"]["lds"]
 
 
+def test_head_projection_benchmark_smoke_run(tmp_path):
+    out = tmp_path / "head_projection.json"
+    run(["-m", "benchmarks.quality.projection", "gpt2-stdlib", "--smoke", "--out", str(out)])
+    got = json.loads(out.read_text())["gpt2-stdlib"]
+    assert {"gaussian", "sketch", "sketch - gaussian"} <= set(got) and got["queries"] == 8
+
+
 def test_real_model_quality_benchmark_smoke_run(tmp_path):
     """The real model's `run` on its committed ground truth (references only: no model pass)."""
     run(["-m", "benchmarks.quality", "run", "--smoke", "--bench", "smollm2-chat", "--work", str(tmp_path / "work"),

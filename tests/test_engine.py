@@ -7,7 +7,7 @@ import torch
 
 from engine import (LoGra, LoGraConfig, Preconditioner, collate, encode, find_tracked_layers, load_model,
                     model_fingerprint, per_example_loss, projected_gradients, query_vectors, scored_positions,
-                    token_texts, token_vectors)
+                    sketch_matrix, token_texts, token_vectors)
 
 from .support import autograd_gradient, fit_preconditioner, synthetic_corpus
 
@@ -22,9 +22,11 @@ def loaded(model_dir):
     return load_model(model_dir)
 
 
-def test_projected_gradient_equals_projection_of_autograd_gradient(loaded):
+@pytest.mark.parametrize("head_sketch", [False, True])
+def test_projected_gradient_equals_projection_of_autograd_gradient(loaded, head_sketch):
     model, tok = loaded
-    logra = LoGra(model, LoGraConfig(rank=4))
+    logra = LoGra(model, LoGraConfig(rank=4, head_sketch=head_sketch))
+    assert [logra.sketched(l.name) for l in logra.layers] == [head_sketch and l.name == logra.head_name for l in logra.layers]
     encoded = [encode(tok, p, r, 64) for p, r in PAIRS]
     out = projected_gradients(logra, tok, encoded)
     for i, enc in enumerate(encoded):
@@ -130,6 +132,21 @@ def test_projections_are_seeded_by_seed_and_layer(gpt2_dir):
     assert torch.equal(a.projections[name][0], b.projections[name][0])
     assert not torch.equal(a.projections[name][0], c.projections[name][0])
     assert not torch.equal(a.projections[name][0][:, :32], a.projections[a.layers[4].name][0][:, :32])
+
+
+@pytest.mark.parametrize("rank,dim", [(384, 4096), (7, 100), (16, 16)])
+def test_a_sketch_has_one_sign_per_column_and_balanced_rows(rank, dim):
+    a, b = sketch_matrix(0, "lm_head", "out", rank, dim), sketch_matrix(0, "lm_head", "out", rank, dim)
+    assert torch.equal(a, b) and not torch.equal(a, sketch_matrix(1, "lm_head", "out", rank, dim))
+    assert torch.equal((a != 0).sum(dim=0), torch.ones(dim, dtype=torch.long))
+    assert set(a[a != 0].tolist()) <= {-1.0, 1.0}
+    per_row = (a != 0).sum(dim=1)
+    assert int(per_row.max() - per_row.min()) <= 1 and int(per_row.sum()) == dim
+    # inner products kept on average over seeds (CountSketch is unbiased): a fixed pair of vectors
+    x, y = torch.randn(2, dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    est = torch.tensor([float((s @ x) @ (s @ y)) for s in
+                        (sketch_matrix(seed, "l", "out", rank, dim).double() for seed in range(400))], dtype=torch.float64)
+    assert abs(float(est.mean()) - float(x @ y)) <= 4 * float(est.std()) / 20 + 1e-9  # exact when rank = dim: a signed permutation
 
 
 def test_fingerprint_identifies_weights(gpt2_dir):

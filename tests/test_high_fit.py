@@ -57,18 +57,21 @@ def test_rows_rotated_once_equal_rows_rotated_twice(model_dir):
         pre.apply(grads[0], rotated=True)  # not in the eigenbasis: no rotation back from rotated rows
 
 
-def test_the_folded_stage_gives_the_stages_rows(model_dir):
+@pytest.mark.parametrize("head_sketch", [False, True])
+def test_the_folded_stage_gives_the_stages_rows(model_dir, head_sketch):
     """After the sample, documents' rows come from the stage with its eigenbasis folded into the
-    projections (HighStage.folded): the rows of rotating each document's gradient, to float rounding."""
+    projections (HighStage.folded): the rows of rotating each document's gradient, to float rounding.
+    A sketched head keeps its sketch (its output side rotated per document instead)."""
     from indexer.build import HighStage
     model, tok = load_model(model_dir)
-    logra = LoGra(model, LoGraConfig(budget=2048, head_share=0.75))
+    logra = LoGra(model, LoGraConfig(budget=2048, head_share=0.75, head_sketch=head_sketch))
     enc = [encode(tok, "", d["text"], 32) for d in synthetic_corpus(24, seed=7)]
     pre = fit_preconditioner(logra, Preconditioner("ekfac", logra.shapes, damping_ratio=0.01), tok,
                              [enc[i : i + 8] for i in range(0, 16, 8)])
     stage = HighStage(logra, pre, {}, 16, 0.01, 0.0, "float16")
     folded = stage.folded()
     assert folded is stage.folded() and folded.logra is not logra
+    assert folded.logra.sketched(logra.head_name) == head_sketch
     batch = collate(enc[16:], tok.pad_token_id)
     want = stage.vectors(logra.gradients(batch).grads)
     got = folded.vectors(folded.logra.gradients(batch).grads)
@@ -90,6 +93,7 @@ def test_a_build_fits_the_high_stage_inside_its_gradient_pass(tmp_path, gpt2_dir
     index = Index.open(tmp_path / "idx")
     n_sample = min(high_sample, 40)
     assert index.manifest.high.sample_documents == n_sample
+    assert index.manifest.high.head_projection == "gaussian"  # the default
 
     model, tok = load_model(gpt2_dir)
     fast = LoGra(model, LoGraConfig(budget=4096, head_share=index.manifest.budget.head_share))
