@@ -72,15 +72,18 @@ def throughput(name: str, kwargs: dict, n_batches: int, batch_size: int, max_len
     median time over the training step's (lower is faster). The passes: the high-fidelity sample's
     (both stages' gradients and token statistics from one forward and backward), a later shard's (the
     compact stage's statistics, the high stage's rows from its folded projections, scaled and encoded
-    as stored) and `--no-high`'s (the compact stage alone)."""
+    as stored) and `--no-high`'s (the compact stage alone). Parts of a pass: the fit after the sample's
+    pass (its rows rotated into the eigenbasis once, the eigenvalues, the rows scaled and encoded:
+    `sample_fit`), and the high stage's LM-head output projection alone (`high_head_projection`, a
+    (tokens x vocabulary) by (vocabulary x r_out) product a batch, every position padded or not, as
+    the hook does it)."""
     torch.manual_seed(0)
     model = prepare_model(GPT2LMHeadModel(GPT2Config(n_positions=max_len, **kwargs)))
     batches = batches_for(kwargs["vocab_size"], n_batches, batch_size, max_len)
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
     cfg = BuildConfig(model="", data=[], out="", max_tokens=max_len)
     fast = LoGra(model, cfg.logra_config())
-    high = LoGra(model, replace(fast.config, rank=None, budget=cfg.high_budget, head_share=cfg.high_head_share),
-                 layers=fast.layers)
+    high = LoGra(model, cfg.high_config(fast.config), layers=fast.layers)
     compact = lambda: Preconditioner(cfg.preconditioner, fast.shapes, damping_ratio=cfg.damping)
     sample = lambda: Preconditioner(cfg.high_preconditioner, high.shapes, damping_ratio=cfg.high_damping)
     fitted = sample()  # the stage a later shard uses, fitted on these batches
@@ -124,8 +127,27 @@ def throughput(name: str, kwargs: dict, n_batches: int, batch_size: int, max_len
             pre.update(out.grads, out.token_stats)
             fast.flatten(out.grads).numpy()
 
+    def sample_fit():  # after the sample's pass, its rows (HighSampler.finish): rotated once, eigenvalues, scaled, encoded
+        pre = sample()
+        pre.sums, pre.n_docs, pre.n_tokens = fitted.sums, fitted.n_docs, fitted.n_tokens  # the pass's statistics
+        rotated = [pre.rotate(g, dtype=torch.float32) for g in grads]
+        for r in rotated:
+            pre.update_second(r, dtype=torch.float32, rotated=True)
+        pre.finalize()
+        for r in rotated:
+            encode_rows(pre.apply(r, eigenbasis=True, dtype=torch.float32, rotated=True).numpy(), cfg.high_storage)
+
+    head = high.head_name
+    p_head = high._padded(head, 1)
+    vocab = next(l.out_features for l in high.layers if l.name == head)
+    head_grads = [torch.randn(int(b["attention_mask"].numel()), vocab) for b in batches]
+
+    def head_projection():  # the high stage's LM-head output projection alone, on every token of the batches
+        for g in head_grads:
+            g @ p_head.T
+
     passes = {"train_step": train_step, "sample_pass": sample_pass, "later_pass": later_pass,
-              "compact_only_pass": compact_pass}
+              "compact_only_pass": compact_pass, "sample_fit": sample_fit, "high_head_projection": head_projection}
     for fn in passes.values():  # warm-up
         fn()
     times = {k: [] for k in passes}

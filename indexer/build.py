@@ -2,6 +2,7 @@
 preconditioned vectors (pass 2, over the stored shards) -> FAISS + LanceDB + manifest."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -476,9 +477,9 @@ class HighSampler:
     """The high-fidelity stage fitted inside the gradient pass (one process): the first shards, whole,
     until they hold at least high_sample documents (or the corpus ends), get their high-fidelity
     gradients and statistics from the same forward and backward passes as the compact vectors; the
-    gradients wait in a scratch file (float32, about 1 GB at 4,096 x 65,536; as much again for their
-    rotated copy while the stage is fitted) until the stage is fitted, then become those documents'
-    rows, and later shards get theirs directly. No model pass
+    gradients wait in a scratch file (float32, about 1 GB at 4,096 x 65,536; their rotated copy as much
+    again, in memory up to ROTATED_IN_MEMORY_BYTES, else a second file) until the stage is fitted, then
+    become those documents' rows, and later shards get theirs directly. No model pass
     of its own (`fit_sample` makes one). The statistics ride in the shards' checkpoints and the
     scratch rows are flushed before them, so a killed build resumes the sample too."""
     SCRATCH = "high-sample.f32"
@@ -516,23 +517,36 @@ class HighSampler:
         state, then write the sample's rows."""
         t0 = time.time()
         self.file.close()
+        # The rotated rows are kept in memory when they fit ROTATED_IN_MEMORY_BYTES (1 GiB at the default
+        # 4,096 x 65,536), else written to a second scratch file: the file costs a write, an fsync and a
+        # read of as many bytes.
+        in_memory = self.rows * self.logra.dim * 4 <= ROTATED_IN_MEMORY_BYTES
+        kept: list[torch.Tensor] = []
         if self.pre.needs_second_pass:  # rotated once, in float32 as the stored rows are (HighStage.vectors)
-            with open(self.writer.tmp / self.ROTATED, "wb") as f:
+            with contextlib.nullcontext() if in_memory else open(self.writer.tmp / self.ROTATED, "wb") as f:
                 for x in scratch_blocks(self.path, self.logra.dim, 0, self.rows):
                     rot = self.pre.rotate(torch.from_numpy(x), dtype=torch.float32)
                     self.pre.update_second(rot, dtype=torch.float32, rotated=True)
-                    f.write(rot.numpy().tobytes())  # the rows' own rotation: written scaled, not rotated again
-                f.flush()
-                os.fsync(f.fileno())  # before the saved state, which says the file is whole
+                    if in_memory:
+                        kept.append(rot)
+                    else:
+                        f.write(rot.numpy().tobytes())  # the rows' own rotation: written scaled, not rotated again
+                if not in_memory:
+                    f.flush()
+                    os.fsync(f.fileno())  # before the saved state, which says the file is whole
         self.pre.finalize()
         state = _engine_state(self.logra, self.pre)
         saved = {"state": state, "sample_documents": self.rows, "fit_seconds": round(time.time() - t0, 2)}
         self.writer.save_high_state(saved)  # from here a resumed build has the stage (_fit_high loads it)
-        if self.pre.needs_second_pass:
+        if self.pre.needs_second_pass and not in_memory:
             self.path.unlink(missing_ok=True)  # the rotated rows replace the raw ones
         high = HighStage(self.logra, self.pre, state, self.rows, self.cfg.high_damping, saved["fit_seconds"],
                          self.cfg.high_storage)
-        self.write_sample_rows(high, out, self.writer)
+        kept.reverse()
+        while kept:  # the raw file stays until they are written: a build killed meanwhile resumes from it
+            out.add(high.vectors(kept.pop(), rotated=True).numpy())  # each block freed once written
+            out.checkpoint()
+        self.write_sample_rows(high, out, self.writer)  # the rest (all of them without kept rows); the files go
         high.fit_seconds = round(time.time() - t0, 2)
         return high
 
@@ -580,6 +594,7 @@ def fit_sample(logra: LoGra, pre: Preconditioner, tokenizer, batches: Sequence[S
 
 
 SAMPLE_BLOCK_BYTES = 64 << 20  # sample gradients read back per block (EK-FAC rotates them in float64)
+ROTATED_IN_MEMORY_BYTES = 2 << 30  # HighSampler.finish keeps the rotated sample in memory up to this
 
 
 def scratch_blocks(path: Path, dim: int, start: int, stop: int) -> Iterator[np.ndarray]:

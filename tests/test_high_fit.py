@@ -106,3 +106,37 @@ def test_a_build_fits_the_high_stage_inside_its_gradient_pass(tmp_path, gpt2_dir
     np.testing.assert_allclose(index.high_norms, norms, rtol=1e-4)
     np.testing.assert_allclose(np.asarray(index.high_rows(range(40)), np.float64), want / norms[:, None], atol=2e-3)
     assert not list(tmp_path.glob("**/high-sample*.f32"))  # the raw and the rotated scratch rows
+
+
+def test_sample_rows_kept_in_memory_equal_those_from_the_scratch_file_and_survive_a_failure(tmp_path, gpt2_dir, monkeypatch):
+    """HighSampler.finish keeps the rotated sample in memory when it fits (ROTATED_IN_MEMORY_BYTES),
+    else writes it to a second scratch file: the same stored bytes. A build failing while the kept rows
+    are written (the fitted state already saved) resumes from the raw scratch rows to the same bytes."""
+    from indexer import build as build_module
+    from indexer import store
+    data = write_jsonl(tmp_path / "d.jsonl", synthetic_corpus(40, seed=13))
+    cfg = lambda out: BuildConfig(model=gpt2_dir, data=[data], out=str(tmp_path / out), shard_size=8, batch_size=3,
+                                  high_budget=2048, high_sample=100, progress=False)
+    monkeypatch.setattr(build_module, "SAMPLE_BLOCK_BYTES", 4 * 2048 * 8)  # 8 rows a block: 5 blocks
+    build_index(cfg("memory"))
+    monkeypatch.setattr(build_module, "ROTATED_IN_MEMORY_BYTES", 0)
+    build_index(cfg("file"))
+    monkeypatch.undo()
+    monkeypatch.setattr(build_module, "SAMPLE_BLOCK_BYTES", 4 * 2048 * 8)
+    real, calls = store.HighVectorWriter.checkpoint, []
+
+    def failing(self):
+        calls.append(self.rows)
+        if len(calls) == 2:  # after the first kept block
+            raise OSError("disk full")
+        real(self)
+    monkeypatch.setattr(store.HighVectorWriter, "checkpoint", failing)
+    with pytest.raises(OSError, match="disk full"):
+        build_index(cfg("resumed"))
+    assert calls == [8, 16] and list(tmp_path.glob(".resumed*/**/high-sample.f32"))  # the raw rows stay
+    monkeypatch.setattr(store.HighVectorWriter, "checkpoint", real)
+    build_index(cfg("resumed"))
+    for other in ("file", "resumed"):
+        for name in store.HIGH_FILES:
+            assert (tmp_path / "memory" / name).read_bytes() == (tmp_path / other / name).read_bytes(), (other, name)
+    assert not list(tmp_path.glob("**/high-sample*.f32"))
