@@ -73,7 +73,8 @@ def summary(index_dir: str | Path) -> str:
     high = m.high
     if high:
         lines.append(f"high stage   {high.dim:,} dimensions (budget {high.budget.dims:,}, {high.budget.head_share} to the "
-                     f"LM head), {high.preconditioner.kind} (damping {high.preconditioner.damping_ratio:g}) "
+                     f"LM head{', its vocabulary side sketched' if high.head_projection == 'sketch' else ''}), "
+                     f"{high.preconditioner.kind} (damping {high.preconditioner.damping_ratio:g}) "
                      f"fitted on {high.sample_documents:,} documents; stored as {high.storage} "
                      f"({high_bytes_per_document(high.storage, high.dim):,} bytes a document with its "
                      f"{'norm' if high.storage == 'float16' else 'scale and norm'})")

@@ -11,6 +11,7 @@ import torch
 from engine import LoGra, LoGraConfig, Preconditioner, collate, encode, fit_preconditioner, load_model, pair_vectors
 from indexer import BuildConfig, Index, build_index
 from indexer.build import fit_sample
+from indexer.info import summary as info_text
 
 from .support import synthetic_corpus, write_jsonl
 
@@ -78,8 +79,8 @@ def test_the_folded_stage_gives_the_stages_rows(model_dir, head_sketch):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
 
 
-@pytest.mark.parametrize("high_sample", [16, 100])  # the first two shards of eight; more than the corpus
-def test_a_build_fits_the_high_stage_inside_its_gradient_pass(tmp_path, gpt2_dir, monkeypatch, high_sample):
+@pytest.mark.parametrize("high_sample,projection", [(16, "gaussian"), (100, "gaussian"), (16, "sketch")])
+def test_a_build_fits_the_high_stage_inside_its_gradient_pass(tmp_path, gpt2_dir, monkeypatch, high_sample, projection):
     """One model pass: the stage is fitted from the gradient pass's own first shards (no separate
     fit pass, no pass of its own for the vectors), and the stored rows equal the engine's two-pass
     fit on those documents applied to every document."""
@@ -89,15 +90,17 @@ def test_a_build_fits_the_high_stage_inside_its_gradient_pass(tmp_path, gpt2_dir
     docs = synthetic_corpus(40, seed=11)
     data = write_jsonl(tmp_path / "d.jsonl", docs)
     build_index(BuildConfig(model=gpt2_dir, data=[data], out=str(tmp_path / "idx"), shard_size=8, batch_size=3,
-                            high_budget=2048, high_sample=high_sample, high_storage="float16", progress=False))
+                            high_budget=2048, high_sample=high_sample, high_storage="float16", progress=False,
+                            high_head_projection=projection))
     index = Index.open(tmp_path / "idx")
     n_sample = min(high_sample, 40)
     assert index.manifest.high.sample_documents == n_sample
-    assert index.manifest.high.head_projection == "gaussian"  # the default
+    assert index.manifest.high.head_projection == projection
+    assert ("vocabulary side sketched" in info_text(tmp_path / "idx")) == (projection == "sketch")
 
     model, tok = load_model(gpt2_dir)
     fast = LoGra(model, LoGraConfig(budget=4096, head_share=index.manifest.budget.head_share))
-    logra = LoGra(model, LoGraConfig(budget=2048, head_share=0.75), layers=fast.layers)
+    logra = LoGra(model, LoGraConfig(budget=2048, head_share=0.75, head_sketch=projection == "sketch"), layers=fast.layers)
     enc = [encode(tok, "", d["text"], 512) for d in docs]
     pre = fit_preconditioner(logra, Preconditioner("ekfac", logra.shapes, damping_ratio=0.01), tok,
                              [enc[i : min(i + 5, n_sample)] for i in range(0, n_sample, 5)])
