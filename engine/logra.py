@@ -68,8 +68,10 @@ def projection_matrix(seed: int, layer: str, role: str, rank: int, dim: int) -> 
 def sketch_matrix(seed: int, layer: str, role: str, rank: int, dim: int) -> torch.Tensor:
     """A (rank x dim) sparse sign sketch (CountSketch) as a matrix: each column holds one entry, +-1,
     in a row drawn without replacement so that every row gets dim / rank columns (to one). Like the
-    Gaussian it keeps inner products in expectation, with no more variance; multiplying by it is a
-    signed scatter-add of the columns (LoGra's hooks do that, `_sketch`). Seeded as projection_matrix."""
+    Gaussian it keeps inner products in expectation, with no more variance per inner product, yet as
+    the LM head's projection it ranked worse on the quality benchmarks (benchmarks/quality/projection.py).
+    Multiplying by it is a signed scatter-add of the columns (LoGra's hooks do that, `_sketch`).
+    Seeded as projection_matrix."""
     digest = hashlib.sha256(f"{seed}/{layer}/{role}/sketch".encode()).digest()
     gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
     rows = torch.randperm(dim, generator=gen) % rank
