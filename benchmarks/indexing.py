@@ -35,7 +35,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -137,10 +136,8 @@ def throughput(name: str, kwargs: dict, n_batches: int, batch_size: int, max_len
         for r in rotated:
             encode_rows(pre.apply(r, eigenbasis=True, dtype=torch.float32, rotated=True).numpy(), cfg.high_storage)
 
-    head = high.head_name
-    p_head = high._padded(head, 1)
-    vocab = next(l.out_features for l in high.layers if l.name == head)
-    head_grads = [torch.randn(int(b["attention_mask"].numel()), vocab) for b in batches]
+    p_head = high._padded(high.head_name, 1)  # (r_out padded, vocabulary)
+    head_grads = [torch.randn(int(b["attention_mask"].numel()), p_head.shape[1]) for b in batches]
 
     def head_projection():  # the high stage's LM-head output projection alone, on every token of the batches
         for g in head_grads:

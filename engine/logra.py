@@ -81,6 +81,11 @@ def sketch_matrix(seed: int, layer: str, role: str, rank: int, dim: int) -> torc
     return out
 
 
+def _padded_rows(rows: int) -> int:
+    """A projection's rows as the hooks multiply by it: up to a multiple of 16 beyond 8 (LoGra._padded)."""
+    return rows + (-rows % 16 if rows > 8 else 0)
+
+
 def _sketch_parts(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(row of each column, its sign) when `p` has one +-1 entry per column (sketch_matrix), else None."""
     nonzero = p != 0
@@ -141,7 +146,7 @@ class LoGra:
             p_out = None if r_out == layer.out_features else draw(config.seed, layer.name, "out", r_out, layer.out_features).to(device)
             self.projections[layer.name] = (p_in, p_out)
         self.dim = sum(o * i for o, i in self.shapes.values())
-        self._padding: dict = {}  # (layer, side) -> (projection, its version, padded copy or sketch): _padded, _sketch
+        self._derived_cache: dict = {}  # (layer, side, what) -> (projection, its version, what): _derived
 
     def projection(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(P_in, P_out) of a layer as matrices (an identity for a side kept whole)."""
@@ -154,37 +159,37 @@ class LoGra:
         """The same projector (model, layers, shapes) with other projections, layer -> (P_in, P_out)
         on the model's device (e.g. Preconditioner.fold's); no projection is drawn again."""
         other = copy.copy(self)
-        other.projections, other._padding = dict(projections), {}
+        other.projections, other._derived_cache = dict(projections), {}
         return other
 
-    def _padded(self, name: str, side: int) -> torch.Tensor | None:
-        """The layer's P_in (side 0) or P_out (side 1) with zero rows added up to a multiple of 16
-        (beyond 8 rows): BLAS multiplies by it faster (1.2-1.9x on the CPU at 11, 45, 55 or 221 rows),
-        and the extra outputs are zeros, sliced off. None for a side kept whole. Cached while the
-        projection is the same tensor, unchanged."""
+    def _derived(self, name: str, side: int, what: str, make):
+        """make(P) for the layer's P_in (side 0) or P_out (side 1), cached while that projection is the
+        same tensor, unchanged; None for a side kept whole."""
         p = self.projections[name][side]
         if p is None:
             return None
-        hit = self._padding.get((name, side))
+        hit = self._derived_cache.get((name, side, what))
         if hit is None or hit[0] is not p or hit[1] != p._version:
-            rows = p.shape[0]
-            extra = -rows % 16 if rows > 8 else 0
-            hit = self._padding[(name, side)] = (p, p._version, torch.cat([p, p.new_zeros(extra, p.shape[1])]) if extra else p)
+            hit = self._derived_cache[(name, side, what)] = (p, p._version, make(p))
         return hit[2]
+
+    def _padded(self, name: str, side: int) -> torch.Tensor | None:
+        """The layer's P_in (side 0) or P_out (side 1) with zero rows added up to a multiple of 16
+        (beyond 8 rows; _padded_rows): BLAS multiplies by it faster (1.2-1.9x on the CPU at 11, 45, 55
+        or 221 rows), and the extra outputs are zeros, sliced off. None for a side kept whole."""
+        def pad(p):
+            extra = _padded_rows(p.shape[0]) - p.shape[0]
+            return torch.cat([p, p.new_zeros(extra, p.shape[1])]) if extra else p
+        return self._derived(name, side, "padded", pad)
 
     def _sketch(self, name: str) -> tuple[torch.Tensor, torch.Tensor, int] | None:
         """The layer's P_out as a sketch (row of each column, sign, rows padded as _padded pads them)
         when it is one (sketch_matrix: drawn, or loaded from an index, or left unfolded by fold), else
-        None. Cached while the projection is the same tensor, unchanged."""
-        p = self.projections[name][1]
-        if p is None:
-            return None
-        hit = self._padding.get((name, "sketch"))
-        if hit is None or hit[0] is not p or hit[1] != p._version:
-            parts = _sketch_parts(p)
-            rows = p.shape[0] + (-p.shape[0] % 16 if p.shape[0] > 8 else 0)
-            hit = self._padding[(name, "sketch")] = (p, p._version, None if parts is None else (*parts, rows))
-        return hit[2]
+        None."""
+        def parts(p):
+            found = _sketch_parts(p)
+            return None if found is None else (*found, _padded_rows(p.shape[0]))
+        return self._derived(name, 1, "sketch", parts)
 
     def sketched(self, name: str) -> bool:
         """Whether the layer's output side is projected by a sketch (sketch_matrix)."""

@@ -88,6 +88,17 @@ def _fit(logra, tokenizer, kind: str, damping: float, encoded: list, batch: int 
     return fit_preconditioner(logra, pre, tokenizer, [encoded[i : i + batch] for i in range(0, len(encoded), batch)])
 
 
+def fitted_vectors(logra, tokenizer, docs: list[tuple[str, str]], queries: list[tuple[str, str]], kind: str,
+                   damping: float, eigenbasis: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(queries, documents) float64 vectors of (prompt, response) pairs with a preconditioner fitted on
+    the documents (_fit); `eigenbasis` as the high stage stores them (Preconditioner.apply)."""
+    from engine import encode_pairs, pair_vectors
+    pre = _fit(logra, tokenizer, kind, damping, encode_pairs(tokenizer, docs, logra.max_tokens))
+    dv, qv = (pair_vectors(logra, pre, tokenizer, p, batch_size=32, eigenbasis=eigenbasis).double().numpy()
+              for p in (docs, queries))
+    return qv, dv
+
+
 def engine_scores(model, tokenizer, config, pres: list[tuple[str, float]], name, train_texts: list[str],
                   queries: list[str], self_retrieval: bool = True) -> dict:
     """One LoGra configuration (engine.LoGraConfig), every (preconditioner, damping) in `pres`, both

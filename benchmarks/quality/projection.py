@@ -41,7 +41,7 @@ def compare(bench: str, vectors: dict[str, tuple[np.ndarray, np.ndarray]], masks
 def engine_vectors(gt: Path, head_sketch: bool, n_docs: int | None, n_queries: int | None
                    ) -> tuple[np.ndarray, np.ndarray, int]:
     """Queries' and documents' high-stage vectors (eigenbasis, as the index stores them) of a toy benchmark."""
-    from engine import LoGra, LoGraConfig, encode_pairs, pair_vectors
+    from engine import LoGra, LoGraConfig
     from indexer import BuildConfig
     train_rows, query_rows = data.load_rows(gt)
     train_rows, query_rows = train_rows[:n_docs], query_rows[:n_queries]
@@ -51,8 +51,7 @@ def engine_vectors(gt: Path, head_sketch: bool, n_docs: int | None, n_queries: i
                                                      max_tokens=data.MAX_TOKENS)))
     assert logra.sketched(logra.head_name) == head_sketch
     docs, queries = ([("", r["text"]) for r in rows] for rows in (train_rows, query_rows))
-    pre = methods._fit(logra, tok, cfg.high_preconditioner, cfg.high_damping, encode_pairs(tok, docs, logra.max_tokens))
-    dv, qv = (pair_vectors(logra, pre, tok, p, batch_size=32, eigenbasis=True).double().numpy() for p in (docs, queries))
+    qv, dv = methods.fitted_vectors(logra, tok, docs, queries, cfg.high_preconditioner, cfg.high_damping, eigenbasis=True)
     return qv, dv, logra.dim
 
 

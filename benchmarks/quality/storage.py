@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
                 if stage in stages:
                     evaluate_stage(f"{bench} {stage}", qv, dv, masks, losses, out)
             continue
-        from engine import LoGra, LoGraConfig, encode_pairs, pair_vectors
+        from engine import LoGra, LoGraConfig
         train_rows, query_rows = data.load_rows(gt)
         model, tok = methods.load_finetuned(gt)
         d = BuildConfig
@@ -93,9 +93,7 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             logra = LoGra(model, LoGraConfig(budget=budget, head_share=head, max_tokens=data.MAX_TOKENS))
             docs, queries = ([("", r["text"]) for r in rows] for rows in (train_rows, query_rows))
-            pre = methods._fit(logra, tok, "ekfac", 0.01, encode_pairs(tok, docs, logra.max_tokens))
-            dv, qv = (pair_vectors(logra, pre, tok, p, batch_size=32, eigenbasis=stage == "high").double().numpy()
-                      for p in (docs, queries))
+            qv, dv = methods.fitted_vectors(logra, tok, docs, queries, "ekfac", 0.01, eigenbasis=stage == "high")
             evaluate_stage(f"{bench} {stage}", qv, dv, masks, losses, out)
             out[f"{bench} {stage}"]["settings"] = {"budget": budget, "head_share": head, "dim": logra.dim}
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
