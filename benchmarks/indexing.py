@@ -82,7 +82,7 @@ def throughput(name: str, kwargs: dict, n_batches: int, batch_size: int, max_len
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
     cfg = BuildConfig(model="", data=[], out="", max_tokens=max_len)
     fast = LoGra(model, cfg.logra_config())
-    high = LoGra(model, cfg.high_config(fast.config), layers=fast.layers)
+    high = LoGra(model, cfg.high_config(fast.config))
     compact = lambda: Preconditioner(cfg.preconditioner, fast.shapes, damping_ratio=cfg.damping)
     sample = lambda: Preconditioner(cfg.high_preconditioner, high.shapes, damping_ratio=cfg.high_damping)
     fitted = sample()  # the stage a later shard uses, fitted on these batches

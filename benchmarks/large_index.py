@@ -15,7 +15,7 @@ vectors in the same process (float32 BLAS, chunked).
 Synthetic vectors (why this shape): LoGra vectors are whitened gradients v = H^-1/2 g. Damped
 whitening flattens the spectrum without equalising it, so the variance still decays over directions;
 documents on the same topic or task share gradient directions (clusters of unequal size); and a few
-documents have much larger gradients than the rest (heavy-tailed norms, DESIGN.md). So each vector is
+documents have much larger gradients than the rest (heavy-tailed norms, docs/method.md). So each vector is
     v_i = s_i * (mu_{c_i} + z_i),   z_i ~ N(0, R diag(lambda) R^T),  lambda_j ~ j^-1 (j = 1..dim),
 with R a random rotation, 1000 cluster means mu_c drawn from the same gaussian scaled by 0.75
 (clusters overlap: a neighbour is often in another cluster), cluster sizes ~ Zipf (c^-0.7), and

@@ -4,9 +4,16 @@ A layer's LoGra block is r_out x r_in numbers. The rule (chosen on the three qua
 benchmarks/quality; docs/quality.md "Choosing the defaults on all three"): the LM head gets
 `head_share` of the budget, the blocks' layers split the rest equally; each layer's share b becomes r_in = r_out = floor(sqrt b),
 and where a side is smaller than that it is kept whole and the other side takes what is left.
+
+Depth: a layer's share is never spread thinner than `min_layer_dims`. When the blocks' part of the
+budget cannot give every block layer that much, it goes to the last blocks' layers only (whole blocks,
+counted back from the last one, as many as get the minimum each; the last layers alone when not even
+one whole block does); the layers left out are not tracked, and when no layer can get the minimum the
+head takes the whole budget.
 """
 from __future__ import annotations
 
+import re
 from math import isqrt
 
 from .layers import TrackedLayer
@@ -26,8 +33,33 @@ def sides(layer: TrackedLayer, dims: int) -> tuple[int, int]:
     return r_out, r_in
 
 
-def allocate(layers: list[TrackedLayer], budget: int, head_share: float, head_name: str | None) -> dict[str, tuple[int, int]]:
-    """layer -> (r_out, r_in), in the layers' order."""
+def block_of(name: str) -> int | None:
+    """The index of the transformer block a layer's name puts it in (`model.layers.12.mlp.up_proj` -> 12)."""
+    found = re.findall(r"\.(\d+)\.", f".{name}.")
+    return int(found[-1]) if found else None
+
+
+def deepest(layers: list[TrackedLayer], n: int) -> list[TrackedLayer]:
+    """At most n of the block layers, deepest first: whole blocks counted back from the last one, or,
+    when not even the last block fits, its last n layers. Returned in the layers' order."""
+    blocks: dict[int | None, list[TrackedLayer]] = {}
+    for l in layers:
+        blocks.setdefault(block_of(l.name), []).append(l)
+    order = sorted(blocks, key=lambda b: -1 if b is None else b, reverse=True)
+    chosen: list[TrackedLayer] = []
+    for b in order:
+        if len(chosen) + len(blocks[b]) > n:
+            break
+        chosen += blocks[b]
+    if not chosen and n > 0:
+        chosen = blocks[order[0]][-n:]
+    keep = {l.name for l in chosen}
+    return [l for l in layers if l.name in keep]
+
+
+def allocate(layers: list[TrackedLayer], budget: int, head_share: float, head_name: str | None,
+             min_layer_dims: int = 0) -> dict[str, tuple[int, int]]:
+    """layer -> (r_out, r_in), in the layers' order; a layer left out is not tracked (min_layer_dims)."""
     if budget < 1:
         raise ValueError(f"budget must be at least 1, got {budget}")
     if not 0 <= head_share <= 1:
@@ -35,8 +67,16 @@ def allocate(layers: list[TrackedLayer], budget: int, head_share: float, head_na
     blocks = [l for l in layers if l.name != head_name]
     has_head = any(l.name == head_name for l in layers)
     head_dims = (budget if not blocks else round(budget * head_share)) if has_head else 0
-    per_block = (budget - head_dims) / len(blocks) if blocks else 0
-    return {l.name: sides(l, head_dims if l.name == head_name else per_block) for l in layers}
+    rest = budget - head_dims
+    if blocks and min_layer_dims > 0 and rest < min_layer_dims * len(blocks):
+        blocks = deepest(blocks, rest // min_layer_dims)
+        if not blocks and has_head:
+            head_dims, rest = budget, 0
+        elif not blocks:  # nothing but block layers and too few dimensions for one at the minimum
+            blocks = deepest([l for l in layers if l.name != head_name], 1)
+    per_block = rest / len(blocks) if blocks else 0
+    kept = {l.name for l in blocks} | ({head_name} if has_head else set())
+    return {l.name: sides(l, head_dims if l.name == head_name else per_block) for l in layers if l.name in kept}
 
 
-__all__ = ["allocate", "clamp", "sides"]
+__all__ = ["allocate", "block_of", "clamp", "deepest", "sides"]

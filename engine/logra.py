@@ -32,6 +32,7 @@ class LoGraConfig:
     rank: int | None = None
     budget: int = 2048
     head_share: float = 0.75  # of the budget, to the LM head when it is tracked (engine.budget)
+    min_layer_dims: int = 0  # no block layer gets fewer dimensions: the budget goes to the deepest blocks (engine.budget)
     max_side: int | None = None
     # max_side mode: the LM head's output (vocabulary) side kept whole whatever its size; its
     # output-gradient statistics are then only the diagonal (a vocabulary-square factor is too big)
@@ -54,7 +55,7 @@ class LoGraConfig:
         if self.max_side is not None:
             return {l.name: clamp(l, l.out_features if self.head_whole and l.name == head_name else self.max_side,
                                   self.max_side) for l in layers}
-        return allocate(layers, self.budget, self.head_share, head_name)
+        return allocate(layers, self.budget, self.head_share, head_name, self.min_layer_dims)
 
 
 def projection_matrix(seed: int, layer: str, role: str, rank: int, dim: int) -> torch.Tensor:
@@ -131,6 +132,7 @@ class LoGra:
         self.layers = layers
         self.head_name = next((l.name for l in layers if head is not None and l.module is head), None)
         self.shapes: dict[str, tuple[int, int]] = dict(shapes) if shapes is not None else config.shapes(layers, self.head_name)
+        self.layers = [l for l in self.layers if l.name in self.shapes]  # the budget may leave shallow layers out
         # the LM head alone: the backward pass starts at its input (a forward pass and the head's gradient)
         self.head_only = [l.name for l in layers] == [self.head_name]
         # layers whose token statistics keep only the diagonal of sum g g^T (Preconditioner reads it so)

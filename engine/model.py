@@ -41,7 +41,7 @@ def load_model(
     trust_remote_code: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load by hub name, local folder or GGUF file (see `gguf_file`). Eager attention: fused kernels
-    have batch-dependent backward passes, and a document's vector must not depend on its batch (DESIGN.md)."""
+    have batch-dependent backward passes, and a document's vector must not depend on its batch (docs/indexing.md)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     gguf = gguf_file(name_or_path)

@@ -54,6 +54,9 @@ class BuildConfig:
     # same LDS within 0.001 on all three quality benchmarks: docs/indexing.md), or float32
     storage: str = "int8"
     head_share: float = 0.75  # of the budget, to the LM head (chosen on all three quality benchmarks)
+    # no block layer gets fewer dimensions than this: when the blocks' part of the budget cannot give every
+    # block layer as much, it goes to the deepest blocks alone (engine.budget; docs/quality.md, depth)
+    min_layer_dims: int = 0
     head: bool = True  # track the LM head (output embedding)
     seed: int = 0
     # ekfac in the projected space, damping 0.01: the best compact vectors on both quality benchmarks
@@ -66,6 +69,7 @@ class BuildConfig:
     high: bool = True
     high_budget: int = 65536
     high_head_share: float = 0.75
+    high_min_layer_dims: int = 0
     high_preconditioner: str = "ekfac"
     high_damping: float = 0.01
     high_sample: int = 4096
@@ -95,6 +99,9 @@ class BuildConfig:
                      "high_sample"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("min_layer_dims", "high_min_layer_dims"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be at least 0, got {getattr(self, name)}")
         if self.index_type not in INDEX_TYPES:
             raise ValueError(f"index_type must be one of {INDEX_TYPES}, got {self.index_type!r}")
         if self.damping < 0 or self.high_damping < 0:
@@ -112,12 +119,14 @@ class BuildConfig:
             raise ValueError(f"high_preconditioner must be one of {HIGH_PRECONDITIONERS}, got {self.high_preconditioner!r}")
 
     def logra_config(self) -> LoGraConfig:
-        return LoGraConfig(rank=self.rank, budget=self.budget, head_share=self.head_share, head=self.head, seed=self.seed,
+        return LoGraConfig(rank=self.rank, budget=self.budget, head_share=self.head_share, min_layer_dims=self.min_layer_dims,
+                           head=self.head, seed=self.seed,
                            include=self.include, exclude=self.exclude, max_tokens=self.max_tokens)
 
     def high_config(self, fast: LoGraConfig) -> LoGraConfig:
         """The high-fidelity stage's projector: the compact one's layers and seed at the stage's budget."""
         return replace(fast, rank=None, budget=self.high_budget, head_share=self.high_head_share,
+                       min_layer_dims=self.high_min_layer_dims,
                        head_sketch=self.high_head_projection == "sketch")
 
 
@@ -376,7 +385,8 @@ def _build(cfg: BuildConfig, model, tokenizer, writer: IndexWriter, started: flo
         model=ModelInfo(name_or_path=model_reference(cfg.model), fingerprint=model_fingerprint(model),
                         class_name=type(model).__name__, dtype=cfg.dtype),
         layers=logra.layer_spec(), rank=cfg.rank,
-        budget=None if cfg.rank is not None else Budget(dims=cfg.budget, head_share=cfg.head_share),
+        budget=None if cfg.rank is not None else Budget(dims=cfg.budget, head_share=cfg.head_share,
+                                                                  min_layer_dims=cfg.min_layer_dims),
         seed=cfg.seed, include=cfg.include, exclude=cfg.exclude, max_tokens=max_tokens, text_format=fmt.to_dict(),
         dim=logra.dim, storage=cfg.storage, preconditioner=PreconditionerInfo(kind=cfg.preconditioner, damping_ratio=cfg.damping),
         faiss=faiss_info, index_type=cfg.index_type,
@@ -418,7 +428,8 @@ class HighStage:
                   "int8": "int8 codes with a float32 scale per unit row, and float32 norms",
                   "int4": "int4 codes (two a byte) with a float32 scale per unit row, and float32 norms"}[self.storage]
         return {"layers": self.logra.layer_spec(), "dim": self.logra.dim,
-                "budget": {"dims": self.logra.config.budget, "head_share": self.logra.config.head_share},
+                "budget": {"dims": self.logra.config.budget, "head_share": self.logra.config.head_share,
+                           "min_layer_dims": self.logra.config.min_layer_dims},
                 "head_projection": "sketch" if self.logra.head_name and self.logra.sketched(self.logra.head_name) else "gaussian",
                 "preconditioner": {"kind": self.pre.kind, "damping_ratio": self.damping},
                 "sample_documents": self.sample_documents, "stored": stored, "storage": self.storage}
@@ -450,11 +461,11 @@ class HighStage:
 
 def _fit_high(cfg: BuildConfig, model, tokenizer, fast: LoGra, writer: IndexWriter,
               documents: Iterator[tuple[str, str]]) -> HighStage:
-    """The high-fidelity stage: same layers as the compact vectors, a larger budget, its preconditioner
+    """The high-fidelity stage: the compact vectors' layer filters, a larger budget, its preconditioner
     fitted on the first `high_sample` of `documents` ((prompt, text) pairs) by `fit_sample`. Saved in
     the build folder, so a killed build does not fit it again."""
     t0 = time.time()
-    logra = LoGra(model, cfg.high_config(fast.config), layers=fast.layers)
+    logra = LoGra(model, cfg.high_config(fast.config))
     saved = writer.high_state
     if saved is None:
         pre = Preconditioner(cfg.high_preconditioner, logra.shapes, damping_ratio=cfg.high_damping)
@@ -486,7 +497,7 @@ class HighSampler:
     ROTATED = "high-sample-rotated.f32"  # EK-FAC: the scratch rows in the stage's eigenbasis, once fitted
 
     def __init__(self, cfg: BuildConfig, model, fast: LoGra, writer: IndexWriter):
-        self.logra = LoGra(model, cfg.high_config(fast.config), layers=fast.layers)
+        self.logra = LoGra(model, cfg.high_config(fast.config))
         self.pre = Preconditioner(cfg.high_preconditioner, self.logra.shapes, damping_ratio=cfg.high_damping)
         self.cfg, self.writer, self.rows = cfg, writer, 0
         self.path = writer.tmp / self.SCRATCH

@@ -93,12 +93,16 @@ BUILD_OPTIONS: list[Option] = [
     _opt("--budget", type=positive_int, default=_D.budget,
          help="dimensions per document of the compact vectors, spread over the layers"),
     _opt("--head-share", type=float, default=_D.head_share, help="fraction of --budget given to the LM head"),
+    _opt("--min-layer-dims", type=int, default=_D.min_layer_dims,
+         help="no block layer gets fewer of --budget's dimensions: when too few for every block layer, the deepest blocks "
+              "alone are tracked (0: every block layer alike)"),
     _opt("--no-head", dest="head", action="store_false", help="do not track the LM head (output embedding)"),
     _opt("--no-high", dest="high", action="store_false",
          help="build no high-fidelity stage (queries then always use the compact vectors alone)"),
     _opt("--high-budget", type=positive_int, default=_D.high_budget,
          help="dimensions per document of the high-fidelity vectors (bytes each: see --high-storage)"),
     _opt("--high-head-share", type=float, default=_D.high_head_share, help="fraction of --high-budget given to the LM head"),
+    _opt("--high-min-layer-dims", type=int, default=_D.high_min_layer_dims, help="as --min-layer-dims, for --high-budget"),
     _opt("--high-head-projection", choices=HEAD_PROJECTIONS, default=_D.high_head_projection,
          help="how the high-fidelity stage projects the LM head's vocabulary side: gaussian (a dense matrix) or sketch (a sparse sign sketch, "
               "a scatter-add per token: faster, 0.017 LDS worse on the toy benchmarks)"),

@@ -217,7 +217,7 @@ def train_tiny_gpt2(texts: list[str], tokenizer, out_dir: str | Path, *, n_layer
         # behaves the same in train and eval mode, which keeps attribution simple.
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=eos, pad_token_id=pad,
-        # Eager attention: fused kernels' backward can depend on the batch (DESIGN.md).
+        # Eager attention: fused kernels' backward can depend on the batch (docs/indexing.md, engine.model).
         attn_implementation="eager",
     )
     model = GPT2LMHeadModel(config)

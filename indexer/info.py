@@ -48,6 +48,17 @@ def _layers(layers: list[LayerInfo]) -> list[str]:
     return lines
 
 
+def _spread(budget, layers) -> str:
+    """How a stage's budget was spread (engine.budget): the head's share, and the blocks tracked."""
+    from engine.budget import block_of
+    blocks = sorted({b for l in layers if (b := block_of(l.name)) is not None})
+    text = f"budget {budget.dims:,}, {budget.head_share:g} to the LM head"
+    if budget.min_layer_dims:
+        text += f", at least {budget.min_layer_dims:,} a block layer"
+        text += f": blocks {_numbers(blocks)} tracked" if blocks else ": the LM head alone"
+    return text
+
+
 def summary(index_dir: str | Path) -> str:
     root = Path(index_dir)
     m = read_manifest(root)
@@ -57,7 +68,7 @@ def summary(index_dir: str | Path) -> str:
         if (root / "documents.lance").is_dir() else 0
     total = sum(sizes.values()) + table
     faiss_bytes = sum(v for k, v in sizes.items() if k.startswith("faiss-"))
-    spread = f"budget {m.budget.dims:,}, {m.budget.head_share:g} to the LM head" if m.budget else f"rank {m.rank}"
+    spread = _spread(m.budget, m.layers) if m.budget else f"rank {m.rank}"
     lines = [
         f"index        {root.resolve()} (format {m.format_version})",
         f"model        {model.name_or_path} ({model.class_name}, {model.dtype}, fingerprint {model.fingerprint})",
@@ -72,8 +83,8 @@ def summary(index_dir: str | Path) -> str:
     ]
     high = m.high
     if high:
-        lines.append(f"high stage   {high.dim:,} dimensions (budget {high.budget.dims:,}, {high.budget.head_share} to the "
-                     f"LM head{', its vocabulary side sketched' if high.head_projection == 'sketch' else ''}), "
+        lines.append(f"high stage   {high.dim:,} dimensions ({_spread(high.budget, high.layers)}"
+                     f"{', its vocabulary side sketched' if high.head_projection == 'sketch' else ''}), "
                      f"{high.preconditioner.kind} (damping {high.preconditioner.damping_ratio:g}) "
                      f"fitted on {high.sample_documents:,} documents; stored as {high.storage} "
                      f"({high_bytes_per_document(high.storage, high.dim):,} bytes a document with its "

@@ -11,13 +11,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-# 5: the high-fidelity stage may project the LM head's vocabulary side by a sketch (HighInfo.head_projection;
+# 6: a stage's budget may track the deepest blocks' layers only (Budget.min_layer_dims); 5: the high-fidelity stage may project the LM head's vocabulary side by a sketch (HighInfo.head_projection;
 # the stored projections are what queries use either way); 4: the compact vectors may be stored as int8 codes (Manifest.storage) and a flat index has no FAISS
 # files (built when opened); 3: the high-fidelity stage's rows may be stored as 8- or 4-bit codes
 # (HighInfo.storage); 2: float16 rows (read as they are: a version 2 manifest has no `storage`, so
 # float16); 1 recomputed them. Older manifests lack the newer fields, whose defaults are what they wrote.
-FORMAT_VERSION = 5
-READABLE_VERSIONS = (2, 3, 4, 5)
+FORMAT_VERSION = 6
+READABLE_VERSIONS = (2, 3, 4, 5, 6)
 
 
 class _Part(BaseModel):
@@ -42,6 +42,9 @@ class LayerInfo(_Part):
 class Budget(_Part):
     dims: int
     head_share: float
+    # no block layer got fewer dimensions: the budget went to the deepest blocks (engine.budget); absent
+    # before version 6: 0, every block layer alike
+    min_layer_dims: int = 0
 
 
 class PreconditionerInfo(_Part):

@@ -8,7 +8,7 @@ import torch
 
 from benchmarks.quality.reference import EKFAC, full_gradients
 from engine import LoGra, LoGraConfig, Preconditioner, allocate, collate, encode, find_tracked_layers, load_model, pair_vectors
-from engine.budget import sides
+from engine.budget import block_of, sides
 from engine.layers import TrackedLayer
 
 from .support import autograd_gradient, fit, synthetic_corpus
@@ -147,3 +147,65 @@ def test_folding_the_eigenbases_into_the_projections_keeps_every_vector(gpt2_dir
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4 * want.abs().max().item())
     head = logra.head_name
     assert folded.projections[head][1] is None  # the vocabulary side stays whole and unrotated (diagonal)
+
+
+def _stack(blocks: int, hidden: int, mlp: int, kv: int, vocab: int) -> tuple[list[TrackedLayer], str]:
+    """A Llama-shaped stack's tracked layers (7 a block) and its head, without a model."""
+    per_block = [("self_attn.q_proj", hidden, hidden), ("self_attn.k_proj", hidden, kv), ("self_attn.v_proj", hidden, kv),
+                 ("self_attn.o_proj", hidden, hidden), ("mlp.gate_proj", hidden, mlp), ("mlp.up_proj", hidden, mlp),
+                 ("mlp.down_proj", mlp, hidden)]
+    layers = [_layer(f"model.layers.{b}.{n}", i, o) for b in range(blocks) for n, i, o in per_block]
+    return layers + [_layer("lm_head", hidden, vocab)], "lm_head"
+
+
+@pytest.mark.parametrize("stack", [(30, 576, 1536, 192, 49152), (32, 4096, 14336, 1024, 128256), (1, 64, 256, 32, 512)],
+                         ids=["smollm2-135m", "llama-3-8b", "7-layer-toy"])
+@pytest.mark.parametrize("budget, min_dims", [(4096, 16), (4096, 64), (65536, 256), (65536, 576), (4096, 5000)])
+def test_no_block_layer_is_spread_thinner_than_the_minimum(stack, budget, min_dims):
+    layers, head = _stack(*stack)
+    shapes = allocate(layers, budget, 0.75, head, min_dims)
+    even = allocate(layers, budget, 0.75, head)
+    blocks = [n for n in shapes if n != head]
+    assert sum(o * i for o, i in shapes.values()) <= budget
+    if (budget - round(budget * 0.75)) >= min_dims * (len(layers) - 1):
+        assert shapes == even  # enough for every block layer: the even spread, unchanged
+        return
+    # too few: the tracked block layers are the deepest whole blocks (or the last block's last layers),
+    # each with its share of the blocks' part of the budget, never less than the minimum
+    assert all(shapes[n][0] * shapes[n][1] >= min_dims for n in blocks)
+    order = [l.name for l in layers[:-1]]
+    assert blocks == order[len(order) - len(blocks):]  # a suffix of the stack, in its order
+    rest = budget - round(budget * 0.75)
+    assert len(blocks) == (min(len(order), rest // min_dims) // 7 * 7 or min(rest // min_dims, 7))
+    if blocks:
+        assert shapes[head] == even[head]
+        assert all(shapes[n] == engine_sides(layers, n, rest / len(blocks)) for n in blocks)
+    else:  # not one layer at the minimum: the head takes the whole budget
+        assert shapes == allocate([layers[-1]], budget, 0.75, head)
+
+
+def engine_sides(layers, name, dims):
+    return sides(next(l for l in layers if l.name == name), dims)
+
+
+def test_a_projector_tracks_only_the_layers_its_budget_keeps(model_dir):
+    """The layers a rule leaves out are not hooked: the vector is the kept layers' projected gradients,
+    each equal to the projection of the explicit per-example gradient."""
+    model, tok = load_model(model_dir)
+    full = LoGra(model, LoGraConfig(budget=4096, head_share=0.5))
+    n_blocks = len({block_of(l.name) for l in full.layers if l.name != full.head_name})
+    per_block = (len(full.layers) - 1) // n_blocks
+    logra = LoGra(model, LoGraConfig(budget=4096, head_share=0.5, min_layer_dims=2048 // per_block))
+    kept = [l.name for l in logra.layers]
+    assert kept[-1] == logra.head_name and {block_of(n) for n in kept[:-1]} == {n_blocks - 1}
+    assert logra.dim == sum(o * i for o, i in logra.shapes.values()) and list(logra.shapes) == kept
+    enc = encode(tok, "garden copper", " engine paper violet harbor needle", 64)
+    out = logra.gradients(collate([enc], tok.pad_token_id))
+    assert set(out.grads) == set(kept)
+    for layer in logra.layers:
+        p_in, p_out = logra.projection(layer.name)
+        ref = p_out @ autograd_gradient(model, layer, enc, tok.pad_token_id) @ p_in.T
+        torch.testing.assert_close(out.grads[layer.name][0], ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
+    # the manifest's shapes rebuild the same projector
+    again = LoGra(model, LoGraConfig(), shapes=logra.shapes)
+    assert [l.name for l in again.layers] == kept

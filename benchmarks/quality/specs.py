@@ -1,5 +1,5 @@
 """The quality benchmark's ground truths, one per spec: an architecture, a corpus and the recipes that
-make the base model, the fine-tune set and the retrains. A default is chosen on all of them (DESIGN.md:
+make the base model, the fine-tune set and the retrains. A default is chosen on all of them (docs/quality.md:
 a default chosen on one architecture is a guess). Each spec's artifacts live in GT_ROOT / name:
 
     base/  data.jsonl  finetuned/  lds.npz  brittle/*.npz  meta.json   (see generate.py)
