@@ -25,9 +25,9 @@ import numpy as np
 
 from engine import (MAX_TOKENS_SCORED, LoGra, Preconditioner, TextFormat, encode_pairs, load_model, pair_vectors,
                     query_vectors, token_texts, token_vectors)
-from indexer.queries import NOTHING_TO_SCORE, Opened, query_matrix
-from indexer.value import value_report
-from indexer.ranking import HIGH_DEPTH, Hit, rank
+from indexer.query.opened import NOTHING_TO_SCORE, Opened, query_matrix
+from indexer.query.value import value_report
+from indexer.query.ranking import HIGH_DEPTH, Hit, rank
 from indexer.store import MANIFEST, Index, IndexFormatError, ModelMismatchError
 
 from .batching import MAX_BATCH, MicroBatcher
@@ -256,7 +256,7 @@ class Attributor:
     def value(self, queries: list[tuple[str, str] | list[dict]], group_by: list[str], mode: str = "influence",
               precision: str = "high", top: int = 5, bootstrap: int = 1000, seed: int = 0) -> dict:
         """Documents' and groups' values over the queries ((prompt, response) pairs or chats), as
-        `indexer value` computes them (indexer.value.value_report)."""
+        `indexer value` computes them (indexer.query.value.value_report)."""
         def run(s: Served) -> dict:
             pairs = [self.texts(s, *q) if isinstance(q, tuple) else self.texts(s, "", "", q) for q in queries]
             opened = Opened(s.index, self.tokenizer, (s.logra, s.preconditioner), s.high)

@@ -1,5 +1,5 @@
 """`python -m indexer attribute`: the top-k documents of every query in a file, through the same
-ranking as POST /attribute (indexer.ranking.rank: compact vectors, then the high-fidelity stage),
+ranking as POST /attribute (indexer.query.ranking.rank: compact vectors, then the high-fidelity stage),
 in batches. One output row per hit: query_id, rank, id, score, stage.
 
 Rows go to OUT.partial.jsonl a batch at a time; OUT.partial.json records how many queries (and
@@ -22,10 +22,10 @@ import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from .queries import open_index, query_records, stage_vectors
+from .opened import open_index, query_records, stage_vectors
 from .ranking import DIRECTIONS, HIGH_DEPTH, rank
-from .records import ReadStats, expand_inputs, source_identity
-from .manifest import Manifest
+from ..records import ReadStats, expand_inputs, source_identity
+from ..manifest import Manifest
 
 OUTPUT_FORMATS = (".jsonl", ".parquet")
 HIT_SCHEMA = pa.schema([("query_id", pa.string()), ("rank", pa.int64()), ("id", pa.string()), ("score", pa.float64()),

@@ -13,8 +13,8 @@ from tqdm import tqdm
 
 from engine import LoGra, Preconditioner, TextFormat, encode_pairs, load_model, pair_vectors, query_vectors
 
-from .records import BadRecordError, ReadStats, Record, TextFormatter, read_records
-from .store import Index, document_pair
+from ..records import BadRecordError, ReadStats, Record, TextFormatter, read_records
+from ..store import Index, document_pair
 
 STAGES = ("fast", "high")
 # A query whose encoding has no scored token (one token and no prompt: nothing predicts it).

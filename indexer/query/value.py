@@ -25,8 +25,8 @@ import torch
 
 from engine import resolve_device
 
-from .distributed import Processes
-from .store import Index
+from ..distributed import Processes
+from ..store import Index
 
 MODES = ("influence", "cosine")
 BLOCK_BYTES = 256 << 20  # document vectors read per block (as float32; float64 while summed)

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
-from .ann import pad_to, unit_rows
-from .store import Index
+from ..ann import pad_to, unit_rows
+from ..store import Index
 
 __all__ = ["DIRECTIONS", "HIGH_DEPTH", "Hit", "exact_scores", "exact_search", "high_scores", "rank", "rerank_search", "search"]
 
