@@ -246,8 +246,8 @@ def _value(args) -> None:
     scores a share of the documents; rank 0 writes the report (indexer.query.value.value_processes)."""
     from .distributed import Processes
     from .query.opened import open_index, query_matrix, query_records
-    from .records import ReadStats
     from .query.value import check_outputs, value_processes, write_documents, write_report
+    from .records import ReadStats
     procs = Processes.from_env(args.device)
     try:
         with procs.step():  # every process reads every query record: a bad one stops them all
@@ -259,7 +259,7 @@ def _value(args) -> None:
                 opened, args.queries, text_field=args.text_field, prompt_field=args.prompt_field,
                 response_field=args.response_field, id_field=args.id_field, skip_bad=args.skip_bad, stats=stats)]
         report = value_processes(
-            procs, opened.index, stage, len(pairs),
+            procs, opened.index, stage.name, len(pairs),
             lambda part: query_matrix(opened, stage, pairs[part.start : part.stop], args.batch_size,
                                       args.progress and procs.main),
             args.group_by, mode=args.mode, top=args.top, bootstrap=args.bootstrap, seed=args.seed,
@@ -272,5 +272,5 @@ def _value(args) -> None:
     if args.per_document:
         write_documents(report, args.per_document)
     print(f"valued {report['n_documents']} documents in {len(report['groups'])} groups over {report['n_queries']} "
-          f"queries ({stage} precision, {args.mode}{f', {procs.world} processes' if procs.world > 1 else ''}) -> "
+          f"queries ({stage.name} precision, {args.mode}{f', {procs.world} processes' if procs.world > 1 else ''}) -> "
           f"{args.out}; skipped {stats.skipped}")

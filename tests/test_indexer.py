@@ -505,7 +505,7 @@ def test_sharded_build_keeps_input_order(tmp_path, gpt2_dir, capsys, monkeypatch
     from engine import query_vectors
     for i in (0, 31, 32, 63, 99):
         served = a.current()
-        q, _ = query_vectors(served.logra, served.preconditioner, a.tokenizer, [("", docs[i]["text"])])
+        q, _ = query_vectors(served.fast.logra, served.fast.pre, a.tokenizer, [("", docs[i]["text"])])
         # within one int8 step of the row (the stored codes' rounding, store.encode_rows)
         np.testing.assert_allclose(q[0].numpy(), a.index.vectors[i], rtol=1e-3, atol=np.abs(q[0].numpy()).max() / 127)
 
@@ -539,7 +539,7 @@ def test_ivf_index_types_score_exactly_and_recall_high(tmp_path, gpt2_dir):
     (tmp_path / "ivf" / "manifest.json").write_text(json.dumps(old))
     flat = Attributor(tmp_path / "flat")
     served = flat.current()
-    queries = query_vectors(served.logra, served.preconditioner, flat.tokenizer, [("", d["text"]) for d in docs[::8]])[0]
+    queries = query_vectors(served.fast.logra, served.fast.pre, flat.tokenizer, [("", d["text"]) for d in docs[::8]])[0]
     for kind, recorded in kinds.items():
         ivf = Attributor(tmp_path / kind)
         assert ivf.index.manifest.faiss.type == recorded and ivf.index.manifest.faiss.nlist > 1
