@@ -13,7 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from engine import MAX_TOKENS_SCORED
 
 from .auth import require_admin_key, require_api_key
-from indexer.value import report_csv
+from indexer.query.value import report_csv
 
 from .schemas import (AttributeRequest, AttributeResponse, AttributeResult, Document, Health, QueryInfo, Reloaded,
                       TokenRequest, TokenResponse, TokenScore, ValueRequest, ValueResponse)

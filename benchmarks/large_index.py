@@ -3,7 +3,7 @@
 Builds each IVF type (ivf-flat, ivf-sq8, ivf-pq) over N synthetic vectors through the indexer's own
 code path (`indexer.store.write_faiss`, what `IndexWriter.write_faiss` runs), each in its own child
 process so that its peak RSS is its own, and searches it through the API's own function
-(`indexer.ranking.rerank_search`: FAISS candidates, exact float64 rerank from the memory-mapped
+(`indexer.query.ranking.rerank_search`: FAISS candidates, exact float64 rerank from the memory-mapped
 vectors). Recall@10 is measured against exact brute force (float64, chunked) for held-out, perturbed
 query vectors, in both modes; the timing baseline is exact brute force over the same memory-mapped
 vectors in the same process (float32 BLAS, chunked).
@@ -167,7 +167,7 @@ def child(work: Path, kind: str, pq_dims: int = ann.PQ_DIMS_PER_CODE) -> dict:
               "index_bytes": sizes, "index_bytes_per_document": round(sum(sizes.values()) / n, 1),
               "rss_before_build_mib": round(rss_start / 1024), "peak_rss_build_mib": round(rss_build / 1024),
               "modes": {}}
-    from indexer.ranking import rerank_search  # after the build: torch et al. stay out of its peak RSS
+    from indexer.query.ranking import rerank_search  # after the build: torch et al. stay out of its peak RSS
     vectors = np.load(folder / store.VECTORS, mmap_mode="r")
     norms = np.load(folder / store.NORMS)
     queries = np.load(work / "queries.npy")

@@ -16,7 +16,7 @@ covariance, colour with the demo's): real queries see them as they see real docu
 Queries are real: (prompt, response) pairs cut from demo docstrings (the first words the prompt,
 the next ones the response), their vectors computed by `engine.query_vectors` as the server does.
 - Latency: sequential POST /attribute (k=10, cosine, precision fast and high alternated) from one client to a real `python -m api`
-  process on loopback, client-side wall time; the search alone (`indexer.ranking.search`) in-process;
+  process on loopback, client-side wall time; the search alone (`indexer.query.ranking.search`) in-process;
   and, in the same run, exact brute force over the same vectors held in RAM (float32 matmul +
   argpartition), what the search would cost without the ANN index.
 - Recall@10: the search's top 10 against exact float64 top 10 (large_index.exact_top_k), both modes.
@@ -159,7 +159,7 @@ def pct(ms: list[float]) -> dict:
 
 def search_measures(index_dir: Path, queries: np.ndarray) -> dict:
     """In-process: the server's search (ANN + exact rerank) vs brute force over the same vectors."""
-    from indexer.ranking import search
+    from indexer.query.ranking import search
     index = store.Index.open(index_dir)
     vf = store.VectorFile(index_dir / store.VECTORS)
     truth = exact_top_k(vf, index.norms, queries, K, np.float64)

@@ -1,4 +1,4 @@
-"""Valuation at scale: `indexer value`'s work after the query pass (indexer.value.value_report: every
+"""Valuation at scale: `indexer value`'s work after the query pass (indexer.query.value.value_report: every
 document scored against every query from the memory-mapped stored vectors, per-document and
 per-group sums, the bootstrap, the report) against a plain BLAS product of the same shapes, alternated
 in one process.
@@ -52,7 +52,7 @@ import torch  # noqa: E402
 from large_index import rows  # noqa: E402
 
 from indexer import BuildConfig, store  # noqa: E402
-from indexer.value import BLOCK_BYTES, value_report  # noqa: E402
+from indexer.query.value import BLOCK_BYTES, value_report  # noqa: E402
 
 GENERATOR = 1  # bump when the prepared data change: a workdir of another version is rebuilt
 
@@ -155,7 +155,7 @@ def sharded_child(folder: Path, stage: str, n: int) -> None:
     """One process of a torchrun launch (--processes): value_processes over the prepared folder, as
     `torchrun -m indexer value` runs it after the query pass; rank 0 prints its seconds and sums."""
     from indexer.distributed import Processes
-    from indexer.value import value_processes
+    from indexer.query.value import value_processes
     procs = Processes.from_env("cpu")
     index = open_index(folder, stage, n)
     queries = np.load(folder / "queries.npy")
@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> None:
             results = json.loads(path.read_text()) if path.is_file() else {}
             section = results.get(key, {})
             section.update({
-                "what": "indexer.value.value_report (scores, sums, bootstrap 1000, report, per-document values) against "
+                "what": "indexer.query.value.value_report (scores, sums, bootstrap 1000, report, per-document values) against "
                         "numpy float32 matmul + per-document sums + one-hot group sums over the same memory-mapped rows, "
                         "alternated; synthetic document and query vectors (benchmarks/valuation.py docstring)",
                 "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),

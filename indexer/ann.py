@@ -1,6 +1,6 @@
 """Approximate search: which FAISS index an index folder gets (the index-type policy, with the
 measurements behind it) and how it is built. Knows no file names: indexer.store says where the
-vectors and the FAISS files are; indexer.ranking turns FAISS candidates into exact answers."""
+vectors and the FAISS files are; indexer.query.ranking turns FAISS candidates into exact answers."""
 from __future__ import annotations
 
 import warnings

@@ -9,7 +9,7 @@ import sys
 from engine import PRECONDITIONERS
 
 from .build import HEAD_PROJECTIONS, BuildConfig, append_documents, build_index
-from .ranking import HIGH_DEPTH
+from .query.ranking import HIGH_DEPTH
 from .distributed import PeerFailed
 from .records import BadRecordError
 from .ann import COMPRESSED_TYPE, FLAT_BELOW, FLAT_UP_TO_BYTES, INDEX_TYPES
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
             for reason in last.skipped_examples:
                 print(f"  skipped: {reason}", file=sys.stderr)
         elif args.command == "attribute":
-            from .attribute import AttributeConfig, attribute_queries
+            from .query.attribute import AttributeConfig, attribute_queries
             done = attribute_queries(AttributeConfig(**{k: v for k, v in vars(args).items() if k != "command"}))
             print(f"attributed {done['queries']} queries ({done['precision']} precision) -> {done['rows']} rows in "
                   f"{done['out']} ({done['seconds']} s); skipped {done['skipped']}")
@@ -247,11 +247,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _value(args) -> None:
     """One process, or under torchrun every process: each computes a share of the query vectors and
-    scores a share of the documents; rank 0 writes the report (indexer.value.value_processes)."""
+    scores a share of the documents; rank 0 writes the report (indexer.query.value.value_processes)."""
     from .distributed import Processes
-    from .queries import open_index, query_matrix, query_records
+    from .query.opened import open_index, query_matrix, query_records
+    from .query.value import check_outputs, value_processes, write_documents, write_report
     from .records import ReadStats
-    from .value import check_outputs, value_processes, write_documents, write_report
     procs = Processes.from_env(args.device)
     try:
         with procs.step():  # every process reads every query record: a bad one stops them all
@@ -263,7 +263,7 @@ def _value(args) -> None:
                 opened, args.queries, text_field=args.text_field, prompt_field=args.prompt_field,
                 response_field=args.response_field, id_field=args.id_field, skip_bad=args.skip_bad, stats=stats)]
         report = value_processes(
-            procs, opened.index, stage, len(pairs),
+            procs, opened.index, stage.name, len(pairs),
             lambda part: query_matrix(opened, stage, pairs[part.start : part.stop], args.batch_size,
                                       args.progress and procs.main),
             args.group_by, mode=args.mode, top=args.top, bootstrap=args.bootstrap, seed=args.seed,
@@ -276,5 +276,5 @@ def _value(args) -> None:
     if args.per_document:
         write_documents(report, args.per_document)
     print(f"valued {report['n_documents']} documents in {len(report['groups'])} groups over {report['n_queries']} "
-          f"queries ({stage} precision, {args.mode}{f', {procs.world} processes' if procs.world > 1 else ''}) -> "
+          f"queries ({stage.name} precision, {args.mode}{f', {procs.world} processes' if procs.world > 1 else ''}) -> "
           f"{args.out}; skipped {stats.skipped}")

@@ -1,6 +1,7 @@
 """Micro-batching of /attribute queries: the batcher on its own (batches, keys, failures), then the
 Attributor: answers of concurrent queries sharing passes equal their lone answers, on both model
-families (GPT-2 Conv1D, Llama with rotary positions), and a query that cannot be scored fails alone."""
+families (GPT-2 Conv1D, Llama with rotary positions), fast and high queries in one pass included,
+and a query that cannot be scored fails alone."""
 from __future__ import annotations
 
 import threading
@@ -139,6 +140,23 @@ def test_batched_answers_equal_lone_answers(small_index, mode):
         assert [h.row for h in g_hits] == [h.row for h in hits]
         _same_scores([h.score for h in g_hits], [h.score for h in hits])
         assert g_info == info
+
+
+def test_fast_and_high_queries_sharing_a_pass_answer_as_alone(small_index):
+    """A pass computes the high stage's vectors when any of its queries is at precision high: each
+    query still gets its own precision's answer, the same as alone."""
+    att = _batching_attributor(small_index)
+    mixed = [(p, r, precision) for (p, r), precision in zip(QUERIES, ["fast", "high"] * len(QUERIES))]
+    ask = lambda p, r, precision: att.attribute(p, r, 20, "cosine", precision=precision)
+    lone = [ask(*q) for q in mixed]
+    together = _concurrently(ask, mixed * 2)
+    assert max(att.batch_stats["sizes"]) > 1, att.batch_stats
+    for (_, _, precision), (hits, docs, info), got in zip(mixed * 2, lone * 2, together):
+        assert not isinstance(got, Exception), got
+        g_hits, g_docs, g_info = got
+        assert g_info == info and info["precision"] == precision and {h.stage for h in g_hits} == {precision}
+        assert [h.row for h in g_hits] == [h.row for h in hits]
+        _same_scores([h.score for h in g_hits], [h.score for h in hits])
 
 
 def test_unscorable_query_fails_alone(small_index):

@@ -11,7 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api import create_app
-from indexer.attribute import AttributeConfig, attribute_queries
+from indexer.query.attribute import AttributeConfig, attribute_queries
 
 from .support import build_corpus_index, run_cli, synthetic_corpus, write_jsonl
 
@@ -65,7 +65,7 @@ def test_bulk_hits_equal_the_apis(index_dir, queries, tmp_path, capsys, precisio
 
 
 def test_a_killed_run_goes_on_after_its_last_complete_batch(index_dir, queries, tmp_path, monkeypatch):
-    import indexer.attribute as attribute
+    import indexer.query.attribute as attribute
     cfg = lambda out: AttributeConfig(index=str(index_dir), queries=[queries], out=str(out), k=3, batch_size=3,
                                       prompt_field="prompt", response_field="response", progress=False)
     reference = tmp_path / "reference.jsonl"

@@ -15,9 +15,9 @@ from fastapi.testclient import TestClient
 
 from api import create_app
 from engine import load_model, pair_vectors
-from indexer import value
+from indexer.query import value
 from indexer.store import HIGH_STORAGES, INT4_CLIP, Index, document_pair, high_bytes_per_document
-from indexer.value import value_report
+from indexer.query.value import value_report
 
 from .support import build_corpus_index, post_ok, stored_high, stored_high_rows, synthetic_corpus
 

@@ -505,7 +505,7 @@ def test_sharded_build_keeps_input_order(tmp_path, gpt2_dir, capsys, monkeypatch
     from engine import query_vectors
     for i in (0, 31, 32, 63, 99):
         served = a.current()
-        q, _ = query_vectors(served.logra, served.preconditioner, a.tokenizer, [("", docs[i]["text"])])
+        q, _ = query_vectors(served.fast.logra, served.fast.pre, a.tokenizer, [("", docs[i]["text"])])
         # within one int8 step of the row (the stored codes' rounding, store.encode_rows)
         np.testing.assert_allclose(q[0].numpy(), a.index.vectors[i], rtol=1e-3, atol=np.abs(q[0].numpy()).max() / 127)
 
@@ -527,7 +527,7 @@ def test_ivf_index_types_score_exactly_and_recall_high(tmp_path, gpt2_dir):
     """IVF (flat, SQ8, PQ) only proposes candidates: every score returned is the exact score, and it
     finds nearly all of the exact top 5 (flat index), through Attributor.search and the manifest."""
     from engine import query_vectors
-    from indexer.ranking import search
+    from indexer.query.ranking import search
     docs = synthetic_corpus(400, seed=11)
     data = write_jsonl(tmp_path / "d.jsonl", docs)
     kinds = {"ivf": "ivf-flat", "ivf-sq8": "ivf-sq8", "ivf-pq": "ivf-pq"}
@@ -539,7 +539,7 @@ def test_ivf_index_types_score_exactly_and_recall_high(tmp_path, gpt2_dir):
     (tmp_path / "ivf" / "manifest.json").write_text(json.dumps(old))
     flat = Attributor(tmp_path / "flat")
     served = flat.current()
-    queries = query_vectors(served.logra, served.preconditioner, flat.tokenizer, [("", d["text"]) for d in docs[::8]])[0]
+    queries = query_vectors(served.fast.logra, served.fast.pre, flat.tokenizer, [("", d["text"]) for d in docs[::8]])[0]
     for kind, recorded in kinds.items():
         ivf = Attributor(tmp_path / kind)
         assert ivf.index.manifest.faiss.type == recorded and ivf.index.manifest.faiss.nlist > 1
@@ -571,7 +571,7 @@ def anisotropic_vectors(n: int, dim: int, seed: int) -> np.ndarray:
 def test_compressed_index_with_rerank_returns_the_exact_top_k(tmp_path, kind):
     """With every list probed, what is left is quantization error: the rerank over rerank_factor x
     more candidates (far fewer than the corpus) must give exactly the brute-force top 10 and scores."""
-    from indexer.ranking import rerank_search
+    from indexer.query.ranking import rerank_search
     import faiss
     n, dim, k = 3000, 64, 10
     x = anisotropic_vectors(n + 40, dim, seed=5)
@@ -594,7 +594,7 @@ def test_compressed_index_with_rerank_returns_the_exact_top_k(tmp_path, kind):
 
 
 def test_ivf_pq_pads_a_dim_its_codes_do_not_divide(tmp_path):
-    from indexer.ranking import rerank_search
+    from indexer.query.ranking import rerank_search
     import faiss
     n, dim, k = 3000, 61, 10
     x = anisotropic_vectors(n + 20, dim, seed=6)

@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 
 from api import create_app
 from api.settings import ServerSettings
-from indexer.value import CONFIDENCE
+from indexer.query.value import CONFIDENCE
 
 from .support import build_corpus_index, run_cli, synthetic_corpus, write_jsonl
 

@@ -16,7 +16,7 @@ import pytest
 
 from indexer.distributed import Processes
 from indexer.store import Index
-from indexer.value import share, summed_scores, value_groups
+from indexer.query.value import share, summed_scores, value_groups
 
 from .support import REPO, build_corpus_index, run_cli, subprocess_env, synthetic_corpus, write_jsonl
 

@@ -483,7 +483,7 @@ def default_scores(gt: Path, work: Path, api_self_checks: int = 20, base: Path |
         v = stored[prec] / np.linalg.norm(stored[prec], axis=1, keepdims=True).clip(1e-30)
         found = [attr.attribute("", "", 1, "cosine", precision=prec, messages=r["messages"])[0][0].row
                  for r in tr_rows[:api_self_checks]]
-        dim = s.index.manifest.dim if prec == "fast" else s.high[0].dim
+        dim = s.index.manifest.dim if prec == "fast" else s.high.dim
         out[f"default {prec} cosine"] = {
             "family": "default", "mode": "cosine", "dim": dim, "scores": scores, "seconds_per_query": sec,
             "self_at1": float(np.mean((v @ v.T).argmax(axis=1) == np.arange(len(v)))),
@@ -538,8 +538,8 @@ def stage_vectors(gt: Path, index_dir: Path) -> dict:
     row_of = np.array([s.index.row_of_id[r["id"]] for r in tr_rows])
     pairs_q = [s.text_format.messages(attr.tokenizer, r["messages"]) for r in q_rows]
     out = {}
-    for stage, (logra, pre), stored in (("fast", (s.logra, s.preconditioner), np.asarray(s.index.vectors)[row_of]),
-                                        ("high", s.high, s.index.high_rows(row_of))):
+    for stage, (logra, pre), stored in (("fast", (s.fast.logra, s.fast.pre), np.asarray(s.index.vectors)[row_of]),
+                                        ("high", (s.high.logra, s.high.pre), s.index.high_rows(row_of))):
         # in the basis the index stores each stage in: compact rows whitened (build._write_vectors), high
         # rows in the preconditioner's eigenbasis (build.HighStage.vectors); a part's products need both alike
         qv = pair_vectors(logra, pre, attr.tokenizer, pairs_q, batch_size=16, eigenbasis=stage == "high").numpy()

@@ -163,7 +163,7 @@ def default_scores(gt: Path, work: Path, train_rows: list[dict], queries: list[s
     n = len(s.index)
     row_of = np.array([s.index.row_of_id[r["id"]] for r in train_rows])
     size = sum(p.stat().st_size for p in index_dir.rglob("*") if p.is_file())
-    high_logra, high_pre = s.high
+    high_logra, high_pre = s.high.logra, s.high.pre
     checked = min(spot_check, len(queries))
     hd = pair_vectors(high_logra, high_pre, attr.tokenizer, [("", r["text"]) for r in train_rows], batch_size=32).numpy()
     hq = pair_vectors(high_logra, high_pre, attr.tokenizer, [("", q) for q in queries[:checked]], batch_size=32).numpy()
@@ -198,7 +198,7 @@ def default_scores(gt: Path, work: Path, train_rows: list[dict], queries: list[s
                                        "self_at1": _self_at1(stored, stored, mode == "cosine"),
                                        "vector_bytes_per_doc": vector_bytes_per_document(s.index.manifest, "fast"),
                                        "seconds_per_query": secs["fast"]}
-        out[f"default high {mode}"] = {**common, "dim": s.high[0].dim, "scores": scores["high"], "api_k10_top": np.array(top10),
+        out[f"default high {mode}"] = {**common, "dim": s.high.dim, "scores": scores["high"], "api_k10_top": np.array(top10),
                                        "self_at1": _self_at1(high_stored, high_stored, mode == "cosine"),
                                        "api_max_rel_error": worst, "high_depth": attr.high_depth,
                                        "vector_bytes_per_doc": vector_bytes_per_document(s.index.manifest, "high"),

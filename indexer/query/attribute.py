@@ -1,6 +1,7 @@
 """`python -m indexer attribute`: the top-k documents of every query in a file, through the same
-ranking as POST /attribute (indexer.ranking.rank: compact vectors, then the high-fidelity stage),
-in batches. One output row per hit: query_id, rank, id, score, stage.
+ranking as POST /attribute (indexer.query.ranking.rank: compact vectors, then the high-fidelity
+stage), in batches: one forward and backward pass a batch gives the stages it ranks by (both at
+precision high). One output row per hit: query_id, rank, id, score, stage.
 
 Rows go to OUT.partial.jsonl a batch at a time; OUT.partial.json records how many queries (and
 bytes) are complete after each batch, so a killed run, started again with the same command, goes on
@@ -22,10 +23,10 @@ import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from .queries import open_index, query_records, stage_vectors
+from ..manifest import Manifest
+from ..records import ReadStats, expand_inputs, source_identity
+from .opened import open_index, query_records
 from .ranking import DIRECTIONS, HIGH_DEPTH, rank
-from .records import ReadStats, expand_inputs, source_identity
-from .manifest import Manifest
 
 OUTPUT_FORMATS = (".jsonl", ".parquet")
 HIT_SCHEMA = pa.schema([("query_id", pa.string()), ("rank", pa.int64()), ("id", pa.string()), ("score", pa.float64()),
@@ -76,7 +77,7 @@ def attribute_queries(cfg: AttributeConfig) -> dict:
     """Run the queries of `cfg` and write their hits; returns a summary (queries, rows, seconds)."""
     started = time.time()
     opened = open_index(cfg.index, cfg.model, cfg.device)
-    stage = opened.stage(cfg.precision)
+    stages = opened.ranking_stages(cfg.precision)
     ids = opened.index.ids
     out = Path(cfg.out)
     rows_path, progress_path = Path(f"{out}.partial.jsonl"), Path(f"{out}.partial.json")
@@ -95,9 +96,8 @@ def attribute_queries(cfg: AttributeConfig) -> dict:
         f.truncate(done["bytes"])  # a batch the kill cut short
         f.seek(done["bytes"])
         while batch := list(islice(records, cfg.batch_size)):
-            pairs = [pair for _, pair in batch]
-            fast = stage_vectors(opened, "fast", pairs)
-            high = stage_vectors(opened, "high", pairs) if stage == "high" else [None] * len(batch)
+            vectors, _ = opened.vectors(stages, [pair for _, pair in batch])
+            fast, high = vectors if len(vectors) > 1 else (vectors[0], [None] * len(batch))
             lines = []
             for (record, _), fq, hq in zip(batch, fast, high):
                 hits = rank(opened.index, fq, cfg.k, cfg.mode, cfg.direction, high_q=hq, depth=cfg.depth)
@@ -124,5 +124,5 @@ def attribute_queries(cfg: AttributeConfig) -> dict:
     progress_path.unlink()
     seconds = time.time() - started
     return {"queries": done["queries"], "rows": n_rows, "skipped": stats.skipped,
-            "skipped_examples": stats.skipped_reasons[:5], "precision": stage, "seconds": round(seconds, 2),
+            "skipped_examples": stats.skipped_reasons[:5], "precision": opened.stage(cfg.precision).name, "seconds": round(seconds, 2),
             "out": str(out)}

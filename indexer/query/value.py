@@ -25,10 +25,10 @@ import torch
 
 from engine import resolve_device
 
-from .distributed import Processes
-from .store import Index
+from ..distributed import Processes
+from ..store import Index
+from .stage import MODES, Stage
 
-MODES = ("influence", "cosine")
 BLOCK_BYTES = 256 << 20  # document vectors read per block (as float32; float64 while summed)
 CONFIDENCE = 0.95
 MISSING = "(missing)"  # CSV and parquet cells of a group field its documents lack
@@ -41,22 +41,18 @@ def share(n: int, procs: Processes) -> range:
 
 
 def stage_blocks(index: Index, stage: str, mode: str, device, rows: range):
-    """(rows, float32 block) over `rows` of the stage's stored vectors, BLOCK_BYTES at a time (memory
-    bounded by the block, not the index), each row scaled so that its product with a query vector is
-    the score of `mode` (cosine: unit rows, against unit queries)."""
-    if stage == "high":  # unit rows (float32, whatever their storage) and norms apart (store.HighRows)
-        read, norms, dim = index.high_rows, index.high_norms, index.high_store.dim
-        scale = "multiply" if mode == "influence" else None
-    else:  # a copy: the map is read-only
-        read, norms, dim = lambda r: np.array(index.vectors[r], dtype=np.float32), index.norms, index.vectors.shape[1]
-        scale = "divide" if mode == "cosine" else None
-    block = max(1, BLOCK_BYTES // (4 * dim))
+    """(rows, float64 block) over `rows` of the stage's stored rows, BLOCK_BYTES of float32 at a time
+    (memory bounded by the block, not the index), each row times its factor in `mode`'s score
+    (Stage.row_factors), so that its product with a query vector times the query's factor is the score."""
+    stage = Stage(stage)
+    norms = stage.norms(index)
+    block = max(1, BLOCK_BYTES // (4 * stage.width(index)))
     for s in range(rows.start, rows.stop, block):
         e = min(s + block, rows.stop)
-        x = torch.as_tensor(read(slice(s, e)), device=device)
-        if scale:
-            n = torch.as_tensor(np.asarray(norms[s:e], dtype=np.float32), device=device)[:, None]
-            x.mul_(n) if scale == "multiply" else x.div_(torch.where(n > 0, n, 1))  # in place; a zero row scores 0
+        x = torch.as_tensor(stage.rows(index, slice(s, e)), device=device).double()
+        f = stage.row_factors(norms[s:e], mode)
+        if f is not None:
+            x.mul_(torch.as_tensor(f, device=device)[:, None])
         yield range(s, e), x
 
 
@@ -76,7 +72,7 @@ def summed_scores(index: Index, stage: str, queries: np.ndarray, codes: np.ndarr
     """Over the documents `rows` (default: all): (values, per_query), float64. values (len(index),): each
     document's summed score over the queries (0 outside `rows`); per_query (len(queries), n_groups): each
     query's summed score over each group's documents, the bootstrap's unit. `queries`: the stage's query
-    vectors (queries.stage_vectors).
+    vectors (indexer.query.opened.query_matrix).
 
     A score is linear in the document's (scaled) stored vector, so no document-by-query product is
     formed: a document's value is its vector against the queries' sum, and a group's per-query sums
@@ -85,17 +81,14 @@ def summed_scores(index: Index, stage: str, queries: np.ndarray, codes: np.ndarr
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     device = resolve_device(device)  # "auto" too
-    q = torch.as_tensor(np.asarray(queries, dtype=np.float64), device=device)
-    if mode == "cosine":
-        q_norm = torch.linalg.vector_norm(q, dim=1)
-        q = q / torch.where(q_norm > 0, q_norm, 1)[:, None]
+    queries = np.asarray(queries, dtype=np.float64)
+    q = torch.as_tensor(queries * Stage.query_scales(queries, mode)[:, None], device=device)
     q_sum = q.sum(dim=0)
     rows = range(len(index)) if rows is None else rows
     values = np.zeros(len(index))
     group_vectors = torch.zeros((n_groups, q.shape[1]), dtype=torch.float64, device=device)
     codes = torch.as_tensor(codes, dtype=torch.int64, device=device)
     for r, x in stage_blocks(index, stage, mode, device, rows):
-        x = x.double()
         values[r.start : r.stop] = (x @ q_sum).cpu().numpy()
         group_vectors.index_add_(0, codes[r.start : r.stop], x)
     return values, (q @ group_vectors.T).cpu().numpy()

@@ -1,7 +1,8 @@
-"""Ranking an opened index for query vectors, torch-free: FAISS candidates reranked exactly against
-the stored vectors (`search`), exact search over a subset of rows (`exact_search`, metadata filters),
-and the high-fidelity stage's rescoring from its stored vectors (`high_scores`). `rank` is the one
-path from query vectors to hits: the API's /attribute and `indexer attribute` both go through it."""
+"""Ranking an opened index for query vectors, with no model: FAISS candidates reranked exactly against
+the stored compact vectors (`search`), exact search over a subset of rows (`exact_search`, metadata
+filters), and the high-fidelity stage's rescoring of the best of them; every score by the stage's
+scoring rule (indexer.query.stage.Stage). `rank` is the one path from query vectors to hits: the API's
+/attribute and `indexer attribute` both go through it."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,10 +10,11 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
-from .ann import pad_to, unit_rows
-from .store import Index
+from ..ann import pad_to, unit_rows
+from ..store import Index
+from .stage import Stage
 
-__all__ = ["DIRECTIONS", "HIGH_DEPTH", "Hit", "exact_scores", "exact_search", "high_scores", "rank", "rerank_search", "search"]
+__all__ = ["DIRECTIONS", "HIGH_DEPTH", "Hit", "exact_search", "rank", "rerank_search", "search"]
 
 DIRECTIONS = {"proponents": 1.0, "opponents": -1.0}
 # FAISS candidates for the exact rerank: rerank_factor x max(CANDIDATES_PER_HIT x k, k + CANDIDATES_MIN_EXTRA),
@@ -20,8 +22,8 @@ DIRECTIONS = {"proponents": 1.0, "opponents": -1.0}
 CANDIDATES_PER_HIT = 4
 CANDIDATES_MIN_EXTRA = 64
 HIGH_CANDIDATES_PER_DEPTH = 4
-HIGH_BLOCK_ROWS = 8192  # high-fidelity rows read per block (2 GiB of float32 at the default dims)
 SCAN_BLOCK_ROWS = 65536  # compact rows scored per block by the exact scan
+COMPACT, HIGH = Stage("fast"), Stage("high")  # the stages' stored rows and scoring rule (no engine needed)
 # The high-fidelity stage rescores this many of the compact vectors' best candidates (or k, if more):
 # docs/quality.md "Two stages" gives the k = 10 answers' agreement with the top 10 over every document by depth.
 HIGH_DEPTH = 150
@@ -32,18 +34,6 @@ class Hit:
     row: int
     score: float
     stage: str = "fast"  # which stage's score this is (and ranked it): "fast" or "high"
-
-
-
-
-def exact_scores(vectors: np.ndarray, norms: np.ndarray, rows: np.ndarray, q: np.ndarray, mode: str) -> np.ndarray:
-    """Exact float64 scores of `rows` for query q; cosine divides by both norms (0 for a zero vector)."""
-    q64 = np.asarray(q, dtype=np.float64).ravel()
-    scores = vectors[rows].astype(np.float64) @ q64
-    if mode == "cosine":
-        denom = norms[rows].astype(np.float64) * float(np.linalg.norm(q64))
-        scores = np.clip(np.divide(scores, denom, out=np.zeros_like(scores), where=denom > 0), -1.0, 1.0)  # rounding
-    return scores
 
 
 def rerank_search(index: faiss.Index, vectors: np.ndarray, norms: np.ndarray, q: np.ndarray, k: int, mode: str,
@@ -58,27 +48,9 @@ def rerank_search(index: faiss.Index, vectors: np.ndarray, norms: np.ndarray, q:
     probe = pad_to(sign * (unit_rows(q) if mode == "cosine" else q), index.d)
     _, cand = index.search(probe, min(n, candidates or max(CANDIDATES_PER_HIT * k, k + CANDIDATES_MIN_EXTRA) * rerank_factor))
     cand = np.unique(cand[0][cand[0] >= 0])
-    exact = exact_scores(vectors, norms, cand, q[0], mode)
+    exact = COMPACT.score_rows(vectors[cand], norms[cand], q[0], mode)
     order = np.lexsort((cand, -sign * exact))[:k]  # best first; ties broken by row for reproducibility
     return [Hit(int(cand[i]), float(exact[i])) for i in order]
-
-
-
-
-def high_scores(index: Index, rows: np.ndarray, q: np.ndarray, mode: str, block: int = HIGH_BLOCK_ROWS) -> np.ndarray:
-    """Scores of `rows` for the high-fidelity query vector q, from the stored vectors (unit rows as
-    Index.high_rows reads them, float32 norms), read a block at a time in file order."""
-    q = np.asarray(q, dtype=np.float32)
-    q_norm = float(np.linalg.norm(q))
-    unit_q = q / q_norm if q_norm > 0 else q
-    out = np.zeros(len(rows))
-    order = np.argsort(rows, kind="stable")
-    for s in range(0, len(rows), block):
-        at = order[s : s + block]
-        r = rows[at]
-        cos = (index.high_rows(r) @ unit_q).astype(np.float64)
-        out[at] = np.clip(cos, -1.0, 1.0) if mode == "cosine" else cos * index.high_norms[r] * q_norm
-    return out
 
 
 def search(index: Index, q: np.ndarray, k: int, mode: str, direction: str = "proponents",
@@ -97,7 +69,7 @@ def exact_search(index: Index, rows: np.ndarray, q: np.ndarray, k: int, mode: st
     kept_rows, kept = np.empty(0, np.int64), np.empty(0)
     for s in range(0, len(rows), block):
         r = rows[s : s + block]
-        scores = exact_scores(index.vectors, index.norms, r, q, mode)
+        scores = COMPACT.scores(index, r, q, mode)
         kept_rows, kept = np.concatenate([kept_rows, r]), np.concatenate([kept, scores])
         if len(kept) > k:  # the best k so far (an exact tie at the k-th score keeps either row)
             top = np.argpartition(-sign * kept, k - 1)[:k]
@@ -119,6 +91,6 @@ def rank(index: Index, fast_q: np.ndarray, k: int, mode: str, direction: str = "
     if high_q is None or not hits:
         return hits
     cand = np.array([h.row for h in hits])
-    scores = high_scores(index, cand, high_q, mode)
+    scores = HIGH.scores(index, cand, high_q, mode)
     order = np.lexsort((cand, -DIRECTIONS[direction] * scores))[:k]
     return [Hit(int(cand[i]), float(scores[i]), "high") for i in order]
