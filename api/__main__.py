@@ -8,7 +8,7 @@ from indexer.store import IndexFormatError
 
 from .app import create_app
 from .batching import MAX_BATCH
-from .search import HIGH_DEPTH, ModelMismatchError
+from .search import HIGH_DEPTH, KEYWORD_DEPTH, ModelMismatchError
 from .settings import ServerSettings
 from .shutdown import serve
 
@@ -50,7 +50,12 @@ def main(argv: list[str] | None = None) -> int:
                          f"batching; default {MAX_BATCH})")
     ap.add_argument("--high-depth", type=int, default=HIGH_DEPTH,
                     help=f"precision high rescores the compact vectors' top max(k, this) documents (default {HIGH_DEPTH})")
+    ap.add_argument("--keyword-depth", type=int, default=KEYWORD_DEPTH,
+                    help=f"precision high also rescores this many of a keyword (BM25) search's best documents "
+                         f"(0: none; default {KEYWORD_DEPTH})")
     args = ap.parse_args(argv)
+    if args.keyword_depth < 0:
+        ap.error("--keyword-depth must be at least 0")
     if args.max_batch < 1 or args.high_depth < 1:
         ap.error("--max-batch and --high-depth must be at least 1")
     try:
@@ -59,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = ServerSettings.from_env(max_body_bytes=args.max_body_bytes, request_timeout_s=args.request_timeout,
                                            cors_origins=args.cors_origins, shutdown_timeout_s=args.shutdown_timeout)
         app = create_app(args.index, model=args.model, device=args.device, settings=settings,
-                         max_batch=args.max_batch, high_depth=args.high_depth)
+                         max_batch=args.max_batch, high_depth=args.high_depth,
+                         keyword_depth=args.keyword_depth)
     except (IndexFormatError, ModelMismatchError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

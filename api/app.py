@@ -17,7 +17,7 @@ from .lanes import RETRY_AFTER_S, Busy, HeavyLane
 from .limits import RequestLimits
 from .metrics import Metrics, MetricsMiddleware
 from .routes import STATIC, admin, data, router
-from .search import HIGH_DEPTH, Attributor, IndexUnavailable, QueryError, UnknownDocument
+from .search import HIGH_DEPTH, KEYWORD_DEPTH, Attributor, IndexUnavailable, QueryError, UnknownDocument
 from .settings import ServerSettings
 
 
@@ -74,16 +74,18 @@ async def _busy(request: Request, exc: Busy) -> JSONResponse:
 
 
 def create_app(index_dir: str | Path, model: str | None = None, device: str = "cpu",
-               settings: ServerSettings | None = None, max_batch: int = MAX_BATCH, high_depth: int = HIGH_DEPTH) -> FastAPI:
+               settings: ServerSettings | None = None, max_batch: int = MAX_BATCH, high_depth: int = HIGH_DEPTH,
+               keyword_depth: int = KEYWORD_DEPTH) -> FastAPI:
     """Open the index and load its model now, so a bad index or the wrong model fails at start-up,
     not on the first request. `model` overrides the manifest's model (e.g. a local copy).
     `settings`: limits, API key and CORS (default: from the LOGRA_* environment variables).
     `max_batch`: concurrent /attribute queries sharing one gradient pass, at most (1: no batching).
-    `high_depth`: precision "high" rescores the compact vectors' top max(k, high_depth) documents."""
+    `high_depth`: precision "high" rescores the compact vectors' top max(k, high_depth) documents, and
+    `keyword_depth`: the best that many of a keyword search for the query's text besides (0: none)."""
     settings = settings or ServerSettings.from_env()
     lane = HeavyLane(settings.heavy_running, settings.heavy_queued)  # drained on shutdown (api.shutdown)
     attributor = Attributor(index_dir, model=model, device=device, max_batch=max_batch, high_depth=high_depth,
-                            heavy=lane)
+                            keyword_depth=keyword_depth, heavy=lane)
     app = FastAPI(title="logra-search", version="0.1.0",
                   description="Which training documents made the model produce this response?")
     app.state.attributor, app.state.settings, app.state.heavy_lane = attributor, settings, lane

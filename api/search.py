@@ -25,14 +25,14 @@ from typing import Callable, TypeVar
 
 from engine import MAX_TOKENS_SCORED, load_model, token_texts, token_vectors
 from indexer.query.opened import NOTHING_TO_SCORE, Opened, QueryError, query_matrix
-from indexer.query.ranking import HIGH_DEPTH, Hit, rank
+from indexer.query.ranking import HIGH_DEPTH, KEYWORD_DEPTH, Hit, rank
 from indexer.query.value import value_report
 from indexer.store import MANIFEST, Index, IndexFormatError, ModelMismatchError
 
 from .batching import MAX_BATCH, MicroBatcher
 from .lanes import Busy, HeavyLane, PassLock
 
-__all__ = ["HIGH_DEPTH", "Attributor", "Hit", "IndexUnavailable", "ModelMismatchError", "QueryError", "TokenScores",
+__all__ = ["HIGH_DEPTH", "KEYWORD_DEPTH", "Attributor", "Hit", "IndexUnavailable", "ModelMismatchError", "QueryError", "TokenScores",
            "UnknownDocument"]
 
 log = logging.getLogger("logra_search.api")
@@ -80,7 +80,8 @@ class Attributor:
     `batch_wait_ms`: how long a pass waits for more queries once one is queued."""
 
     def __init__(self, index_dir: str | Path, model: str | None = None, device: str = "cpu", max_batch: int = MAX_BATCH,
-                 batch_wait_ms: float = 2.0, high_depth: int = HIGH_DEPTH, heavy: HeavyLane | None = None):
+                 batch_wait_ms: float = 2.0, high_depth: int = HIGH_DEPTH,
+                 keyword_depth: int = KEYWORD_DEPTH, heavy: HeavyLane | None = None):
         self.root = Path(index_dir)
         stamp = _stamp(self.root)  # before opening: a swap during the open is seen by the next request
         index = Index.open(self.root)
@@ -88,6 +89,7 @@ class Attributor:
         self.model_name = model or m.model.name_or_path
         self.model, self.tokenizer = load_model(self.model_name, device=device, dtype=m.model.dtype)
         self.high_depth = high_depth
+        self.keyword_depth = keyword_depth
         self._served = self._serve(index, stamp)
         self._refused_stamp = None  # a replacement that could not be served; not retried until it changes
         self._refusal = ""
@@ -195,7 +197,8 @@ class Attributor:
         if enc.n_loss_tokens == 0:
             raise QueryError(NOTHING_TO_SCORE)
         rows = s.rows_where(where) if where else None
-        hits = rank(s.index, fast_q, k, mode, direction, rows=rows, high_q=high_q, depth=self.high_depth)
+        hits = rank(s.index, fast_q, k, mode, direction, rows=rows, high_q=high_q, depth=self.high_depth,
+                    text=f"{prompt}\n{response}", keyword_depth=self.keyword_depth)
         return hits, s.index.documents([h.row for h in hits]), info
 
     def value(self, queries: list[tuple[str, str] | list[dict]], group_by: list[str], mode: str = "influence",

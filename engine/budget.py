@@ -1,15 +1,18 @@
 """Spend a per-document dimension budget over the tracked layers.
 
-A layer's LoGra block is r_out x r_in numbers. The rule (chosen on the three quality benchmarks,
-benchmarks/quality; docs/quality.md "Choosing the defaults on all three"): the LM head gets
-`head_share` of the budget, the blocks' layers split the rest equally; each layer's share b becomes r_in = r_out = floor(sqrt b),
-and where a side is smaller than that it is kept whole and the other side takes what is left.
-
-Depth: a layer's share is never spread thinner than `min_layer_dims`. When the blocks' part of the
-budget cannot give every block layer that much, it goes to the last blocks' layers only (whole blocks,
-counted back from the last one, as many as get the minimum each; the last layers alone when not even
-one whole block does); the layers left out are not tracked, and when no layer can get the minimum the
-head takes the whole budget.
+A layer's LoGra block is r_out x r_in numbers. The rule, for any number of layers (chosen on the three
+quality benchmarks together: docs/quality.md "The budget at any depth"):
+1. The LM head gets `head_share` of the budget (all of it when nothing else is tracked).
+2. The rest goes to the blocks' layers, never fewer than `min_layer_dims` each (the build's default:
+   576, a 24 x 24 block). When the rest can give every block layer that much, they split it equally.
+   Otherwise only the deepest blocks are tracked: as many whole blocks, counted back from the last, as
+   the rest gives `min_layer_dims` a layer (or, when not even the last block fits, its last layers),
+   splitting it equally; the shallower layers are not tracked at all, and the backward pass starts at
+   the first tracked block (LoGra.backward_root). When not one layer fits, the head takes the whole budget.
+3. A layer's share b becomes r_in = r_out = floor(sqrt b); where a side is smaller than that it is kept
+   whole and the other side takes what is left.
+Spread evenly over 210 layers, a 16,384-dimension share gives each 9 x 8 numbers, which carried noise
+on the real model (its LDS rose from 0.385 to 0.439 with the same budget on the last 4 blocks at 24 x 24).
 """
 from __future__ import annotations
 

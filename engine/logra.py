@@ -134,7 +134,7 @@ class LoGra:
         self.shapes: dict[str, tuple[int, int]] = dict(shapes) if shapes is not None else config.shapes(layers, self.head_name)
         self.layers = [l for l in self.layers if l.name in self.shapes]  # the budget may leave shallow layers out
         # the LM head alone: the backward pass starts at its input (a forward pass and the head's gradient)
-        self.head_only = [l.name for l in layers] == [self.head_name]
+        self.head_only = [l.name for l in self.layers] == [self.head_name]
         # layers whose token statistics keep only the diagonal of sum g g^T (Preconditioner reads it so)
         self.diagonal_out = frozenset({self.head_name} if config.head_whole and config.max_side is not None
                                       and self.head_name else ())
@@ -148,7 +148,33 @@ class LoGra:
             p_out = None if r_out == layer.out_features else draw(config.seed, layer.name, "out", r_out, layer.out_features).to(device)
             self.projections[layer.name] = (p_in, p_out)
         self.dim = sum(o * i for o, i in self.shapes.values())
+        self._root: tuple[float, nn.Module | None] | None = None  # backward_root, found once
         self._derived_cache: dict = {}  # (layer, side, what) -> (projection, its version, what): _derived
+
+    def backward_root(self) -> tuple[float, nn.Module | None]:
+        """Where the backward pass starts, as (depth, module): the input of the first transformer block
+        holding a tracked layer (depth = its index), of the LM head when it is tracked alone (depth inf),
+        or (-1, None) for the input embedding's output (block 0). Nothing before it is differentiated:
+        a budget that tracks the deepest blocks only (engine.budget) pays for their part of the backward."""
+        if self._root is None:
+            self._root = self._find_root()
+        return self._root
+
+    def _find_root(self) -> tuple[float, nn.Module | None]:
+        if self.head_only:
+            return float("inf"), self.layers[0].module
+        stacks = [name + "." for name, m in self.model.named_modules() if isinstance(m, nn.ModuleList) and name]
+        first = None
+        for layer in self.layers:
+            prefix = next((p for p in stacks if layer.name.startswith(p)), None)
+            if prefix is None:
+                continue
+            index = int(layer.name[len(prefix):].split(".")[0])
+            if first is None or index < first[0]:
+                first = (index, prefix)
+        if first is None or first[0] == 0 or len(stacks) != 1:
+            return -1, None
+        return first[0], self.model.get_submodule(f"{first[1]}{first[0]}")
 
     def projection(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(P_in, P_out) of a layer as matrices (an identity for a side kept whole)."""
@@ -235,8 +261,8 @@ def joint_gradients(logras: Sequence[LoGra], batch: dict[str, torch.Tensor],
     each layer's input is masked once), only the projections are per projector. Each result equals
     that projector's own `gradients`."""
     first = logras[0]
-    if any(l.model is not first.model or l.head_only != first.head_only for l in logras[1:]):
-        raise ValueError("joint_gradients needs projectors of one model that start the backward pass alike")
+    if any(l.model is not first.model for l in logras[1:]):
+        raise ValueError("joint_gradients needs projectors of one model")
     device = next(first.model.parameters()).device
     has_padding = not bool(batch["attention_mask"].all())  # asked on the host; no padding, no masking
     ids, mask, labels = (_to_device(batch[k], device) for k in ("input_ids", "attention_mask", "labels"))
@@ -269,9 +295,11 @@ def _hooks(logras: Sequence[LoGra], mask: torch.Tensor, has_padding: bool, grads
         # Activation gradients only: the embedding output becomes the root of the backward graph.
         return output.requires_grad_(True)
 
-    def start_at_head(_module, args):
-        # Only the LM head is tracked: its input becomes the root, and nothing before it is differentiated
-        return (args[0].detach().requires_grad_(True),) + tuple(args[1:])
+    def start_at_input(_module, args, kwargs):
+        # The first tracked block's (or the LM head's) input becomes the root: nothing before it is differentiated
+        if args:
+            return (args[0].detach().requires_grad_(True),) + tuple(args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": kwargs["hidden_states"].detach().requires_grad_(True)}
 
     def capture(name: str, users: list[int]):
         # per projector: P_in padded (_padded; None: a side kept whole), the output side's projection as a
@@ -316,10 +344,12 @@ def _hooks(logras: Sequence[LoGra], mask: torch.Tensor, has_padding: bool, grads
             users.setdefault(layer.name, []).append(k)
             modules[layer.name] = layer.module
     try:
-        if first.head_only:
-            handles.append(first.layers[0].module.register_forward_pre_hook(start_at_head))
-        else:
+        # the earliest root any projector needs: each projector's layers are at or past it
+        _, root = min((l.backward_root() for l in logras), key=lambda r: r[0])
+        if root is None:
             handles.append(input_embedding(first.model).register_forward_hook(start_backward))
+        else:
+            handles.append(root.register_forward_pre_hook(start_at_input, with_kwargs=True))
         for name, ks in users.items():
             handles.append(modules[name].register_forward_hook(capture(name, ks)))
         yield

@@ -56,7 +56,7 @@ class BuildConfig:
     head_share: float = 0.75  # of the budget, to the LM head (chosen on all three quality benchmarks)
     # no block layer gets fewer dimensions than this: when the blocks' part of the budget cannot give every
     # block layer as much, it goes to the deepest blocks alone (engine.budget; docs/quality.md, depth)
-    min_layer_dims: int = 0
+    min_layer_dims: int = 576
     head: bool = True  # track the LM head (output embedding)
     seed: int = 0
     # ekfac in the projected space, damping 0.01: the best compact vectors on both quality benchmarks
@@ -69,7 +69,7 @@ class BuildConfig:
     high: bool = True
     high_budget: int = 65536
     high_head_share: float = 0.75
-    high_min_layer_dims: int = 0
+    high_min_layer_dims: int = 576
     high_preconditioner: str = "ekfac"
     high_damping: float = 0.01
     high_sample: int = 4096

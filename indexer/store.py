@@ -24,8 +24,9 @@ import json
 import os
 import struct
 import shutil
+import warnings
 import fcntl
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
@@ -71,6 +72,8 @@ SCALES = "scales.npy"
 STORAGES = ("float32", "int8")
 TABLE = "documents"
 REQUIRED = (MANIFEST, STATE, VECTORS, NORMS, f"{TABLE}.lance")  # and the FAISS files of a compressed type
+# LanceDB's own full-text (BM25) indexes over these columns: the keyword candidates of a query (Index.keyword_rows)
+KEYWORD_COLUMNS = ("text", "prompt")
 DOCUMENT_SCHEMA = pa.schema([
     ("row", pa.int64()),
     ("id", pa.string()),
@@ -247,8 +250,12 @@ class IndexWriter:
                 rows = pa.array(np.arange(start, start + table.num_rows), pa.int64())
                 yield from table.set_column(table.schema.get_field_index("row"), "row", rows).to_batches()
                 start += table.num_rows
-        lancedb.connect(self.tmp).create_table(TABLE, data=pa.RecordBatchReader.from_batches(DOCUMENT_SCHEMA, batches()),
-                                               mode="overwrite")
+        table = lancedb.connect(self.tmp).create_table(TABLE, data=pa.RecordBatchReader.from_batches(DOCUMENT_SCHEMA, batches()),
+                                                       mode="overwrite")
+        with warnings.catch_warnings():  # the sync API's create_fts_index is the native (Lance) index, marked deprecated
+            warnings.simplefilter("ignore")
+            for column in KEYWORD_COLUMNS:
+                table.create_fts_index(column, replace=True)
 
     # -- pass 2: preconditioned vectors and FAISS ----------------------------------------------
     def write_vectors(self, vectors: Iterable[np.ndarray], dim: int, storage: str, block_rows: int = 65536) -> None:
@@ -710,6 +717,7 @@ class Index:
     table: object
     row_of_id: dict[str, int]
     high_store: HighRows | None = None  # the high-fidelity stage's rows: read them with high_rows / high_blocks
+    _keyword: bool | None = field(default=None, repr=False)  # whether the table has its full-text indexes (keyword_rows)
 
     @property
     def high_norms(self) -> np.ndarray | None:
@@ -801,6 +809,22 @@ class Index:
                 (l.name, l.in_features, l.out_features) for l in layers]:
             raise ModelMismatchError(f"model {name!r} does not have the layers recorded in {self.root}")
         return logra, load_engine_state(logra, state)
+
+    def keyword_rows(self, query: str, n: int) -> np.ndarray:
+        """Rows of the (at most) n best documents for `query` by BM25 over their text and prompt (LanceDB's
+        full-text indexes), best first; none for an index written before it had them, or a query with no
+        indexed term."""
+        if n < 1 or not query.strip() or not self._keyword_indexed():
+            return np.empty(0, np.int64)
+        found = (self.table.search(query, query_type="fts", fts_columns=list(KEYWORD_COLUMNS))
+                 .select(["row", "_score"]).limit(n).to_arrow())
+        return found.column("row").to_numpy().astype(np.int64)
+
+    def _keyword_indexed(self) -> bool:
+        if self._keyword is None:
+            self._keyword = {c for i in self.table.list_indices() if str(i.index_type) == "FTS" for c in i.columns} \
+                >= set(KEYWORD_COLUMNS)
+        return self._keyword
 
     def _metadata(self) -> Iterable[tuple[int, dict]]:
         """(row, decoded metadata) of every document: one scan of the row and metadata columns."""

@@ -58,3 +58,14 @@ def test_real_model_quality_benchmark_smoke_run(tmp_path):
     assert {"bm25", "random", "full-dot", "mirror default high cosine"} <= set(methods)
     assert methods["mirror default high cosine"]["lds"] > methods["bm25"]["lds"] > methods["random"]["lds"]
     assert bench["noise_ceiling"]["mean"] > 0.5
+
+
+def test_depth_benchmark_smoke_run(tmp_path):
+    out = tmp_path / "depth.json"
+    run(["-m", "benchmarks.quality.depth", "gpt2-stdlib", "--smoke", "--work", str(tmp_path / "work"), "--out", str(out)])
+    got = json.loads(out.read_text())
+    stages = got["gpt2-stdlib"]["stages"]
+    assert set(stages) == {"fast", "high"} and got["gpt2-stdlib"]["queries"] == 8
+    assert stages["high"]["h0.75 min576"]["same_as_even"]  # the toy's high stage keeps every block layer
+    smol = next(v for k, v in got["allocations"].items() if k.startswith("SmolLM2"))
+    assert smol["high"]["blocks"] == "26-29" and smol["high"]["block_sides"] == [[24, 24]]

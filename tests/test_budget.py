@@ -206,6 +206,19 @@ def test_a_projector_tracks_only_the_layers_its_budget_keeps(model_dir):
         p_in, p_out = logra.projection(layer.name)
         ref = p_out @ autograd_gradient(model, layer, enc, tok.pad_token_id) @ p_in.T
         torch.testing.assert_close(out.grads[layer.name][0], ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
+    # the backward pass starts at the last block's input: the earlier blocks are not differentiated
+    depth, root = logra.backward_root()
+    assert depth == n_blocks - 1 and root is not None
+    first_block = next(m for n, m in model.named_modules() if isinstance(m, torch.nn.ModuleList))[0]
+    reached = []
+    hook = first_block.register_full_backward_hook(lambda *a: reached.append(1))
+    try:
+        logra.gradients(collate([enc], tok.pad_token_id))
+        assert not reached
+        full.gradients(collate([enc], tok.pad_token_id))  # every block tracked: the backward reaches block 0
+        assert reached
+    finally:
+        hook.remove()
     # the manifest's shapes rebuild the same projector
     again = LoGra(model, LoGraConfig(), shapes=logra.shapes)
     assert [l.name for l in again.layers] == kept

@@ -186,7 +186,10 @@ def test_build_records_the_gguf_file_and_its_chat_template(gguf_index, tiny):
     assert m.model.class_name == "LlamaForCausalLM" and m.model.dtype == "float32"
     assert m.model.fingerprint == model_fingerprint(tiny["model"])
     assert m.text_format["chat_template"] == CHAT_TEMPLATE
-    assert len(m.layers) == 7 * BLOCKS + 1  # every block linear layer and the LM head
+    # the compact budget's block part (1,024) cannot give 7 x BLOCKS layers 576 each: the last block's last layer
+    # and the LM head (engine.budget); the high stage's gives every block layer its share
+    assert [l.name for l in m.layers] == [f"model.layers.{BLOCKS - 1}.mlp.down_proj", "lm_head"]
+    assert len(m.high.layers) == 7 * BLOCKS + 1
 
 
 def test_a_folder_holding_the_gguf_builds_the_same_index(gguf_index, tiny, corpus, tmp_path, capsys):

@@ -99,8 +99,11 @@ def test_a_build_fits_the_high_stage_inside_its_gradient_pass(tmp_path, gpt2_dir
     assert ("vocabulary side sketched" in info_text(tmp_path / "idx")) == (projection == "sketch")
 
     model, tok = load_model(gpt2_dir)
-    fast = LoGra(model, LoGraConfig(budget=4096, head_share=index.manifest.budget.head_share))
-    logra = LoGra(model, LoGraConfig(budget=2048, head_share=0.75, head_sketch=projection == "sketch"), layers=fast.layers)
+    # the high stage's projector as the build configures it (its own layers: the depth rule spreads 2,048 alone)
+    cfg = BuildConfig(model=gpt2_dir, data=[], out="", high_budget=2048, high_head_projection=projection)
+    logra = LoGra(model, cfg.high_config(cfg.logra_config()))
+    assert [(l.name, l.r_out, l.r_in) for l in index.manifest.high.layers] == [
+        (l["name"], l["r_out"], l["r_in"]) for l in logra.layer_spec()]
     enc = [encode(tok, "", d["text"], 512) for d in docs]
     pre = fit_preconditioner(logra, Preconditioner("ekfac", logra.shapes, damping_ratio=0.01), tok,
                              [enc[i : min(i + 5, n_sample)] for i in range(0, n_sample, 5)])

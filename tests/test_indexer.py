@@ -127,13 +127,14 @@ def test_cli_info_summary_reads_like_the_manifest(cli):
     assert f"{m['high']['dim']:,} dimensions" in lines["high"] and m["faiss"]["type"] in lines["faiss"]
     per_doc = (m["high"]["dim"] + 1) // 2 + 8  # the default int4: half a byte a dimension, a scale and a norm
     assert f"stored as int4 ({per_doc:,} bytes a document" in lines["high"]
-    # two blocks of the same shapes: each block layer once, with both block numbers, then the LM head
+    # the compact budget's 1,024 block dimensions cannot give 8 block layers 576 each: the last block's
+    # last layer alone is tracked (engine.budget), and the summary says which blocks
     shape = lambda l: f"{l['r_out']} x {l['r_in']} of {l['out_features']} x {l['in_features']}"
-    blocks = [[l for l in m["layers"] if f".h.{b}." in l["name"]] for b in (0, 1)]
-    assert [shape(l) for l in blocks[0]] == [shape(l) for l in blocks[1]] and len(m["layers"]) == 2 * len(blocks[0]) + 1
+    tracked = [l for l in m["layers"] if l["name"] != "lm_head"]
+    assert [l["name"] for l in tracked] == ["transformer.h.1.mlp.c_proj"] and tracked[0]["r_out"] * tracked[0]["r_in"] >= 576
+    assert "at least 576 a block layer: blocks {1} tracked" in lines["vectors"]
     layer_lines = [line.strip() for line in r.stdout.splitlines() if line.startswith("  ")]
-    assert layer_lines == [f"{l['name'].replace('.h.0.', '.h.{0,1}.')}: 2x {shape(l)}" for l in blocks[0]] + \
-        [f"lm_head: {shape(m['layers'][-1])}"]
+    assert layer_lines == [f"{l['name']}: {shape(l)}" for l in tracked] + [f"lm_head: {shape(m['layers'][-1])}"]
     assert "MiB" in lines["size"] and f"{m['build']['seconds']:,.0f} s" in lines["built"]
 
 
@@ -181,17 +182,20 @@ def test_cli_info_manifest_fields(cli, model, request, capsys):
     assert printed["n_documents"] == N_SELF
     assert printed["format_version"] == store.FORMAT_VERSION
     assert printed["rank"] is None and printed["seed"] == 0
-    assert printed["budget"] == {"dims": 4096, "head_share": 0.75}
+    assert printed["budget"] == {"dims": 4096, "head_share": 0.75, "min_layer_dims": 576}
     assert printed["preconditioner"] == {"kind": "ekfac", "damping_ratio": 0.01}
     # the LM head is tracked by default, and the allocation is recorded layer by layer
     assert printed["layers"][-1]["name"] == "lm_head" and printed["dim"] <= 4096
     high = printed["high"]
     assert high["preconditioner"] == {"kind": "ekfac", "damping_ratio": 0.01} and high["sample_documents"] == N_SELF
-    assert high["budget"] == {"dims": 65536, "head_share": 0.75}
+    assert high["budget"] == {"dims": 65536, "head_share": 0.75, "min_layer_dims": 576}
     assert high["storage"] == BuildConfig.high_storage == "int4" and high["stored"].startswith("int4 codes")
-    assert [l["name"] for l in high["layers"]] == [l["name"] for l in printed["layers"]]
+    # the larger budget tracks every layer the compact one does (the deepest first), each at least as large
+    high_by_name = {l["name"]: l for l in high["layers"]}
+    assert set(high_by_name) >= {l["name"] for l in printed["layers"]}
     assert high["dim"] == sum(l["r_out"] * l["r_in"] for l in high["layers"]) <= 65536
-    assert all(h["r_out"] >= f["r_out"] and h["r_in"] >= f["r_in"] for h, f in zip(high["layers"], printed["layers"]))
+    assert all(high_by_name[f["name"]]["r_out"] >= f["r_out"] and high_by_name[f["name"]]["r_in"] >= f["r_in"]
+               for f in printed["layers"])
     assert printed["layers"] and printed["dim"] == sum(l["r_out"] * l["r_in"] for l in printed["layers"])
     # the fingerprint is the model's own, so the API can refuse a different checkpoint
     loaded, _ = load_model(request.getfixturevalue(f"{model}_dir"))

@@ -82,7 +82,7 @@ def test_high_rescores_the_fast_stage_candidates_to_the_configured_depth(index_d
     prompt, response = QUERIES[0]
     s = high_reference["scores"](prompt, response, "cosine")
     by_id = dict(zip(high_reference["ids"], s))
-    with TestClient(create_app(index_dir, high_depth=8)) as c:
+    with TestClient(create_app(index_dir, high_depth=8, keyword_depth=0)) as c:  # the compact stage alone
         fast = post_ok(c, "/attribute", {"prompt": prompt, "response": response, "k": 8, "precision": "fast"})
         high = post_ok(c, "/attribute", {"prompt": prompt, "response": response, "k": 3})
         # k past the depth: every returned document is still rescored (max(k, depth) candidates)

@@ -64,7 +64,7 @@ def summarize(results: dict, gt: Path, default: str) -> dict:
     out = {}
     for name, r in results.items():
         m, se = evaluate.mean_se(per_query[name])
-        row = {k: v for k, v in r.items() if k not in ("scores", "layers", "api_k10_top")}
+        row = {k: v for k, v in r.items() if k not in ("scores", "layers", "api_k10_top", "api_k10_top_no_keyword")}
         row.update(lds=m, lds_se=se)
         if default in per_query and name != default:
             d = per_query[name] - per_query[default]
@@ -121,9 +121,12 @@ def targets(results: dict, per_query: dict) -> dict:
         api = results[DEFAULT].get("api_k10_top")
         if api is not None:
             best = np.argsort(-high, axis=1, kind="stable")[:, :10]
-            out["api_k10_agreement"] = {"depth": results[DEFAULT].get("high_depth"),
-                                        "mean": float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(best, api)])),
+            agree = lambda tops: float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(best, tops)]))
+            out["api_k10_agreement"] = {"depth": results[DEFAULT].get("high_depth"), "mean": agree(api),
+                                        "keyword_depth": results[DEFAULT].get("keyword_depth"),
                                         "max_rel_error_vs_engine": results[DEFAULT].get("api_max_rel_error")}
+            if results[DEFAULT].get("api_k10_top_no_keyword") is not None:
+                out["api_k10_agreement"]["mean_without_keyword"] = agree(results[DEFAULT]["api_k10_top_no_keyword"])
     return out
 
 

@@ -489,6 +489,17 @@ def default_scores(gt: Path, work: Path, api_self_checks: int = 20, base: Path |
             "self_at1": float(np.mean((v @ v.T).argmax(axis=1) == np.arange(len(v)))),
             "self_at1_api": float(np.mean(np.array(found) == row_of[:api_self_checks])), "index_bytes_per_doc": size / n,
             "vector_bytes_per_doc": vector_bytes_per_document(s.index.manifest, prec)}
+    # the default answer (k = 10, high) with and without the keyword candidates, for the top-10 agreement
+    pos = {r: i for i, r in enumerate(row_of)}
+    default_keyword = attr.keyword_depth
+    for key, depth in (("api_k10_top", default_keyword), ("api_k10_top_no_keyword", 0)):
+        attr.keyword_depth, tops = depth, []
+        for r in q_rows:
+            hits, _, _ = attr.attribute("", "", 10, "cosine", precision="high", messages=r["messages"])
+            tops.append([pos[h.row] for h in hits])
+        out["default high cosine"][key] = np.array(tops)
+    attr.keyword_depth = default_keyword
+    out["default high cosine"].update(high_depth=attr.high_depth, keyword_depth=default_keyword)
     return out
 
 
@@ -519,7 +530,8 @@ def group_scores(q: np.ndarray, d: np.ndarray, spec: list[dict], stage: str) -> 
         return qq @ dd.T
 
     for name, cols in groups.items():
-        out[f"{stage} {name} only cosine"] = cos(q[:, cols], d[:, cols])
+        if cols.any():  # a group the budget left untracked (engine.budget) has no part to score
+            out[f"{stage} {name} only cosine"] = cos(q[:, cols], d[:, cols])
     for w in (0.5, 2.0):
         scale = np.where(groups["head"], w, 1.0)
         out[f"{stage} head x{w:g} cosine"] = cos(q * scale, d * scale)

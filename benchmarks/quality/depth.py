@@ -27,8 +27,14 @@ from . import data
 from .evaluate import lds_per_query, mean_se
 
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "depth.json"
-# Candidate minimum dimensions per block layer (0: the even spread, the rule before this benchmark).
-MIN_DIMS = (0, 16, 36, 64, 144, 256, 576, 10**9)  # 10**9: the head alone
+# Candidates per stage: (head share, minimum dimensions per block layer). The first is the even spread at
+# the shipped share (the rule before this benchmark, the baseline every other is paired against);
+# HEAD_ONLY: the head alone.
+HEAD_ONLY = 10**9
+CANDIDATES = {
+    "fast": [(0.75, m) for m in (0, 16, 36, 64, 144, 256, 576, HEAD_ONLY)],
+    "high": [(0.75, m) for m in (0, 64, 256, 576, 1024, HEAD_ONLY)] + [(h, 576) for h in (0.8, 0.85, 0.9)],
+}
 STAGES = {"fast": ("budget", "head_share"), "high": ("high_budget", "high_head_share")}
 
 
@@ -59,15 +65,15 @@ def load_bench(name: str, smoke: bool = False):
     return model, tok, d_pairs, q_pairs, masks, losses, max_tokens
 
 
-def candidates(model, defaults: dict, max_tokens: int) -> dict[tuple[str, int], dict[str, tuple[int, int]]]:
-    """(stage, min_layer_dims) -> the shapes that rule gives (engine.LoGraConfig.shapes)."""
+def candidates(model, defaults: dict, max_tokens: int) -> dict[tuple[str, float, int], dict[str, tuple[int, int]]]:
+    """(stage, head share, min_layer_dims) -> the shapes that rule gives (engine.LoGraConfig.shapes)."""
     from engine import LoGra, LoGraConfig
     out = {}
-    for stage, (b, h) in STAGES.items():
-        for m in MIN_DIMS:
-            cfg = LoGraConfig(budget=defaults[b], head_share=defaults[h], seed=defaults["seed"], max_tokens=max_tokens,
+    for stage, (b, _) in STAGES.items():
+        for share, m in CANDIDATES[stage]:
+            cfg = LoGraConfig(budget=defaults[b], head_share=share, seed=defaults["seed"], max_tokens=max_tokens,
                               min_layer_dims=m)
-            out[(stage, m)] = LoGra(model, cfg).shapes
+            out[(stage, share, m)] = LoGra(model, cfg).shapes
     return out
 
 
@@ -122,6 +128,14 @@ def _rss_gib() -> float:
         return int(f.read().split()[1]) * 4096 / 2**30
 
 
+def _reference_even(name: str) -> dict[str, np.ndarray]:
+    from .chat import grid_scores, reference_scores
+    from .specs import ground_truth
+    gt = ground_truth(name)
+    # the compact stage's mirror at today's head share (0.75) is a grid row; the reference's has 0.5
+    return {"fast": grid_scores(gt)["fast b4096 h0.75 ekfac d0.01"], "high": reference_scores(gt)["default high"]}
+
+
 def cosine_scores(vectors: dict, shapes: dict[str, tuple[int, int]]) -> np.ndarray:
     q = torch.cat([vectors[(n, s)][0] for n, s in shapes.items()], dim=1).double()
     d = torch.cat([vectors[(n, s)][1] for n, s in shapes.items()], dim=1).double()
@@ -143,14 +157,20 @@ def run_bench(name: str, work: Path, smoke: bool = False, log=print) -> dict:
     model, tok, d_pairs, q_pairs, masks, losses, max_tokens = load_bench(name, smoke)
     defaults = _defaults()
     cands = candidates(model, defaults, max_tokens)
-    wanted = {(n, s) for shapes in cands.values() for n, s in shapes.items()}
+    # the real model's even spread (every block layer) is in its ground truth already, mirrored through the
+    # engine on a GPU (chat.mirrored_defaults): not recomputed here, so the pass starts at the deepest block
+    # a candidate tracks (LoGra.backward_root) instead of the first
+    even = {} if smoke or name != "smollm2-chat" else _reference_even(name)
+    base = {stage: cands[(stage, *CANDIDATES[stage][0])] for stage in STAGES}
+    wanted = {(n, s) for (stage, *_), shapes in cands.items() if not (stage in even and shapes == base[stage])
+              for n, s in shapes.items()}
     cache = work / f"depth-{name}{'-smoke' if smoke else ''}.pt"
-    if cache.exists():
-        vectors = torch.load(cache)
-    else:
+    vectors = torch.load(cache) if cache.exists() else {}
+    missing = wanted - set(vectors)  # a layer's vectors at given sides do not depend on the others: computed once
+    if missing:
         t = time.time()
-        vectors = layer_vectors(model, tok, d_pairs, q_pairs, wanted, defaults["seed"], max_tokens,
-                                damping=defaults["damping"], log=log)
+        vectors.update(layer_vectors(model, tok, d_pairs, q_pairs, missing, defaults["seed"], max_tokens,
+                                     damping=defaults["damping"], log=log))
         log(f"{name}: per-layer vectors in {time.time() - t:.0f} s")
         work.mkdir(parents=True, exist_ok=True)
         torch.save(vectors, cache)
@@ -158,17 +178,54 @@ def run_bench(name: str, work: Path, smoke: bool = False, log=print) -> dict:
     head_name = LoGra(model, LoGraConfig(max_tokens=max_tokens)).head_name
     out = {"documents": len(d_pairs), "queries": len(q_pairs), "stages": {}}
     for stage in STAGES:
-        lds = {m: lds_per_query(cosine_scores(vectors, cands[(stage, m)]), masks, losses) for m in MIN_DIMS}
+        keys = [(stage, *c) for c in CANDIDATES[stage]]
+        lds = {key: lds_per_query(even[stage] if stage in even and cands[key] == base[stage]
+                                  else cosine_scores(vectors, cands[key]), masks, losses) for key in keys}
         rows = {}
-        for m in MIN_DIMS:
-            same = cands[(stage, m)] == cands[(stage, 0)]
-            rows[str(m)] = {**describe(cands[(stage, m)], head_name), "lds": mean_se(lds[m]),
-                            "vs_even": None if same else mean_se(lds[m] - lds[0]), "same_as_even": same}
+        for key in keys:
+            same = cands[key] == base[stage]
+            rows[f"h{key[1]:g} min{key[2]}"] = {
+                **describe(cands[key], head_name), "head_share": key[1], "min_layer_dims": key[2], "lds": mean_se(lds[key]),
+                "vs_even": None if same else mean_se(lds[key] - lds[keys[0]]), "same_as_even": same}
         out["stages"][stage] = rows
-        for m, r in rows.items():
+        for label, r in rows.items():
             vs = "=" if r["same_as_even"] else f"{r['vs_even'][0]:+.3f} ± {r['vs_even'][1]:.3f}"
-            log(f"{name} {stage} min {m:>4}: LDS {r['lds'][0]:.3f} ± {r['lds'][1]:.3f}  vs even {vs}  head {r['head']} "
+            log(f"{name} {stage} {label:>16}: LDS {r['lds'][0]:.3f} ± {r['lds'][1]:.3f}  vs even {vs}  head {r['head']} "
                 f"blocks {r['blocks']} ({r['block_layers']} layers at {r['block_sides']}) dim {r['dim']:,}")
+    return out
+
+
+# Architectures whose allocation the docs show (engine.budget at the shipped defaults), built on the meta
+# device from configs alone: the real model, a Llama-3-8B, and the smallest stack (one Llama block, 7 layers)
+SHOWN = {
+    "SmolLM2-135M (30 blocks, vocabulary 49,152)": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                                                         num_hidden_layers=30, num_attention_heads=9,
+                                                         num_key_value_heads=3, tie_word_embeddings=True),
+    "Llama-3-8B (32 blocks, vocabulary 128,256)": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                                                        num_hidden_layers=32, num_attention_heads=32,
+                                                        num_key_value_heads=8, tie_word_embeddings=False),
+    "a 7-layer toy (1 Llama block, 64 wide, vocabulary 4,096)": dict(vocab_size=4096, hidden_size=64,
+                                                                      intermediate_size=256, num_hidden_layers=1,
+                                                                      num_attention_heads=4, num_key_value_heads=4),
+}
+
+
+def allocations(defaults: dict | None = None) -> dict:
+    """What the shipped rule gives each SHOWN architecture, per stage: the head's sides, the blocks
+    tracked, their layers' sides, the dimensions."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from engine import LoGra, LoGraConfig
+    d = defaults or _defaults()
+    out = {}
+    for name, cfg in SHOWN.items():
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(LlamaConfig(**cfg))
+        out[name] = {}
+        for stage, (b, h) in STAGES.items():
+            m = d["min_layer_dims"] if stage == "fast" else d["high_min_layer_dims"]
+            logra = LoGra(model, LoGraConfig(budget=d[b], head_share=d[h], min_layer_dims=m))
+            out[name][stage] = describe(logra.shapes, logra.head_name)
     return out
 
 
@@ -180,6 +237,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", type=Path, default=None, help=f"results JSON (default {RESULTS}; smoke: not written)")
     args = p.parse_args(argv)
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() and not args.smoke else {}
+    results["allocations"] = allocations()
     for name in args.benches:
         results[name] = run_bench(name, args.work, args.smoke)
         out = args.out or (None if args.smoke else RESULTS)

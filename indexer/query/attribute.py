@@ -99,8 +99,9 @@ def attribute_queries(cfg: AttributeConfig) -> dict:
             vectors, _ = opened.vectors(stages, [pair for _, pair in batch])
             fast, high = vectors if len(vectors) > 1 else (vectors[0], [None] * len(batch))
             lines = []
-            for (record, _), fq, hq in zip(batch, fast, high):
-                hits = rank(opened.index, fq, cfg.k, cfg.mode, cfg.direction, high_q=hq, depth=cfg.depth)
+            for (record, (prompt, response)), fq, hq in zip(batch, fast, high):
+                hits = rank(opened.index, fq, cfg.k, cfg.mode, cfg.direction, high_q=hq, depth=cfg.depth,
+                            text=f"{prompt}\n{response}")
                 lines += [json.dumps({"query_id": record.id, "rank": i + 1, "id": ids[h.row], "score": h.score,
                                       "stage": h.stage}) + "\n" for i, h in enumerate(hits)]
             f.write("".join(lines).encode())

@@ -14,7 +14,7 @@ from ..ann import pad_to, unit_rows
 from ..store import Index
 from .stage import Stage
 
-__all__ = ["DIRECTIONS", "HIGH_DEPTH", "Hit", "exact_search", "rank", "rerank_search", "search"]
+__all__ = ["DIRECTIONS", "HIGH_DEPTH", "KEYWORD_DEPTH", "Hit", "exact_search", "rank", "rerank_search", "search"]
 
 DIRECTIONS = {"proponents": 1.0, "opponents": -1.0}
 # FAISS candidates for the exact rerank: rerank_factor x max(CANDIDATES_PER_HIT x k, k + CANDIDATES_MIN_EXTRA),
@@ -27,6 +27,9 @@ COMPACT, HIGH = Stage("fast"), Stage("high")  # the stages' stored rows and scor
 # The high-fidelity stage rescores this many of the compact vectors' best candidates (or k, if more):
 # docs/quality.md "Two stages" gives the k = 10 answers' agreement with the top 10 over every document by depth.
 HIGH_DEPTH = 150
+# ...and this many of a keyword (BM25) search's best documents besides, so that it never misses what
+# keyword search finds (docs/quality.md, the candidate stage)
+KEYWORD_DEPTH = 50
 
 
 @dataclass
@@ -79,10 +82,12 @@ def exact_search(index: Index, rows: np.ndarray, q: np.ndarray, k: int, mode: st
 
 
 def rank(index: Index, fast_q: np.ndarray, k: int, mode: str, direction: str = "proponents",
-         rows: np.ndarray | None = None, high_q: np.ndarray | None = None, depth: int = 0) -> list[Hit]:
+         rows: np.ndarray | None = None, high_q: np.ndarray | None = None, depth: int = 0,
+         text: str = "", keyword_depth: int = KEYWORD_DEPTH) -> list[Hit]:
     """The top k for one query: the compact vector `fast_q` ranks the index (or `rows` only, exactly);
-    with `high_q` (the query's high-fidelity vector) its top max(k, depth) are rescored by the
-    high-fidelity stage and the best k of them returned, best first (ties by row)."""
+    with `high_q` (the query's high-fidelity vector) its top max(k, depth), with the best `keyword_depth`
+    documents of a keyword search for `text` (proponents only), are rescored by the high-fidelity stage
+    and the best k of them returned, best first (ties by row)."""
     depth = max(k, depth) if high_q is not None else k
     # The high stage needs the compact vectors' top `depth` roughly right, not their exact k: 4 x depth
     # FAISS candidates reranked exactly (rerank_factor x that read ~160 MB a query at depth 150 and 100k).
@@ -91,6 +96,9 @@ def rank(index: Index, fast_q: np.ndarray, k: int, mode: str, direction: str = "
     if high_q is None or not hits:
         return hits
     cand = np.array([h.row for h in hits])
+    if text and keyword_depth > 0 and direction == "proponents":
+        keyword = index.keyword_rows(text, keyword_depth)
+        cand = np.union1d(cand, keyword if rows is None else np.intersect1d(keyword, rows))
     scores = HIGH.scores(index, cand, high_q, mode)
     order = np.lexsort((cand, -DIRECTIONS[direction] * scores))[:k]
     return [Hit(int(cand[i]), float(scores[i]), "high") for i in order]
