@@ -173,8 +173,11 @@ def table(summary: dict, names=None) -> str:
             f"{d}: {v:.2f}" for d, v in t["top10_agreement_by_depth"].items()) + ".")
     if "api_k10_agreement" in t:
         a = t["api_k10_agreement"]
-        lines.append(f"API k = 10 at depth {a['depth']}: {a['mean']:.2f} of the k = all top 10 "
-                     f"(stored float16 vs recomputed scores, max error {a['max_rel_error_vs_engine']:.1e} of the largest).")
+        err = a.get("max_rel_error_vs_engine")
+        keyword = (f" with {a['keyword_depth']} keyword candidates ({a['mean_without_keyword']:.2f} without)"
+                   if a.get("mean_without_keyword") is not None else "")
+        lines.append(f"API k = 10 at depth {a['depth']}{keyword}: {a['mean']:.2f} of the k = all top 10"
+                     + (f" (stored vs recomputed scores, max error {err:.1e} of the largest)." if err is not None else "."))
     gr = summary.get("groups")
     if gr:
         lines += ["", f"Group values against retraining ({gr['groups']} groups by {gr['field']}, "

@@ -215,10 +215,12 @@ def mirror_stage(model, tokenizer, q_pairs, d_pairs, settings: dict, stage: str,
     from engine import LoGra, LoGraConfig, Preconditioner, encode_pairs, fit_preconditioner, pair_vectors
     s = settings
     config = LoGraConfig(rank=s["rank"], budget=s["budget"], head_share=s["head_share"], head=s["head"], seed=s["seed"],
-                         include=s["include"], exclude=s["exclude"], max_tokens=s["max_tokens"])
+                         include=s["include"], exclude=s["exclude"], max_tokens=s["max_tokens"],
+                         min_layer_dims=s.get("min_layer_dims", 0))  # absent from defaults.json before the depth rule
     kind, damping, sample = s["preconditioner"], s["damping"], len(d_pairs)
     if stage == "high":
-        config = replace(config, budget=s["high_budget"], head_share=s["high_head_share"])
+        config = replace(config, budget=s["high_budget"], head_share=s["high_head_share"],
+                         min_layer_dims=s.get("high_min_layer_dims", 0))
         kind, damping, sample = s["high_preconditioner"], s["high_damping"], s["high_sample"]
     t = time.time()
     logra = LoGra(model, config)
@@ -577,7 +579,8 @@ def all_scores(gt: Path, work: Path, smoke: bool = False, log=print) -> dict:
                          "scores": np.random.default_rng(0).standard_normal(ref["full-dot"].shape)}
     if not smoke:
         log("default index (build_index on the real model) and its queries")
-        results.update(default_scores(gt, work))
+        from .methods import _cached, defaults_tag
+        results.update(_cached(work, f"chat-default-{defaults_tag()}", lambda: default_scores(gt, work)))
         log("layer groups of both stages")
         for stage, (qv, dv, spec) in stage_vectors(gt, default_index(gt, work)).items():
             results.update(group_scores(qv, dv, spec, stage))
