@@ -37,9 +37,10 @@ def sides(layer: TrackedLayer, dims: int) -> tuple[int, int]:
 
 
 def block_of(name: str) -> int | None:
-    """The index of the transformer block a layer's name puts it in (`model.layers.12.mlp.up_proj` -> 12)."""
-    found = re.findall(r"\.(\d+)\.", f".{name}.")
-    return int(found[-1]) if found else None
+    """The index of the transformer block a layer's name puts it in (`model.layers.12.mlp.up_proj` -> 12): the
+    first number in the name, so that a numbered module inside a block (an MoE expert) stays in its block."""
+    found = re.search(r"\.(\d+)\.", f".{name}.")
+    return int(found.group(1)) if found else None
 
 
 def deepest(layers: list[TrackedLayer], n: int) -> list[TrackedLayer]:

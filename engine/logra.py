@@ -163,18 +163,14 @@ class LoGra:
     def _find_root(self) -> tuple[float, nn.Module | None]:
         if self.head_only:
             return float("inf"), self.layers[0].module
-        stacks = [name + "." for name, m in self.model.named_modules() if isinstance(m, nn.ModuleList) and name]
-        first = None
-        for layer in self.layers:
-            prefix = next((p for p in stacks if layer.name.startswith(p)), None)
-            if prefix is None:
-                continue
-            index = int(layer.name[len(prefix):].split(".")[0])
-            if first is None or index < first[0]:
-                first = (index, prefix)
-        if first is None or first[0] == 0 or len(stacks) != 1:
+        from .budget import block_of
+        # one stack of blocks (the outermost ModuleList) whose members hold every tracked block layer
+        stacks = [name for name, m in self.model.named_modules() if isinstance(m, nn.ModuleList) and name]
+        blocks = [block_of(l.name) for l in self.layers if l.name != self.head_name]
+        outer = [s for s in stacks if not any(s.startswith(o + ".") for o in stacks)]
+        if len(outer) != 1 or not blocks or None in blocks or min(blocks) == 0:
             return -1, None
-        return first[0], self.model.get_submodule(f"{first[1]}{first[0]}")
+        return min(blocks), self.model.get_submodule(f"{outer[0]}.{min(blocks)}")
 
     def projection(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(P_in, P_out) of a layer as matrices (an identity for a side kept whole)."""
