@@ -8,6 +8,9 @@ kinds:
 - `ekfac`: K-FAC's eigenbasis with the eigenvalues replaced by the gradients' own second moments
   in that basis (George et al. 2018); needs a second pass over the gradients.
 Damping: lambda = damping_ratio x mean eigenvalue of H, per layer. All fitting in float64 (EK-FAC's eigenvalue pass may rotate the gradients in float32: update_second).
+Sums carry their rounding error (Neumaier's compensated summation), so the fitted state does not
+depend on the order the batches came in: processes that split a corpus (`reduce`) fit the state one
+process fits on all of it. Eigenvectors have a fixed sign (each one's largest entry positive).
 A layer whose output-gradient statistics come as a vector (LoGra.diagonal_out: the LM head's
 vocabulary side kept whole) has a diagonal S: its K-FAC eigenbasis is the identity on that side.
 """
@@ -18,6 +21,19 @@ from typing import Callable
 import torch
 
 KINDS = ("none", "raw", "kfac", "ekfac")
+COMP = "~"  # a sum's key + COMP: its running compensation (the rounding errors of the additions so far)
+
+
+def _two_sum(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """a + b rounded, and the rounding error it made (Neumaier)."""
+    t = a + b
+    return t, torch.where(a.abs() >= b.abs(), (a - t) + b, (b - t) + a)
+
+
+def _signed(q: torch.Tensor) -> torch.Tensor:
+    """Eigenvectors (columns) with a fixed sign: each one's entry of largest magnitude positive."""
+    top = q.abs().argmax(dim=0, keepdim=True)
+    return q * torch.where(q.gather(0, top) < 0, -1.0, 1.0).to(q.dtype)
 
 
 class Preconditioner:
@@ -36,6 +52,7 @@ class Preconditioner:
         self.n_tokens = 0
         self.sums: dict[str, dict[str, torch.Tensor]] = {name: {} for name in self.shapes}
         self.state: dict[str, dict[str, torch.Tensor]] = {}
+        self._bases = None  # kfac, ekfac: the fitted eigenbases (_eigenbases)
         self.finalized = kind == "none"
 
     @property
@@ -61,7 +78,16 @@ class Preconditioner:
     def _acc(self, name: str, key: str, value: torch.Tensor) -> None:
         value = value.detach().to("cpu", torch.float64)
         s = self.sums[name]
-        s[key] = s[key] + value if key in s else value
+        if key not in s:
+            s[key], s[key + COMP] = value, torch.zeros_like(value)
+            return
+        s[key], err = _two_sum(s[key], value)
+        s[key + COMP] = s.get(key + COMP, torch.zeros_like(value)) + err  # a sum saved before COMP has none
+
+    def _sum(self, name: str, key: str) -> torch.Tensor:
+        """A statistic's sum, its compensation added."""
+        s = self.sums[name]
+        return s[key] + s[key + COMP] if key + COMP in s else s[key]
 
     def update(self, grads, token_stats: dict | None = None) -> None:
         grads = self.split(grads)
@@ -88,11 +114,14 @@ class Preconditioner:
         self.n_docs, self.n_tokens = state["n_docs"], state["n_tokens"]
         self.sums = {n: dict(d) for n, d in state["sums"].items()}
 
-    def reduce(self, total: Callable[[torch.Tensor], torch.Tensor], second: bool = False) -> None:
-        """Combine statistics gathered by several processes, each over part of the data: `total`
-        sums a float64 tensor over the processes (an all-reduce), and every process calls this at
-        the same point, after `update` (or, with `second`, after `update_second`). Afterwards each
-        holds the statistics of all the data; a process that saw none contributes zeros."""
+    def reduce(self, gather: Callable[[torch.Tensor], list[torch.Tensor]], second: bool = False,
+               broadcast: Callable = lambda obj: obj) -> None:
+        """Combine statistics gathered by several processes, each over part of the data: `gather`
+        returns every process's float64 tensor in rank order (an all-gather), and every process calls
+        this at the same point, after `update` (or, with `second`, after `update_second`). Afterwards each
+        holds the statistics of all the data (compensated sums: the same, to the last bit, whatever
+        the split); a process that saw none contributes zeros. kfac and ekfac: the eigenbases are then
+        fitted and taken from rank 0 (`broadcast`), so every process rotates with the same ones."""
         if second:
             self._begin_second()
             keys = ("E",)
@@ -103,21 +132,34 @@ class Preconditioner:
             shapes = {"gg": (r_out * r_in, r_out * r_in), "A": (r_in, r_in), "S": s_shape, "E": (r_out, r_in)}
             s = self.sums[name]
             for key in keys:
-                s[key] = total(s[key] if key in s else torch.zeros(shapes[key], dtype=torch.float64))
+                zero = torch.zeros(shapes[key], dtype=torch.float64)
+                mine = torch.stack([s.get(key, zero), s.get(key + COMP, zero)])
+                total, comp = zero, zero
+                for part in gather(mine):
+                    for x in part:
+                        total, err = _two_sum(total, x)
+                        comp = comp + err
+                s[key], s[key + COMP] = total, comp
+        counts = lambda *n: [int(x) for x in sum(gather(torch.tensor(n, dtype=torch.float64))).tolist()]
         if second:
-            self._second_docs = int(total(torch.tensor([self._second_docs], dtype=torch.float64)).item())
+            self._second_docs = counts(self._second_docs)[0]
         else:
-            n = total(torch.tensor([self.n_docs, self.n_tokens], dtype=torch.float64)).tolist()
-            self.n_docs, self.n_tokens = int(n[0]), int(n[1])
+            self.n_docs, self.n_tokens = counts(self.n_docs, self.n_tokens)
+            if self.kind in ("kfac", "ekfac"):
+                self._bases = broadcast(self._eigenbases())
 
     def _eigenbases(self) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per layer (Q_S, eigenvalues of S, Q_A, eigenvalues of A), fitted once (or set by `reduce`)."""
+        if getattr(self, "_bases", None) is not None:
+            return self._bases
         out = {}
         for name in self.shapes:
-            A = self.sums[name]["A"] / max(self.n_tokens, 1)
-            S = self.sums[name]["S"] / max(self.n_docs, 1)
+            A = self._sum(name, "A") / max(self.n_tokens, 1)
+            S = self._sum(name, "S") / max(self.n_docs, 1)
             la, qa = torch.linalg.eigh(A)
             ls, qs = (S, None) if S.dim() == 1 else torch.linalg.eigh(S)  # None: the identity
-            out[name] = (qs, ls.clamp_min(0), qa, la.clamp_min(0))
+            out[name] = (None if qs is None else _signed(qs), ls.clamp_min(0), _signed(qa), la.clamp_min(0))
+        self._bases = out
         return out
 
     def _begin_second(self) -> None:
@@ -140,14 +182,24 @@ class Preconditioner:
     def update_second(self, grads, dtype: torch.dtype = torch.float64, rotated: bool = False) -> None:
         """ekfac only: second moments of the gradients rotated into the K-FAC eigenbasis, the rotation
         in `dtype` (float32: the arithmetic `apply(eigenbasis=True, dtype=torch.float32)` does, a third of
-        float64's time) and the squares summed in float64. `rotated`: `grads` come from `rotate`."""
+        float64's time) and the squares summed in float64, a document at a time with compensation (the
+        same sums however the documents are split into calls). `rotated`: `grads` come from `rotate`."""
         grads = self.split(grads)
         self._begin_second()
         n = next(iter(grads.values())).shape[0]
         self._second_docs += n
-        for name, g in grads.items():
-            rot = g if rotated else _rotate(g.detach().to("cpu", dtype), *self._basis(name, dtype))
-            self._acc(name, "E", rot.square().sum(dim=0, dtype=torch.float64))
+        squares = torch.cat([(g if rotated else _rotate(g.detach().to("cpu", dtype), *self._basis(name, dtype)))
+                             .reshape(n, -1).to(torch.float64).square() for name, g in
+                             ((name, grads[name]) for name in self.shapes)], dim=1)  # in the layers' order
+        widths = [r_out * r_in for r_out, r_in in self.shapes.values()]
+        zero = lambda name: torch.zeros(self.shapes[name], dtype=torch.float64).flatten()
+        total = torch.cat([self.sums[name].get("E", zero(name)).flatten() for name in self.shapes])
+        comp = torch.cat([self.sums[name].get("E" + COMP, zero(name)).flatten() for name in self.shapes])
+        for row in squares:  # one vector operation a document over every layer at once
+            total, err = _two_sum(total, row)
+            comp += err
+        for name, t, c in zip(self.shapes, total.split(widths), comp.split(widths)):
+            self.sums[name]["E"], self.sums[name]["E" + COMP] = t.reshape(self.shapes[name]), c.reshape(self.shapes[name])
 
     def finalize(self) -> "Preconditioner":
         if self.kind == "none":
@@ -157,7 +209,7 @@ class Preconditioner:
             raise ValueError("cannot fit a preconditioner on zero documents")
         if self.kind == "raw":
             for name in self.shapes:
-                H = self.sums[name]["gg"] / self.n_docs
+                H = self._sum(name, "gg") / self.n_docs
                 evals, evecs = torch.linalg.eigh(H)
                 evals = evals.clamp_min(0)
                 damp = self.damping_ratio * evals.mean()
@@ -169,7 +221,7 @@ class Preconditioner:
                 if self.kind == "ekfac":
                     if "E" not in self.sums[name]:
                         raise ValueError("ekfac needs a second pass: call update_second over the gradients first")
-                    eig = self.sums[name]["E"] / self._second_docs
+                    eig = self._sum(name, "E") / self._second_docs
                 else:
                     eig = torch.outer(ls, la)  # eigenvalues of S (x) A
                 damp = self.damping_ratio * eig.mean()

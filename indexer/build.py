@@ -175,9 +175,10 @@ def build_index(cfg: BuildConfig) -> Manifest | None:
     """Build the index described by `cfg` and return its manifest. A build that is killed or
     crashes keeps its completed shards; the same call again resumes after them.
 
-    Under torchrun (WORLD_SIZE > 1) every process runs this: each computes the gradients of its
-    share of the shards, the preconditioner statistics are summed over the processes, and rank 0
-    writes the index and returns the manifest; the other processes return None."""
+    Under torchrun (WORLD_SIZE > 1) every process runs this: each computes both stages' gradients of
+    its share of the shards (the high-fidelity stage fitted from every process's share of the first
+    shards), the preconditioners' statistics are summed over the processes, and rank 0 writes the
+    index and returns the manifest; the other processes return None."""
     started = time.time()
     procs = Processes.from_env(cfg.device)
     writer = None
@@ -186,7 +187,7 @@ def build_index(cfg: BuildConfig) -> Manifest | None:
         model, tokenizer = _load(cfg)
         key = resume_key(cfg, model_fingerprint(model))
         if procs.world > 1:  # each process's checkpoint covers its own shards: resumable by as many processes
-            key = f"{key}/{procs.world} processes"
+            key = f"{key}/{procs.world} processes, high stage in the pass"  # (not a partial build from before)
         with procs.step():  # rank 0 takes the lock and prepares the folder ...
             if procs.main:
                 writer = IndexWriter(cfg.out, overwrite=cfg.overwrite, key=key, world=procs.world)
@@ -339,12 +340,12 @@ def _build(cfg: BuildConfig, model, tokenizer, writer: IndexWriter, started: flo
                                                 response_field=cfg.response_field, id_field=cfg.id_field,
                                                 skip_bad=skip_bad, stats=stats, formatter=TextFormatter(fmt, tokenizer))
     records = read(cfg.skip_bad, stats)
-    # One process: the high-fidelity stage is fitted on the first documents first, so the gradient
-    # pass computes both stages' vectors from one forward and backward pass per batch (a bad record
-    # is skipped here: the gradient pass reports it or skips it too, so the sample is the first rows). Several
-    # processes fit it once their shards are merged, and compute its vectors in a pass of their own.
+    # The high-fidelity stage is fitted inside the gradient pass from its first shards (every process
+    # its own share of them), so the pass computes both stages' vectors from one forward and backward
+    # pass per batch (a bad record is skipped here: the gradient pass reports it or skips it too, so
+    # the sample is the first rows).
     high = sampler = None
-    if cfg.high and procs.world == 1:
+    if cfg.high:
         if writer.high_state is None and (writer.n_rows == 0 or "high_sample" in (writer.resumed or {})):
             sampler = HighSampler(cfg, model, logra, writer)  # fitted inside the gradient pass
         else:  # fitted before a kill, or a partial build that fitted it in a pass of its own
@@ -354,7 +355,7 @@ def _build(cfg: BuildConfig, model, tokenizer, writer: IndexWriter, started: flo
         counts, gradient_seconds, n_done_before, tokens_at_start, high = _gradient_pass(
             cfg, records, logra, tokenizer, pre, writer, procs=procs, high=high, sampler=sampler)
     # Sums over the processes (each of them holds its own shards' share); the identity in one process.
-    pre.reduce(procs.sum)
+    pre.reduce(procs.gather, broadcast=procs.broadcast)
     counts = procs.total(counts)
     done = procs.total({"rows": writer.n_rows, "shards": writer.n_shards, "before": n_done_before,
                         "tokens_at_start": tokens_at_start})
@@ -367,7 +368,8 @@ def _build(cfg: BuildConfig, model, tokenizer, writer: IndexWriter, started: flo
             for block in tqdm(writer.raw_shards(), total=writer.n_shards, unit="shard", desc="ekfac eigenvalues",
                               disable=not (cfg.progress and procs.main), dynamic_ncols=True):
                 pre.update_second(torch.from_numpy(block))
-        pre.reduce(procs.sum, second=True)
+        pre.reduce(procs.gather, second=True)
+    world = procs.world
     procs.part()  # rank 0 writes the index from every process's shards; the others are done
     if not procs.main:
         return None
@@ -375,9 +377,8 @@ def _build(cfg: BuildConfig, model, tokenizer, writer: IndexWriter, started: flo
     n_done_before, tokens_at_start = done["before"], done["tokens_at_start"]
     pre.finalize()
     faiss_info = _write_vectors(cfg, pre, writer, logra.dim)
-    if cfg.high and high is None:
-        high = _fit_high(cfg, model, tokenizer, logra, writer, (p for shard in writer.documents() for p in shard))
-        _write_high(cfg, high, tokenizer, writer)
+    if high is not None and world > 1:  # each process wrote its own shards' rows
+        writer.merge_high(world, cfg.shard_size, high.logra.dim, high.storage)
 
     total_seconds = time.time() - started
     manifest = Manifest(
@@ -493,15 +494,19 @@ class HighSampler:
     become those documents' rows, and later shards get theirs directly. No model pass
     of its own (`fit_sample` makes one). The statistics ride in the shards' checkpoints and the
     scratch rows are flushed before them, so a killed build resumes the sample too."""
-    SCRATCH = "high-sample.f32"
-    ROTATED = "high-sample-rotated.f32"  # EK-FAC: the scratch rows in the stage's eigenbasis, once fitted
-
     def __init__(self, cfg: BuildConfig, model, fast: LoGra, writer: IndexWriter):
         self.logra = LoGra(model, cfg.high_config(fast.config))
         self.pre = Preconditioner(cfg.high_preconditioner, self.logra.shapes, damping_ratio=cfg.high_damping)
         self.cfg, self.writer, self.rows = cfg, writer, 0
-        self.path = writer.tmp / self.SCRATCH
+        self.path, self.rotated = self.scratch(writer)
         self.file = open(self.path, "r+b" if self.path.is_file() else "w+b")
+
+    @staticmethod
+    def scratch(writer: IndexWriter) -> tuple[Path, Path]:
+        """This process's scratch files: the sample's raw rows, and (EK-FAC) the same rows in the
+        stage's eigenbasis once it is fitted."""
+        tag = "" if writer.world == 1 else f"-{writer.rank}"
+        return writer.tmp / f"high-sample{tag}.f32", writer.tmp / f"high-sample-rotated{tag}.f32"
 
     def state(self) -> dict:
         return {"rows": self.rows, "preconditioner": self.pre.stats_state()}
@@ -523,18 +528,23 @@ class HighSampler:
         os.fsync(self.file.fileno())  # before the shard's checkpoint, which counts these rows
         self.rows += n
 
-    def finish(self, out: HighVectorWriter) -> HighStage:
+    def finish(self, out: HighVectorWriter, procs: Processes = Processes()) -> HighStage | None:
         """Fit on the sample (EK-FAC's eigenvalue statistics from the scratch rows), save the fitted
-        state, then write the sample's rows."""
+        state, then write the sample's rows. Several processes call this together, each with its share
+        of the sample: the statistics are summed over them, rank 0's fitted state is every one's.
+        None when no process has a sample document."""
         t0 = time.time()
         self.file.close()
+        self.pre.reduce(procs.gather, broadcast=procs.broadcast)  # the identity in one process
+        if self.pre.n_docs == 0:
+            return None
         # The rotated rows are kept in memory when they fit ROTATED_IN_MEMORY_BYTES (1 GiB at the default
         # 4,096 x 65,536), else written to a second scratch file: the file costs a write, an fsync and a
         # read of as many bytes.
         in_memory = self.rows * self.logra.dim * 4 <= ROTATED_IN_MEMORY_BYTES
         kept: list[torch.Tensor] = []
         if self.pre.needs_second_pass:  # rotated once, in float32 as the stored rows are (HighStage.vectors)
-            with contextlib.nullcontext() if in_memory else open(self.writer.tmp / self.ROTATED, "wb") as f:
+            with contextlib.nullcontext() if in_memory else open(self.rotated, "wb") as f:
                 for x in scratch_blocks(self.path, self.logra.dim, 0, self.rows):
                     rot = self.pre.rotate(torch.from_numpy(x), dtype=torch.float32)
                     self.pre.update_second(rot, dtype=torch.float32, rotated=True)
@@ -545,14 +555,18 @@ class HighSampler:
                 if not in_memory:
                     f.flush()
                     os.fsync(f.fileno())  # before the saved state, which says the file is whole
+            self.pre.reduce(procs.gather, second=True)
         self.pre.finalize()
-        state = _engine_state(self.logra, self.pre)
-        saved = {"state": state, "sample_documents": self.rows, "fit_seconds": round(time.time() - t0, 2)}
-        self.writer.save_high_state(saved)  # from here a resumed build has the stage (_fit_high loads it)
+        saved = {"state": _engine_state(self.logra, self.pre), "sample_documents": self.pre.n_docs,
+                 "fit_seconds": round(time.time() - t0, 2)}
+        if procs.main:
+            self.writer.save_high_state(saved)  # from here a resumed build has the stage (_fit_high loads it)
+        # every process scales its rows with rank 0's state (and goes on only once it is saved)
+        self.pre = Preconditioner.from_state_dict(procs.broadcast(saved["state"]["preconditioner"] if procs.main else None))
         if self.pre.needs_second_pass and not in_memory:
             self.path.unlink(missing_ok=True)  # the rotated rows replace the raw ones
-        high = HighStage(self.logra, self.pre, state, self.rows, self.cfg.high_damping, saved["fit_seconds"],
-                         self.cfg.high_storage)
+        high = HighStage(self.logra, self.pre, saved["state"], self.pre.n_docs, self.cfg.high_damping,
+                         saved["fit_seconds"], self.cfg.high_storage)
         kept.reverse()
         while kept:  # the raw file stays until they are written: a build killed meanwhile resumes from it
             out.add(high.vectors(kept.pop(), rotated=True).numpy())  # each block freed once written
@@ -566,7 +580,7 @@ class HighSampler:
         """The stored rows of the sample's documents from the scratch file, after those `out` has,
         up to the checkpointed shards (a build killed while writing them resumes here); then the
         scratch file goes."""
-        raw, rotated = writer.tmp / cls.SCRATCH, writer.tmp / cls.ROTATED
+        raw, rotated = cls.scratch(writer)
         # the rotated rows are whole once the state is saved (finish); a build from before they were
         # written, or with kfac, has the raw ones
         path = rotated if rotated.is_file() and high.pre.kind == "ekfac" else raw
@@ -615,27 +629,6 @@ def scratch_blocks(path: Path, dim: int, start: int, stop: int) -> Iterator[np.n
     for s in range(start, stop, block):
         n = min(block, stop - s)
         yield np.fromfile(path, np.float32, count=n * dim, offset=4 * s * dim).reshape(n, dim)
-
-
-def _write_high(cfg: BuildConfig, high: HighStage, tokenizer, writer: IndexWriter) -> None:
-    """Every document's high-fidelity vector in a pass of its own (builds of several processes),
-    after those a killed run already wrote."""
-    out = writer.high_vectors(high.logra.dim, high.storage)
-    done = out.rows - writer.row_offset
-    with tqdm(total=writer.n_rows, initial=done, unit="doc", desc="high-fidelity vectors", disable=not cfg.progress,
-              dynamic_ncols=True) as bar:
-        seen = 0
-        for shard in writer.documents():
-            todo = shard[max(0, done - seen):]
-            seen += len(shard)
-            if not todo:
-                continue
-            pairs = [document_pair(p, t) for p, t in todo]
-            stage = high.folded()  # the eigenbasis in the projections: rows only scaled
-            out.add(pair_vectors(stage.logra, stage.pre, tokenizer, pairs, batch_size=cfg.batch_size).numpy())
-            out.checkpoint()
-            bar.update(len(todo))
-    out.close(writer.row_offset + writer.n_rows)
 
 
 def _gradient_pass(cfg: BuildConfig, records, logra: LoGra, tokenizer, pre: Preconditioner, writer: IndexWriter,
@@ -690,16 +683,19 @@ def _gradient_pass(cfg: BuildConfig, records, logra: LoGra, tokenizer, pre: Prec
         if pending is not None:
             pending.result()
             pending = None
-        return sampler.finish(high_out)
+        return sampler.finish(high_out, procs)
 
     # Shards are written by one background thread while the next is computed; at most one waits.
     io, pending = ThreadPoolExecutor(1, thread_name_prefix="shard-writer"), None
     try:  # the bar is closed on errors too, so an error message starts on a line of its own
         for number, shard in enumerate(_chunks(records, cfg.shard_size), start=first_shard):
+            # The sample is the whole shards before the first to reach high_sample documents. Every
+            # process fits the stage at that shard, having read the same records (a bad one stops
+            # every process before or after the fit, never one in it), owned or not.
+            if high is None and sampler is not None and number * cfg.shard_size >= cfg.high_sample:
+                high = fit_high()
             if not writer.owns(number):
                 continue
-            if high is None and sampler is not None and sampler.rows >= cfg.high_sample:  # the sample is complete
-                high = fit_high()
             raw, high_rows, encoded = _shard_gradients(cfg, shard, logra, tokenizer, pre, fit, counts, progress, high,
                                                        sampler if high is None else None)
             rows = [_row(r, e) for r, e in zip(shard, encoded)]
@@ -708,7 +704,7 @@ def _gradient_pass(cfg: BuildConfig, records, logra: LoGra, tokenizer, pre: Prec
             if pending is not None:
                 pending.result()  # a write error stops the pass here
             pending = io.submit(write, rows, raw, state, high_rows)
-        if high is None and sampler is not None and sampler.rows > 0:  # the sample is complete, or the corpus is
+        if high is None and sampler is not None and (sampler.rows > 0 or procs.world > 1):  # the corpus ended first
             high = fit_high()
         if pending is not None:
             pending.result()

@@ -101,6 +101,15 @@ class Processes:
         dist.all_gather_object(out, obj)
         return out
 
+    def broadcast(self, obj):
+        """Rank 0's `obj` in every process (e.g. a fitted state every process must use as it is)."""
+        if self.world == 1:
+            return obj
+        import torch.distributed as dist
+        box = [obj if self.main else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def most(self, value: float) -> float:
         """The largest of one number over all processes (e.g. the slowest one's seconds)."""
         if self.world == 1:

@@ -311,7 +311,33 @@ class IndexWriter:
         _atomic_torch_save(state, self.tmp / "high-state.pt")
 
     def high_vectors(self, dim: int, storage: str) -> "HighVectorWriter":
-        return HighVectorWriter(self.tmp, dim, storage, self.base)
+        """The writer of this process's high-fidelity rows: the build's own (one process, or after
+        `merge`), else a folder of this process's that `merge_high` reads."""
+        if self.world == 1:
+            return HighVectorWriter(self.tmp, dim, storage, self.base)
+        folder = self.tmp / f"high-{self.rank}"
+        folder.mkdir(exist_ok=True)
+        return HighVectorWriter(folder, dim, storage)
+
+    def merge_high(self, world: int, shard_size: int, dim: int, storage: str) -> None:
+        """Rank 0, after `merge`: the high-fidelity rows `world` processes wrote (`high_vectors`), one
+        after the other in input order (shard i is process i % world's), copied as stored into the
+        build's rows. Started afresh if a kill interrupted it."""
+        folders = [self.tmp / f"high-{r}" for r in range(world)]
+        parts = [HighRows.open(f, storage, dim) for f in folders]
+        out = HighVectorWriter(self.tmp, dim, storage)
+        out.rewind(0)
+        at = [0] * world
+        for i in range(self.n_shards):
+            part, n = parts[i % world], min(shard_size, self.n_rows - i * shard_size)
+            rows = slice(at[i % world], at[i % world] + n)
+            scales = part.scales[rows] if part.scales is not None else np.ones(n, np.float32)
+            out.add_stored(np.asarray(part.codes[rows]), scales, part.norms[rows])
+            at[i % world] += n
+        if at != [len(p) for p in parts]:
+            raise IndexFormatError(f"the processes wrote {[len(p) for p in parts]} high-fidelity rows, not {at}")
+        out.checkpoint()
+        out.close(self.n_rows)  # the processes' folders stay until `commit`: a kill before it merges again
 
     def write_faiss(self, index_type: str = "auto", nlist: int | None = None, block: int | None = None) -> dict:
         return write_faiss(self.tmp, index_type, nlist=nlist, block=block)
@@ -329,6 +355,8 @@ class IndexWriter:
         for path in (self.tmp / "high-state.pt", self.tmp / HighVectorWriter.PROGRESS, self.tmp / HighVectorWriter.NORMS,
                      self.tmp / HighVectorWriter.SCALES):
             path.unlink(missing_ok=True)
+        for folder in self.tmp.glob("high-[0-9]*"):  # the processes' own rows (merge_high copied them)
+            shutil.rmtree(folder)
         old = None
         if self.out.exists():  # --overwrite: move the old index aside only once the new one is complete
             old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
