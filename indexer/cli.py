@@ -54,7 +54,9 @@ _D = BuildConfig(model="", data=[], out="")
 # What `build` and `append` share, declared once. The documents and how their records are read:
 DATA_OPTIONS: list[Option] = [
     _opt("--data", required=True, nargs="+",
-         help=".jsonl / .jsonl.gz / .parquet files, folders of them (shards) or glob patterns (quote them)"),
+         help=".jsonl / .json / .jsonl.gz / .json.gz / .parquet files, folders of them (shards), glob patterns (quote "
+              "them), or `datasets` datasets: hf://owner/name[:config][@split] from the Hugging Face hub (streamed; "
+              "split default train) or a folder written by save_to_disk (FOLDER@SPLIT for a DatasetDict)"),
     _opt("--text-field", default=_D.text_field, help="the document's text (plain-text records)"),
     _opt("--prompt-field", default=_D.prompt_field, help="with --response-field: prompt/response records"),
     _opt("--response-field", default=_D.response_field, help="with --prompt-field: the part that carries the loss"),
@@ -133,16 +135,19 @@ BUILD_OPTIONS: list[Option] = [
 
 
 def _add_query_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--index", required=True)
-    p.add_argument("--queries", required=True, nargs="+", help=".jsonl / .jsonl.gz / .parquet query records")
+    p.add_argument("--index", required=True, help="index folder built by `python -m indexer build`")
+    p.add_argument("--queries", required=True, nargs="+",
+                   help="query records: files, folders, glob patterns or datasets, as build's --data")
     for flag, kwargs in FIELDS_FROM_INDEX.items():
         p.add_argument(flag, **kwargs)
-    p.add_argument("--precision", choices=("high", "fast"), default="high")
+    p.add_argument("--precision", choices=("high", "fast"), default="high",
+                   help="high: the compact vectors' candidates rescored with the high-fidelity rows (fast for an "
+                        "index built with --no-high); fast: the compact vectors alone")
     p.add_argument("--batch-size", type=positive_int, default=16, help="queries per forward and backward pass")
     add_options(p, [MODEL_ELSEWHERE])
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="where query gradients are computed: cpu, cuda, cuda:N or auto")
     p.add_argument("--skip-bad", action="store_true", help="skip and count malformed query records instead of stopping")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -163,9 +168,11 @@ def parser() -> argparse.ArgumentParser:
     q = sub.add_parser("attribute", **defaults, help="the top-k documents of every query in a file (as POST /attribute)")
     _add_query_args(q)
     q.add_argument("--out", required=True, help="hits, one row per (query, rank): .jsonl or .parquet")
-    q.add_argument("--k", type=positive_int, default=10)
-    q.add_argument("--mode", choices=("cosine", "influence"), default="cosine")
-    q.add_argument("--direction", choices=("proponents", "opponents"), default="proponents")
+    q.add_argument("--k", type=positive_int, default=10, help="documents per query")
+    q.add_argument("--mode", choices=("cosine", "influence"), default="cosine",
+                   help="cosine: scores divided by both vectors' norms; influence: the preconditioned inner product")
+    q.add_argument("--direction", choices=("proponents", "opponents"), default="proponents",
+                   help="proponents: highest scores first; opponents: lowest first")
     q.add_argument("--depth", type=positive_int, default=HIGH_DEPTH,
                    help="precision high rescores the compact vectors' top max(k, depth)")
 
@@ -178,21 +185,22 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--out", required=True, help="groups: .json, .csv or .parquet")
     v.add_argument("--per-document", default=None, help="also every document's value into this .jsonl / .csv / .parquet")
     v.add_argument("--mode", choices=("influence", "cosine"), default="influence",
-                   help="influence (default) is additive: a group's value is the sum of its documents'")
+                   help="influence is additive: a group's value is the sum of its documents'; cosine divides each "
+                        "score by both vectors' norms")
     v.add_argument("--top", type=positive_int, default=5, help="top documents listed per group")
     v.add_argument("--bootstrap", type=int, default=1000, help="resamples of the queries for the intervals (0: none)")
-    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--seed", type=int, default=0, help="seed of the bootstrap's resamples")
 
     i = sub.add_parser("info", **defaults, help="summarise an index: model, documents, layers, stages, sizes, build time")
-    i.add_argument("index")
+    i.add_argument("index", help="index folder")
     i.add_argument("--json", action="store_true", help="print the manifest itself")
 
     dm = sub.add_parser("demo", **defaults, help="build the embedded demo: stdlib docstrings, a tiny GPT-2 trained here, its index")
     dm.add_argument("--out", default="demo", help="folder for the corpus, model and index (index in OUT/index)")
-    dm.add_argument("--max-docs", type=positive_int, default=3000)
-    dm.add_argument("--epochs", type=positive_int, default=2)
+    dm.add_argument("--max-docs", type=positive_int, default=3000, help="docstring documents in the corpus at most")
+    dm.add_argument("--epochs", type=positive_int, default=2, help="epochs the tiny GPT-2 is trained for")
     dm.add_argument("--overwrite", action="store_true", help="rebuild everything even if present")
-    dm.add_argument("--no-progress", dest="progress", action="store_false")
+    dm.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     return ap
 
 

