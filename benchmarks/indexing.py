@@ -224,10 +224,11 @@ while True:
 """
 
 
-def alternate(commands: dict[str, list[str]], rounds: int, env: dict, conditions=("quiet", "loaded")
+def alternate(commands: dict[str, list[str]], rounds: int, env: dict, conditions=("quiet", "loaded"), after=None
               ) -> tuple[dict[str, dict[str, list[float]]], dict[str, dict[str, list[str]]]]:
     """Each command as a whole process, `rounds` times in turn (so drifts in the machine's load hit all
-    alike), per condition: quiet, and beside LOAD. Seconds and stdout of every run."""
+    alike), per condition: quiet, and beside LOAD. Seconds and stdout of every run; `after(label)` is
+    called after each run (e.g. to read what it wrote before the next run replaces it)."""
     seconds = {c: {k: [] for k in commands} for c in conditions}
     stdout = {c: {k: [] for k in commands} for c in conditions}
     for condition in conditions:
@@ -242,6 +243,8 @@ def alternate(commands: dict[str, list[str]], rounds: int, env: dict, conditions
                     seconds[condition][label].append(time.perf_counter() - t)
                     stdout[condition][label].append(done.stdout)
                     print(f"{condition} {label}: {seconds[condition][label][-1]:.1f} s", flush=True)
+                    if after is not None:
+                        after(label)
         finally:
             if load is not None:
                 load.kill()
@@ -249,18 +252,25 @@ def alternate(commands: dict[str, list[str]], rounds: int, env: dict, conditions
     return seconds, stdout
 
 
-def build_vs_epoch(workdir: Path, n_docs: int, rounds: int, batch_size: int = 16, max_tokens: int = 128) -> dict:
-    """Seconds of `python -m indexer build` (defaults) and of a plain epoch, whole processes,
-    alternated `rounds` times quiet and `rounds` times beside a competing load; median ratios."""
+def demo_shape(workdir: Path, n_docs: int, max_tokens: int = 128) -> tuple[Path, Path, int]:
+    """The demo's shape with random weights (speed does not depend on what a model learned) and up to
+    n_docs of its corpus, the standard library's docstrings: (data file, model folder, documents)."""
     from indexer.demo_corpus import stdlib_docstrings, train_tokenizer
     docs = stdlib_docstrings(max_docs=n_docs)
     data = workdir / "docs.jsonl"
     data.write_text("".join(json.dumps(d) + "\n" for d in docs))
-    model_dir = workdir / "model"  # the demo's shape, random weights: speed does not depend on what it learned
+    model_dir = workdir / "model"
     tokenizer = train_tokenizer([d["text"] for d in docs], model_dir)
     torch.manual_seed(0)
     GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=max_tokens, n_embd=128, n_layer=2, n_head=4,
                                bos_token_id=0, eos_token_id=0)).save_pretrained(model_dir)
+    return data, model_dir, len(docs)
+
+
+def build_vs_epoch(workdir: Path, n_docs: int, rounds: int, batch_size: int = 16, max_tokens: int = 128) -> dict:
+    """Seconds of `python -m indexer build` (defaults) and of a plain epoch, whole processes,
+    alternated `rounds` times quiet and `rounds` times beside a competing load; median ratios."""
+    data, model_dir, n_docs = demo_shape(workdir, n_docs, max_tokens)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("OMP_NUM_THREADS", None)  # every core, as a user runs them
     build = [sys.executable, "-m", "indexer", "build", "--model", str(model_dir), "--data", str(data), "--out",
@@ -272,7 +282,7 @@ def build_vs_epoch(workdir: Path, n_docs: int, rounds: int, batch_size: int = 16
     med = {c: {k: statistics.median(v) for k, v in d.items()} for c, d in seconds.items()}
     ratio = lambda c, k: round(statistics.median(b / e for b, e in zip(seconds[c][k], seconds[c]["epoch"])), 3)
     slowdown = {k: round(med["loaded"][k] / med["quiet"][k], 3) for k in commands}
-    return {"documents": len(docs), "rounds": rounds, "batch_size": batch_size, "max_tokens": max_tokens,
+    return {"documents": n_docs, "rounds": rounds, "batch_size": batch_size, "max_tokens": max_tokens,
             "seconds": {c: {k: [round(x, 2) for x in v] for k, v in d.items()} for c, d in seconds.items()},
             "over_epoch": {c: {k: ratio(c, k) for k in commands if k != "epoch"} for c in seconds},
             "slowdown_under_load": slowdown,

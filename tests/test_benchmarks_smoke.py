@@ -26,6 +26,7 @@ def run(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
     ("benchmarks/serving.py", "serving_smoke"),
     ("benchmarks/gpu_check.py", "gpu_check_smoke"),
     ("benchmarks/valuation.py", "valuation_smoke"),
+    ("benchmarks/processes.py", "smoke"),
 ])
 def test_benchmark_smoke_mode_runs(tmp_path, script, section):
     out = tmp_path / "results.json"
