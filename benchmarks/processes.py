@@ -3,7 +3,9 @@
 `python -m indexer build` (one process) and `torchrun --nproc_per_node 2 -m indexer build` on the same
 data, options and model, one thread a process (OMP_NUM_THREADS=1), as whole processes (imports and
 model load included), alternated `rounds` times. Reports the median of the paired ratios two / one,
-each run's manifest timings (the gradient pass, the whole build, the high-fidelity fit), and whether
+each run's manifest timings (the gradient pass, the whole build, the high-fidelity fit), the same ratio
+for two independent one-process builds of each half of the data run at once (what two processes that
+shared nothing would take on this machine), and whether
 the two indexes are the same (every stored file equal; every document as a query: the same top 10 in
 both stages, scores within 1e-6 relative).
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import sys
 import tempfile
@@ -60,22 +63,35 @@ def timings(index: Path) -> dict:
             "processes": b.processes}
 
 
-def compare(model: Path, data: Path, work: Path, rounds: int, options: list[str]) -> dict:
+def compare(model: Path, data: Path, work: Path, rounds: int, options: list[str], halves: bool = True) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     common = ["-m", "indexer", "build", "--model", str(model), "--data", str(data), "--overwrite", "--no-progress",
               *options]
     commands = {"one": [sys.executable, *common, "--out", str(work / "one")],
                 "two": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         *common, "--out", str(work / "two")]}
+    if halves:  # the machine's own limit: two independent one-process builds of each half, at once
+        lines = data.read_text().splitlines(keepends=True)
+        parts = []
+        for h, chunk in enumerate((lines[: len(lines) // 2], lines[len(lines) // 2 :])):
+            (work / f"half{h}.jsonl").write_text("".join(chunk))
+            cmd = [sys.executable, *common, "--out", str(work / f"half{h}")]
+            cmd[cmd.index("--data") + 1] = str(work / f"half{h}.jsonl")
+            parts.append(shlex.join(cmd))
+        commands["halves_at_once"] = ["bash", "-c", f"{parts[0]} & a=$!; {parts[1]} & b=$!; wait $a && wait $b"]
     from indexing import alternate
-    manifests = {k: [] for k in commands}
+    manifests = {k: [] for k in ("one", "two")}
     seconds = alternate(commands, rounds, env, conditions=("quiet",),
-                        after=lambda label: manifests[label].append(timings(work / label)))[0]["quiet"]
+                        after=lambda label: label in ("one", "two") and manifests[label].append(timings(work / label)))[0]["quiet"]
     seconds = {k: [round(x, 2) for x in v] for k, v in seconds.items()}
     ratios = [t / o for t, o in zip(seconds["two"], seconds["one"])]
+    limit = [h / o for h, o in zip(seconds.get("halves_at_once", []), seconds["one"])]
     return {"rounds": rounds, "options": options, "documents": read_manifest(work / "one").n_documents,
             "seconds": seconds, "two_over_one": round(statistics.median(ratios), 3),
             "ratios": [round(r, 3) for r in ratios], "manifest_timings": manifests,
+            # two independent builds of each half at once against one of the whole: what two processes
+            # could reach on this machine if they shared nothing (each its own start-up and model load)
+            **({"halves_at_once_over_one": round(statistics.median(limit), 3)} if limit else {}),
             "same_index": same_index(work / "one", work / "two")}
 
 
