@@ -140,7 +140,8 @@ def main() -> None:
                 r = real_model(work, a.real_docs, a.rounds, shard=a.real_docs // 8, high_sample=a.real_docs // 2)
             if r is None:
                 continue
-            key = "smoke" if a.smoke else name if name != "demo" or a.demo_docs == 3000 else f"demo_{a.demo_docs}"
+            docs, default = (a.demo_docs, 3000) if name == "demo" else (a.real_docs, 192)
+            key = "smoke" if a.smoke else name if docs == default else f"{name}_{docs}"
             results[key] = r
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(results, indent=1) + "\n")  # each section as it finishes
