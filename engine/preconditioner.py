@@ -30,6 +30,14 @@ def _two_sum(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return t, torch.where(a.abs() >= b.abs(), (a - t) + b, (b - t) + a)
 
 
+def _add(total: torch.Tensor, comp: torch.Tensor, rows) -> tuple[torch.Tensor, torch.Tensor]:
+    """A compensated sum (total, compensation) with each of `rows` added, in turn."""
+    for x in rows:
+        total, err = _two_sum(total, x)
+        comp = comp + err
+    return total, comp
+
+
 def _signed(q: torch.Tensor) -> torch.Tensor:
     """Eigenvectors (columns) with a fixed sign: each one's entry of largest magnitude positive."""
     top = q.abs().argmax(dim=0, keepdim=True)
@@ -80,9 +88,8 @@ class Preconditioner:
         s = self.sums[name]
         if key not in s:
             s[key], s[key + COMP] = value, torch.zeros_like(value)
-            return
-        s[key], err = _two_sum(s[key], value)
-        s[key + COMP] = s.get(key + COMP, torch.zeros_like(value)) + err  # a sum saved before COMP has none
+        else:  # a sum saved before COMP has none
+            s[key], s[key + COMP] = _add(s[key], s.get(key + COMP, torch.zeros_like(value)), [value])
 
     def _sum(self, name: str, key: str) -> torch.Tensor:
         """A statistic's sum, its compensation added."""
@@ -115,13 +122,14 @@ class Preconditioner:
         self.sums = {n: dict(d) for n, d in state["sums"].items()}
 
     def reduce(self, gather: Callable[[torch.Tensor], list[torch.Tensor]], second: bool = False,
-               broadcast: Callable = lambda obj: obj) -> None:
+               broadcast: Callable = lambda make: make()) -> None:
         """Combine statistics gathered by several processes, each over part of the data: `gather`
         returns every process's float64 tensor in rank order (an all-gather), and every process calls
         this at the same point, after `update` (or, with `second`, after `update_second`). Afterwards each
         holds the statistics of all the data (compensated sums: the same, to the last bit, whatever
         the split); a process that saw none contributes zeros. kfac and ekfac: the eigenbases are then
-        fitted and taken from rank 0 (`broadcast`), so every process rotates with the same ones."""
+        fitted on rank 0 alone and taken from it (`broadcast(make)`), so every process rotates with the
+        same ones."""
         if second:
             self._begin_second()
             keys = ("E",)
@@ -134,23 +142,19 @@ class Preconditioner:
             for key in keys:
                 zero = torch.zeros(shapes[key], dtype=torch.float64)
                 mine = torch.stack([s.get(key, zero), s.get(key + COMP, zero)])
-                total, comp = zero, zero
-                for part in gather(mine):
-                    for x in part:
-                        total, err = _two_sum(total, x)
-                        comp = comp + err
-                s[key], s[key + COMP] = total, comp
+                s[key], s[key + COMP] = _add(zero, zero, (x for part in gather(mine) for x in part))
         counts = lambda *n: [int(x) for x in sum(gather(torch.tensor(n, dtype=torch.float64))).tolist()]
         if second:
             self._second_docs = counts(self._second_docs)[0]
         else:
             self.n_docs, self.n_tokens = counts(self.n_docs, self.n_tokens)
             if self.kind in ("kfac", "ekfac"):
-                self._bases = broadcast(self._eigenbases())
+                self._bases = None
+                self._bases = broadcast(self._eigenbases)
 
     def _eigenbases(self) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Per layer (Q_S, eigenvalues of S, Q_A, eigenvalues of A), fitted once (or set by `reduce`)."""
-        if getattr(self, "_bases", None) is not None:
+        if self._bases is not None:
             return self._bases
         out = {}
         for name in self.shapes:
@@ -195,9 +199,7 @@ class Preconditioner:
         zero = lambda name: torch.zeros(self.shapes[name], dtype=torch.float64).flatten()
         total = torch.cat([self.sums[name].get("E", zero(name)).flatten() for name in self.shapes])
         comp = torch.cat([self.sums[name].get("E" + COMP, zero(name)).flatten() for name in self.shapes])
-        for row in squares:  # one vector operation a document over every layer at once
-            total, err = _two_sum(total, row)
-            comp += err
+        total, comp = _add(total, comp, squares)  # one vector operation a document over every layer at once
         for name, t, c in zip(self.shapes, total.split(widths), comp.split(widths)):
             self.sums[name]["E"], self.sums[name]["E" + COMP] = t.reshape(self.shapes[name]), c.reshape(self.shapes[name])
 

@@ -369,7 +369,6 @@ def _build(cfg: BuildConfig, model, tokenizer, writer: IndexWriter, started: flo
                               disable=not (cfg.progress and procs.main), dynamic_ncols=True):
                 pre.update_second(torch.from_numpy(block))
         pre.reduce(procs.gather, second=True)
-    world = procs.world
     procs.part()  # rank 0 writes the index from every process's shards; the others are done
     if not procs.main:
         return None
@@ -377,8 +376,8 @@ def _build(cfg: BuildConfig, model, tokenizer, writer: IndexWriter, started: flo
     n_done_before, tokens_at_start = done["before"], done["tokens_at_start"]
     pre.finalize()
     faiss_info = _write_vectors(cfg, pre, writer, logra.dim)
-    if high is not None and world > 1:  # each process wrote its own shards' rows
-        writer.merge_high(world, cfg.shard_size, high.logra.dim, high.storage)
+    if high is not None and procs.world > 1:  # each process wrote its own shards' rows
+        writer.merge_high(procs.world, cfg.shard_size, high.logra.dim, high.storage)
 
     total_seconds = time.time() - started
     manifest = Manifest(
@@ -562,7 +561,7 @@ class HighSampler:
         if procs.main:
             self.writer.save_high_state(saved)  # from here a resumed build has the stage (_fit_high loads it)
         # every process scales its rows with rank 0's state (and goes on only once it is saved)
-        self.pre = Preconditioner.from_state_dict(procs.broadcast(saved["state"]["preconditioner"] if procs.main else None))
+        self.pre = Preconditioner.from_state_dict(procs.broadcast(lambda: saved["state"]["preconditioner"]))
         if self.pre.needs_second_pass and not in_memory:
             self.path.unlink(missing_ok=True)  # the rotated rows replace the raw ones
         high = HighStage(self.logra, self.pre, saved["state"], self.pre.n_docs, self.cfg.high_damping,

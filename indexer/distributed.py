@@ -101,12 +101,13 @@ class Processes:
         dist.all_gather_object(out, obj)
         return out
 
-    def broadcast(self, obj):
-        """Rank 0's `obj` in every process (e.g. a fitted state every process must use as it is)."""
+    def broadcast(self, make):
+        """What `make()` returns on rank 0, in every process (e.g. a fitted state every process must
+        use as it is); only rank 0 calls `make`."""
         if self.world == 1:
-            return obj
+            return make()
         import torch.distributed as dist
-        box = [obj if self.main else None]
+        box = [make() if self.main else None]
         dist.broadcast_object_list(box, src=0)
         return box[0]
 

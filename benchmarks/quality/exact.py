@@ -71,6 +71,12 @@ def batch_grads(model, taps: Taps, tokenizer, encoded) -> tuple[dict, dict, torc
     return {n: taps.x[n] * mask for n in names}, dict(zip(names, (g.detach() for g in gs))), mask
 
 
+def rotated_grads(x: dict, g: dict, QA: dict, QS: dict) -> dict:
+    """Each record's gradient per layer in the layer's K-FAC eigenbasis, sum_t (Q_S^T g_t)(Q_A^T x_t)^T:
+    the tokens rotated first, never the (out, in) gradient."""
+    return {n: torch.einsum("bto,bti->boi", g[n] @ QS[n], x[n] @ QA[n]) for n in x}
+
+
 def tapped(model, blocks: list[str]) -> Taps:
     """Hooks on the tracked block layers; only their weights need a graph, so the backward pass walks
     the blocks from the first tracked one."""
@@ -118,8 +124,7 @@ def time_top(m: int = 20, queries: int = 10, log=print) -> dict:
             wq = None
             for i in range(0, len(enc), 8):  # the query's own rotated gradient would come from its pass: not timed
                 x, g, _ = batch_grads(model, taps, tok, enc[i : i + 8])
-                w = torch.cat([(torch.einsum("bto,bti->boi", g[n] @ QS[n], x[n] @ QA[n]) * scale[n]).flatten(1)
-                               for n in blocks], dim=1)
+                w = torch.cat([(r * scale[n]).flatten(1) for n, r in rotated_grads(x, g, QA, QS).items()], dim=1)
                 wq = w[0] if wq is None else wq
                 _ = w @ wq
             seconds[f"exact top {m}"].append(time.perf_counter() - t)
@@ -177,8 +182,8 @@ def compute(sample: int = 256, batch: int = 8, damping: float = 0.01, limit: int
         # 2. eigenvalue corrections on the sample
         lam = {n: 0.0 for n in blocks}
         for x, g in kept:
-            for n in blocks:
-                lam[n] = lam[n] + (torch.einsum("bto,bti->boi", g[n] @ QS[n], x[n] @ QA[n]).double() ** 2).sum(0)
+            for n, r in rotated_grads(x, g, QA, QS).items():
+                lam[n] = lam[n] + (r.double() ** 2).sum(0)
         del kept
         scale = {}
         for n in blocks:
@@ -189,7 +194,7 @@ def compute(sample: int = 256, batch: int = 8, damping: float = 0.01, limit: int
 
     def rotated(encoded) -> dict:
         x, g, _ = batch_grads(model, taps, tok, encoded)
-        return {n: torch.einsum("bto,bti->boi", g[n] @ QS[n], x[n] @ QA[n]) for n in blocks}
+        return rotated_grads(x, g, QA, QS)
 
     def whitened(encoded) -> dict:
         return {n: (r * scale[n]).reshape(len(encoded), -1) for n, r in rotated(encoded).items()}
